@@ -1,0 +1,134 @@
+"""What a model family has to tell the generic cut, and nothing more.
+
+An adapter answers: which model classes it serves, where the vision tower and its layers are, how to capture a
+declared signal there, how the visual tokens of each image are laid out (grid, prefix tokens), and how positions
+are computed on the original sequence. Selection rules never live here.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+from vtc.signals import Signal, TowerInfo
+
+
+@dataclass
+class ImageLayout:
+    grid: tuple[int, int]  # (rows, cols) of the spatial grid of this image's visual tokens
+    num_prefix_tokens: int = 0  # tokens before the grid (e.g. CLS under LLaVA's "full" strategy)
+
+
+@dataclass
+class EncodedImages:
+    """Output of the family's own ``get_image_features`` plus what vtc captured while it ran."""
+
+    output: Any  # the model's BaseModelOutputWithPooling (pooler_output: one [N_i, D] tensor per image)
+    features: list[torch.Tensor]
+    layouts: list[ImageLayout]
+    signals: list[dict[Signal, torch.Tensor]]  # per image, laid out like its features
+    extra_outputs: dict[str, Any] = field(default_factory=dict)  # other modalities encoded untouched (video)
+    position_inputs: dict[str, Any] = field(default_factory=dict)  # what the position computation needs
+
+
+class FamilyAdapter:
+    """Base class of the per-family adapters in ``families/``."""
+
+    #: human name used in error messages and the support matrix
+    family: ClassVar[str] = ""
+    #: position policies this family supports; the first is the default
+    position_modes: ClassVar[tuple[str, ...]] = ("reindex", "keep")
+
+    @classmethod
+    def model_classes(cls) -> tuple[type, ...]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    @classmethod
+    def matches(cls, model) -> bool:
+        return isinstance(model, cls.model_classes())
+
+    def __init__(self, model):
+        self.model = model
+
+    # -- the tower -----------------------------------------------------------------------------------------
+    def tower_info(self, inputs: dict | None = None) -> TowerInfo:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def image_token_id(self) -> int:
+        return int(self.model.config.image_token_id)
+
+    def encoder_kwargs(self, inputs: dict) -> dict:
+        """The entries of ``inputs`` that ``get_image_features`` takes (as generate itself selects them)."""
+        params = inspect.signature(self.model.model.get_image_features).parameters
+        return {key: inputs[key] for key in params if key != "kwargs" and key in inputs}
+
+    def encode(self, inputs: dict, signals: tuple[Signal, ...]) -> EncodedImages:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    # -- positions -----------------------------------------------------------------------------------------
+    def original_positions(self, input_ids, attention_mask, encoded: EncodedImages) -> torch.Tensor:
+        """Positions of the original sequence as ``[R, B, L]`` (R = 1 for 1-D RoPE, 3 for M-RoPE)."""
+        positions = attention_mask.long().cumsum(-1) - 1
+        return positions.masked_fill(attention_mask == 0, 1)[None]
+
+    def position_ids(self, kept_positions: torch.Tensor, new_mask: torch.Tensor, mode: str) -> torch.Tensor | None:
+        """``position_ids`` for the shrunk prompt; ``None`` lets the model number it contiguously."""
+        if mode == "reindex":
+            return None
+        return kept_positions[0]
+
+    def shrink_output(self, encoded: EncodedImages, kept_features: list[torch.Tensor], selections) -> Any:
+        """A copy of the encoder output holding only the kept (or merged) features."""
+        output = type(encoded.output)(pooler_output=tuple(kept_features))
+        return output
+
+
+_ADAPTERS: list[type[FamilyAdapter]] = []
+
+
+def register_adapter(cls: type[FamilyAdapter]) -> type[FamilyAdapter]:
+    _ADAPTERS.append(cls)
+    return cls
+
+
+def supported_families() -> list[str]:
+    _load_builtin_adapters()
+    return [adapter.family for adapter in _ADAPTERS]
+
+
+def adapter_for(model) -> FamilyAdapter:
+    _load_builtin_adapters()
+    for adapter in _ADAPTERS:
+        try:
+            if adapter.matches(model):
+                return adapter(model)
+        except ImportError:  # a transformers build without this family
+            continue
+    raise TypeError(
+        f"vtc does not support {type(model).__name__}; supported model classes: "
+        + ", ".join(
+            f"{a.family} ({', '.join(c.__name__ for c in _safe_classes(a))})" for a in _ADAPTERS
+        )
+        + ". Load the model with AutoModelForImageTextToText (the ...ForConditionalGeneration class)."
+    )
+
+
+def _safe_classes(adapter: type[FamilyAdapter]) -> tuple[type, ...]:
+    try:
+        return adapter.model_classes()
+    except ImportError:
+        return ()
+
+
+_LOADED = False
+
+
+def _load_builtin_adapters() -> None:
+    global _LOADED
+    if not _LOADED:
+        from .families import llava, qwen2_5_vl  # noqa: F401  (registration side effect)
+
+        _LOADED = True

@@ -1,0 +1,322 @@
+"""Tiny, fully offline LLaVA and Qwen2.5-VL checkpoints for tests.
+
+No model hub is reachable, so everything here (tokenizer, chat template, image
+processors, configs, random weights) is built in code. Models are small enough
+that one is built in tens of milliseconds on CPU, yet they keep the parts that
+token compression touches: a real vision-token grid (LLaVA: 6x6 patches;
+Qwen2.5-VL: windowed and full-attention vision blocks, 2x2 patch merging,
+M-RoPE), left padding, and multi-image prompts. ``save_tiny``/``load_tiny``
+produce an on-disk checkpoint that ``AutoModelForImageTextToText`` and
+``AutoProcessor`` (and so lmms-eval's HF wrappers) can load like a real one.
+
+Image tokens per image (see ``build_tiny``):
+
+* LLaVA: every image is resized/cropped to 48x48 -> 36 tokens (6x6 grid).
+* Qwen2.5-VL: sides are rounded to multiples of 16 (patch 8 x merge 2), pixel
+  count bounded to [16*16, 128*128]; tokens = (H/16)*(W/16).
+  64x48 -> 12, 96x64 -> 24, 96x96 -> 36, 128x128 -> 64.
+"""
+
+from __future__ import annotations
+
+import pathlib
+
+import numpy as np
+import torch
+import transformers
+from PIL import Image
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+__all__ = [
+    "FAMILIES",
+    "build_tokenizer",
+    "build_tiny",
+    "save_tiny",
+    "load_tiny",
+    "random_image",
+    "build_prompt",
+]
+
+FAMILIES = ("llava", "qwen2_5_vl")
+
+# Base (non-special) vocabulary: prompt words, short answers, role names,
+# digits and punctuation. Anything else maps to <unk>, which is fine for tests.
+_WORDS = tuple(
+    "what is the in image picture photo color colour shape of a an how many "
+    "red green blue yellow black white orange purple circle square triangle "
+    "yes no user assistant system USER ASSISTANT User Assistant left right top "
+    "bottom center middle there are describe this that it object objects and or "
+    "with on at to be do does can you see which where answer question please "
+    "briefly word single one two three four five number count big small large "
+    "background foreground noise random pixels text "
+    "What How Is Are Describe Which Where Answer Please Does Do Can There The This Yes No".split()
+)
+_DIGITS = tuple(str(i) for i in range(21))
+_PUNCT = tuple(".,:;!?'\"()[]{}-_/*+=<>|#@&%$")
+_BASE_SPECIALS = ("<pad>", "<unk>", "<s>", "</s>")
+_FAMILY_SPECIALS = {
+    "llava": ("<image>",),
+    "qwen2_5_vl": (
+        "<|vision_start|>",
+        "<|vision_end|>",
+        "<|image_pad|>",
+        "<|video_pad|>",
+        "<|im_start|>",
+        "<|im_end|>",
+    ),
+}
+
+# Minimal chat templates. They accept both the list-of-items content that
+# lmms-eval's chat wrappers send and plain string content.
+_LLAVA_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for item in message['content'] %}{% if item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}"
+    "{% endif %}{{ ' ' }}"
+    "{% else %}"
+    "{{ message['role'].upper() + ': ' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' %}{{ '<image>\n' }}"
+    "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}{{ ' ' }}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+
+_QWEN_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' %}{{ '<|vision_start|><|image_pad|><|vision_end|>' }}"
+    "{% elif item['type'] == 'video' %}{{ '<|vision_start|><|video_pad|><|vision_end|>' }}"
+    "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}"
+    "{{ '<|im_end|>\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+_TEMPLATES = {"llava": _LLAVA_TEMPLATE, "qwen2_5_vl": _QWEN_TEMPLATE}
+
+# Sizes chosen so that a vision grid exists to prune and (for Qwen) window
+# attention splits larger images into several windows.
+_LLAVA_IMAGE_SIZE = 48
+_PATCH = 8
+_QWEN_MIN_PIXELS = 16 * 16
+_QWEN_MAX_PIXELS = 128 * 128
+
+
+def _check_family(family: str) -> None:
+    if family not in FAMILIES:
+        raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
+
+
+def build_tokenizer(family: str) -> transformers.PreTrainedTokenizerFast:
+    """Word-level tokenizer built in memory (no downloads).
+
+    Special tokens are added as non-normalized AddedTokens so image
+    placeholders tokenize as single ids even when glued to text (as processors
+    expand them, e.g. ``<|image_pad|><|image_pad|>...``). "\\n" is an added
+    (non-special) token so chat templates keep their line structure; plain
+    whitespace is dropped. The WordPiece decoder makes ``decode`` join tokens
+    with spaces. Left padding is what batched generation needs.
+    """
+    _check_family(family)
+    specials = _BASE_SPECIALS + _FAMILY_SPECIALS[family]
+    vocab: dict[str, int] = {}
+    for tok in specials + _WORDS + _DIGITS + _PUNCT:
+        vocab.setdefault(tok, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()]
+    )
+    tok.decoder = decoders.WordPiece(prefix="##")
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
+    tok.add_tokens([AddedToken("\n", special=False, normalized=False)])
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+        padding_side="left",
+        chat_template=_TEMPLATES[family],
+    )
+
+
+def _build_llava(tok):
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
+
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            image_size=_LLAVA_IMAGE_SIZE,
+            patch_size=_PATCH,
+        ),
+        text_config=LlamaConfig(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=len(tok),
+            pad_token_id=tok.pad_token_id,
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+        ),
+        image_token_id=tok.convert_tokens_to_ids("<image>"),
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+    )
+    model = LlavaForConditionalGeneration(config)
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": _LLAVA_IMAGE_SIZE},
+        crop_size={"height": _LLAVA_IMAGE_SIZE, "width": _LLAVA_IMAGE_SIZE},
+    )
+    processor = LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tok,
+        patch_size=_PATCH,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=_LLAVA_TEMPLATE,
+    )
+    return model, processor
+
+
+def _build_qwen2_5_vl(tok):
+    from transformers import (
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2_5_VLProcessor,
+        Qwen2VLImageProcessor,
+        Qwen2VLVideoProcessor,
+    )
+
+    ids = tok.convert_tokens_to_ids
+    config = Qwen2_5_VLConfig(
+        text_config=dict(
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=128,
+            vocab_size=len(tok),
+            # mrope_section must sum to head_dim / 2 = 64 / 4 / 2 = 8.
+            rope_parameters={"rope_type": "default", "rope_theta": 1e4, "mrope_section": [4, 2, 2]},
+            pad_token_id=tok.pad_token_id,
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+        ),
+        vision_config=dict(
+            depth=4,
+            hidden_size=32,
+            intermediate_size=64,
+            num_heads=2,
+            out_hidden_size=64,
+            patch_size=_PATCH,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            # 32 px = 2x2 merged tokens per window, so images above 32x32 use >1 window.
+            window_size=32,
+            fullatt_block_indexes=[1, 3],
+        ),
+        image_token_id=ids("<|image_pad|>"),
+        video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"),
+        vision_end_token_id=ids("<|vision_end|>"),
+    )
+    model = Qwen2_5_VLForConditionalGeneration(config)
+    # size = pixel-count bounds: shortest_edge = min_pixels, longest_edge = max_pixels.
+    common = dict(
+        patch_size=_PATCH,
+        merge_size=2,
+        temporal_patch_size=2,
+        size={"shortest_edge": _QWEN_MIN_PIXELS, "longest_edge": _QWEN_MAX_PIXELS},
+    )
+    processor = Qwen2_5_VLProcessor(
+        image_processor=Qwen2VLImageProcessor(**common),
+        tokenizer=tok,
+        video_processor=Qwen2VLVideoProcessor(**common),
+        chat_template=_QWEN_TEMPLATE,
+    )
+    return model, processor
+
+
+def build_tiny(family: str, seed: int = 0):
+    """Build ``(model, processor)`` for ``family`` with seeded random weights.
+
+    The model is in eval mode, uses the default attention implementation, and
+    has pad/eos/bos set in its generation config so ``generate`` with left
+    padding works and survives ``save_pretrained``.
+    """
+    _check_family(family)
+    tok = build_tokenizer(family)
+    torch.manual_seed(seed)
+    if family == "llava":
+        model, processor = _build_llava(tok)
+    else:
+        model, processor = _build_qwen2_5_vl(tok)
+    gen = model.generation_config
+    gen.pad_token_id = tok.pad_token_id
+    gen.eos_token_id = tok.eos_token_id
+    gen.bos_token_id = tok.bos_token_id
+    model.eval()
+    return model, processor
+
+
+def save_tiny(family: str, directory, seed: int = 0) -> pathlib.Path:
+    """Build a tiny checkpoint and save model + full processor to ``directory``.
+
+    The result loads with ``AutoModelForImageTextToText``/``AutoProcessor``,
+    which is what tools expecting a hub checkpoint path (lmms-eval) need.
+    """
+    directory = pathlib.Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    model, processor = build_tiny(family, seed=seed)
+    model.save_pretrained(directory)
+    processor.save_pretrained(directory)
+    return directory
+
+
+def load_tiny(directory):
+    """Load ``(model, processor)`` saved by ``save_tiny`` through the Auto classes."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    model = AutoModelForImageTextToText.from_pretrained(directory)
+    model.eval()
+    processor = AutoProcessor.from_pretrained(directory)
+    return model, processor
+
+
+def random_image(width: int, height: int, seed: int = 0) -> Image.Image:
+    """Seeded uniform RGB noise: deterministic test input with no data files."""
+    rng = np.random.RandomState(seed)
+    arr = rng.randint(0, 256, size=(height, width, 3), dtype=np.uint8)
+    return Image.fromarray(arr)  # uint8 HxWx3 -> RGB
+
+
+def build_prompt(processor, question: str, num_images: int = 1) -> str:
+    """Single-turn user prompt via the processor's chat template.
+
+    Uses ``{"type": "image"}`` items followed by the text, the same message
+    shape lmms-eval's chat wrappers pass, so tests exercise the template path.
+    """
+    content = [{"type": "image"} for _ in range(num_images)]
+    content.append({"type": "text", "text": question})
+    messages = [{"role": "user", "content": content}]
+    return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)

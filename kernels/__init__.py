@@ -1,0 +1,18 @@
+"""Scoring ops that turn captured q/k projections into attention signals without an N x N map.
+
+Each op has a plain reference (``*_reference``, materialises the full map) and tests check that they agree.
+"""
+
+from .attention_scores import (
+    cls_attention_row,
+    cls_attention_row_reference,
+    received_attention,
+    received_attention_reference,
+)
+
+__all__ = [
+    "cls_attention_row",
+    "cls_attention_row_reference",
+    "received_attention",
+    "received_attention_reference",
+]

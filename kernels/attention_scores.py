@@ -1,0 +1,65 @@
+"""Attention statistics from q and k, in fp32, without keeping an N x N attention map.
+
+Shapes: ``q``, ``k`` are ``[H, S, d]`` (heads, tokens, head dim) for one attention call. ``segments`` lists the
+``(start, end)`` spans that attend only among themselves (Qwen's windows / per-image blocks); ``None`` = one span.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+Segments = Sequence[tuple[int, int]] | None
+
+
+def cls_attention_row(q_cls: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+    """Head-mean softmax attention of one query (the CLS token, ``q_cls: [H, d]``) over all ``S`` keys -> ``[S]``.
+
+    Cost H*S*d: only the CLS row of the map is ever formed.
+    """
+    logits = torch.einsum("hd,hsd->hs", q_cls.float(), k.float()) * scale
+    return logits.softmax(dim=-1).mean(dim=0)
+
+
+def received_attention(
+    q: torch.Tensor, k: torch.Tensor, scale: float, segments: Segments = None, chunk_size: int = 512
+) -> torch.Tensor:
+    """Head-mean attention each token receives, averaged over the queries of its span -> ``[S]``.
+
+    Queries are processed ``chunk_size`` at a time, so peak extra memory is ``H * chunk_size * span`` floats
+    instead of ``H * S * S``.
+    """
+    heads, total, _ = q.shape
+    out = torch.zeros(total, dtype=torch.float32, device=q.device)
+    for start, end in segments if segments is not None else [(0, total)]:
+        keys = k[:, start:end].float()
+        acc = torch.zeros(end - start, dtype=torch.float32, device=q.device)
+        for c0 in range(start, end, chunk_size):
+            c1 = min(end, c0 + chunk_size)
+            probs = (torch.einsum("hqd,hkd->hqk", q[:, c0:c1].float(), keys) * scale).softmax(dim=-1)
+            acc += probs.sum(dim=(0, 1))
+        out[start:end] = acc / (heads * (end - start))
+    return out
+
+
+def cls_attention_row_reference(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+    """Full-map reference: ``softmax(q k^T * scale)[:, 0].mean(heads)``."""
+    attn = (torch.einsum("hqd,hkd->hqk", q.double(), k.double()) * scale).softmax(dim=-1)
+    return attn[:, 0].mean(dim=0).float()
+
+
+def received_attention_reference(q: torch.Tensor, k: torch.Tensor, scale: float, segments: Segments = None) -> torch.Tensor:
+    """Full-map reference: a block-diagonal mask over ``segments``, then column means over queries and heads."""
+    heads, total, _ = q.shape
+    logits = torch.einsum("hqd,hkd->hqk", q.double(), k.double()) * scale
+    if segments is not None:
+        allowed = torch.zeros(total, total, dtype=torch.bool)
+        for start, end in segments:
+            allowed[start:end, start:end] = True
+        logits = logits.masked_fill(~allowed, float("-inf"))
+    attn = logits.softmax(dim=-1)
+    lengths = torch.empty(total, dtype=torch.float64)
+    for start, end in segments if segments is not None else [(0, total)]:
+        lengths[start:end] = end - start
+    return (attn.sum(dim=1).mean(dim=0) / lengths).float()

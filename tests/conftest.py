@@ -1,0 +1,54 @@
+"""Shared fixtures: tiny random-weight models of the real transformers classes, saved and reloaded from disk."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vtc.integrations.transformers import tiny
+
+FAMILIES = tiny.FAMILIES
+
+# image sizes per family: Qwen images differ in size so multi-image prompts mix token counts and windows
+IMAGE_SIZES = {"llava": [(48, 48), (48, 48)], "qwen2_5_vl": [(96, 96), (64, 48)]}
+
+
+@pytest.fixture(scope="session")
+def tiny_dirs(tmp_path_factory):
+    """One save_pretrained folder per family, built once per session."""
+    root = tmp_path_factory.mktemp("tiny")
+    return {family: tiny.save_tiny(family, root / family, seed=0) for family in FAMILIES}
+
+
+@pytest.fixture(params=FAMILIES)
+def family(request):
+    return request.param
+
+
+@pytest.fixture
+def loaded(tiny_dirs, family):
+    """A fresh (model, processor) pair loaded from disk, so wrapping in one test never leaks into another."""
+    model, processor = tiny.load_tiny(tiny_dirs[family])
+    return model, processor
+
+
+def make_inputs(processor, family: str, questions: list[str], images_per_prompt: list[int], seed: int = 0):
+    """Processor inputs for a batch: prompt ``i`` has ``images_per_prompt[i]`` images (left padding)."""
+    texts, images, n = [], [], 0
+    for question, count in zip(questions, images_per_prompt):
+        texts.append(tiny.build_prompt(processor, question, num_images=count))
+        row = []
+        for _ in range(count):
+            width, height = IMAGE_SIZES[family][n % len(IMAGE_SIZES[family])]
+            row.append(tiny.random_image(width, height, seed=seed + n))
+            n += 1
+        images.append(row)
+    kwargs = {"text": texts, "return_tensors": "pt", "padding": True}
+    if n:
+        kwargs["images"] = images if len(texts) > 1 else images[0]
+    return processor(**kwargs)
+
+
+def greedy(model, inputs, max_new_tokens: int = 6):
+    with torch.no_grad():
+        return model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)

@@ -1,0 +1,87 @@
+"""vtc -- training-free visual-token compression for multimodal LLMs.
+
+    import vtc
+    vtc.apply(model, "cls_attention", budget=64)   # wrap a Hugging Face VLM in place (reversible)
+    model.generate(**inputs)                       # the LLM now sees 64 visual tokens per image
+    vtc.last_selection(model)                      # what was kept, per image
+    vtc.remove(model)                              # bit-identical original behaviour again
+
+The core (this package) is pure tensor code; model knowledge lives in ``vtc.integrations``.
+"""
+
+from __future__ import annotations
+
+from . import compressors as _builtin_compressors  # noqa: F401  (registers the built-in compressors)
+from .budget import Budget, parse_budget, resolve_budget, validate_budget
+from .compressor import (
+    Compressor,
+    VisualTokens,
+    create_compressor,
+    get_compressor_class,
+    list_compressors,
+    register,
+    run_compressor,
+    top_k_sorted,
+)
+from .selection import ImageSelection, Selection
+from .signals import Signal, SignalKind, TowerInfo
+
+__version__ = "0.1.0"
+
+
+def apply(model, compressor="cls_attention", budget: Budget = 64, **options):
+    """Wrap ``model`` (a supported Hugging Face VLM) in place so its visual tokens are compressed; returns it.
+
+    ``compressor`` is a registry name (see ``list_compressors()``) or a ``Compressor`` instance; ``budget`` is an
+    int (tokens kept per image) or a float in (0, 1] (fraction kept). Integration options (e.g.
+    ``positions="keep"``) and compressor options (e.g. ``start_layer=16``) are passed as keywords. Applying to an
+    already wrapped model replaces its configuration (it never stacks two wrappers).
+    """
+    from .integrations.transformers import apply as _apply
+
+    return _apply(model, compressor, budget, **options)
+
+
+def remove(model):
+    """Undo ``apply``: the model behaves bit-identically to before; returns it."""
+    from .integrations.transformers import remove as _remove
+
+    return _remove(model)
+
+
+def last_selection(model) -> list[ImageSelection]:
+    """Per image of the last wrapped call: kept indices, grid, budget and scores (empty before any call)."""
+    from .integrations.transformers import last_selection as _last
+
+    return _last(model)
+
+
+def is_applied(model) -> bool:
+    from .integrations.transformers import is_applied as _is_applied
+
+    return _is_applied(model)
+
+
+__all__ = [
+    "Budget",
+    "Compressor",
+    "ImageSelection",
+    "Selection",
+    "Signal",
+    "SignalKind",
+    "TowerInfo",
+    "VisualTokens",
+    "apply",
+    "create_compressor",
+    "get_compressor_class",
+    "is_applied",
+    "last_selection",
+    "list_compressors",
+    "parse_budget",
+    "register",
+    "remove",
+    "resolve_budget",
+    "run_compressor",
+    "top_k_sorted",
+    "validate_budget",
+]

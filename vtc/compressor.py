@@ -1,0 +1,135 @@
+"""The compressor contract and the one registry of compressors.
+
+A compressor is a small dataclass whose fields are its options (defaults from its paper, documented on the field)
+and which implements two pure functions:
+
+* ``signals(tower) -> tuple[Signal, ...]`` -- what it needs captured from this vision tower;
+* ``select(tokens, k) -> Selection`` -- which ``k`` tokens of one image survive (``1 <= k <= N``).
+
+It never imports a model library; integrations call ``run_compressor`` which resolves the budget and checks the
+contract, so every compressor is held to the same rules.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Callable, ClassVar, Mapping, TypeVar
+
+import torch
+
+from .budget import Budget, resolve_budget, validate_budget
+from .selection import Selection
+from .signals import Signal, TowerInfo
+
+
+@dataclass
+class VisualTokens:
+    """The visual tokens of one image (or one view / frame) as the LLM would receive them."""
+
+    features: torch.Tensor  # [N, D] post-projector features
+    grid: tuple[int, int]  # (rows, cols) of the spatial token grid
+    signals: Mapping[Signal, torch.Tensor] = field(default_factory=dict)  # each laid out like ``features``
+    query: torch.Tensor | None = None  # [T, D] text embeddings of the prompt, for query-aware methods
+    num_prefix_tokens: int = 0  # tokens before the grid (e.g. CLS kept by LLaVA's "full" strategy)
+
+    def __post_init__(self):
+        rows, cols = self.grid
+        n = self.features.shape[0]
+        if self.num_prefix_tokens + rows * cols != n:
+            raise ValueError(
+                f"grid {rows}x{cols} plus {self.num_prefix_tokens} prefix tokens does not match {n} visual tokens"
+            )
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.features.shape[0])
+
+    def signal(self, wanted: Signal) -> torch.Tensor:
+        try:
+            value = self.signals[wanted]
+        except KeyError:
+            have = ", ".join(map(str, self.signals)) or "none"
+            raise KeyError(f"signal {wanted} was not captured (captured: {have}); declare it in signals()") from None
+        return value.float()
+
+
+class Compressor:
+    """Base class: subclasses are dataclasses registered with ``@register``."""
+
+    name: ClassVar[str] = ""
+    #: True when the compressor needs the text query (the integration then embeds the prompt).
+    uses_query: ClassVar[bool] = False
+
+    def signals(self, tower: TowerInfo) -> tuple[Signal, ...]:
+        return ()
+
+    def select(self, tokens: VisualTokens, k: int) -> Selection:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def options(self) -> dict:
+        return dataclasses.asdict(self) if dataclasses.is_dataclass(self) else {}
+
+
+_REGISTRY: dict[str, type[Compressor]] = {}
+C = TypeVar("C", bound=type)
+
+
+def register(cls: C) -> C:
+    """Class decorator: add a compressor dataclass to the registry under ``cls.name``."""
+    if not cls.name:
+        raise ValueError(f"{cls.__name__} needs a non-empty `name` to be registered")
+    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
+        raise ValueError(f"a compressor named {cls.name!r} is already registered ({_REGISTRY[cls.name].__name__})")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def list_compressors() -> list[str]:
+    """Names of every registered compressor, sorted."""
+    return sorted(_REGISTRY)
+
+
+def get_compressor_class(name: str) -> type[Compressor]:
+    if not isinstance(name, str):
+        raise TypeError(f"compressor must be a registered name (one of {list_compressors()}) or a Compressor")
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown compressor {name!r}; registered compressors: {', '.join(list_compressors())}") from None
+
+
+def create_compressor(name: str | Compressor, **options) -> Compressor:
+    """Build a compressor from its registry name and options; unknown options name the valid ones."""
+    if isinstance(name, Compressor):
+        if options:
+            raise TypeError("options go into the compressor instance itself when passing a Compressor object")
+        return name
+    cls = get_compressor_class(name)
+    valid = {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set()
+    unknown = sorted(set(options) - valid)
+    if unknown:
+        raise TypeError(
+            f"unknown option(s) {unknown} for compressor {name!r}; valid options: {sorted(valid) or 'none'}"
+        )
+    return cls(**options)
+
+
+def run_compressor(compressor: Compressor, tokens: VisualTokens, budget: Budget) -> Selection:
+    """Resolve the budget for this image, run the compressor and check what it returned."""
+    k = resolve_budget(validate_budget(budget), tokens.num_tokens)
+    selection = compressor.select(tokens, k)
+    return selection.validate(tokens.num_tokens, expected=k, who=f"compressor {compressor.name!r}")
+
+
+def top_k_sorted(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the ``k`` largest scores, returned in ascending token order.
+
+    Ties are broken towards the lower index (a stable descending sort), so selections are deterministic across
+    platforms -- ``torch.topk`` does not promise any tie order.
+    """
+    order = torch.sort(scores.float(), descending=True, stable=True).indices
+    return torch.sort(order[:k]).values
+
+
+ScoreFn = Callable[[VisualTokens], torch.Tensor]

@@ -1,0 +1,103 @@
+"""Honest baselines: seeded random selection and uniform spatial pooling.
+
+Papers keep finding that these are strong at moderate budgets, so every method is reported next to them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..compressor import Compressor, VisualTokens, register
+from ..selection import Selection
+
+
+@register
+@dataclass
+class RandomSelection(Compressor):
+    """Keep ``k`` tokens drawn uniformly without replacement, from a generator seeded with ``seed``.
+
+    The same seed, token count and budget always give the same indices (on every platform: ``torch.randperm``
+    on a CPU generator), so random runs are reproducible baselines rather than noise.
+    """
+
+    name = "random"
+    seed: int = 0
+
+    def select(self, tokens: VisualTokens, k: int) -> Selection:
+        generator = torch.Generator().manual_seed(int(self.seed))
+        picked = torch.randperm(tokens.num_tokens, generator=generator)[:k]
+        return Selection(indices=torch.sort(picked).values.to(tokens.features.device))
+
+
+def pooling_grid(rows: int, cols: int, k: int) -> tuple[int, int]:
+    """Output grid (r, c) with ``r*c >= k``, r <= rows, c <= cols, closest in aspect to the input grid.
+
+    ``c = ceil(k / r)``, so at most ``r - 1`` cells are left over; ties in aspect go to the fewest spare cells.
+    """
+    best = None
+    for r in range(1, rows + 1):
+        c = math.ceil(k / r)
+        if c > cols:
+            continue
+        waste = r * c - k
+        aspect = abs(math.log((r / c) / (rows / cols)))
+        key = (round(aspect, 9), waste)
+        if best is None or key < best[0]:
+            best = (key, (r, c))
+    assert best is not None, "k <= rows*cols always admits r = rows"
+    return best[1]
+
+
+def _cell_bounds(size: int, parts: int) -> list[tuple[int, int]]:
+    # adaptive-pooling bounds, as torch.nn.AdaptiveAvgPool2d: [floor(i*n/p), ceil((i+1)*n/p))
+    return [((i * size) // parts, -((-(i + 1) * size) // parts)) for i in range(parts)]
+
+
+@register
+@dataclass
+class Pool(Compressor):
+    """Uniform spatial pooling of the token grid down to the budget.
+
+    The grid is split into an ``r x c`` adaptive-pooling layout (``r*c >= k``, aspect kept); ``k`` cells evenly
+    spread over that layout survive. Each surviving cell becomes one token placed at its centre token (so it keeps
+    that token's position); ``mode="mean"`` gives it the mean feature of the cell (average pooling, merged),
+    ``mode="sample"`` keeps the centre token's own feature (strided downsampling). Prefix tokens before the grid
+    (a CLS kept by LLaVA's "full" strategy) are kept first while the budget allows.
+    """
+
+    name = "pool"
+    mode: str = "mean"
+
+    def __post_init__(self):
+        if self.mode not in ("mean", "sample"):
+            raise ValueError(f"pool mode must be 'mean' or 'sample', got {self.mode!r}")
+
+    def select(self, tokens: VisualTokens, k: int) -> Selection:
+        device = tokens.features.device
+        prefix = min(tokens.num_prefix_tokens, k)
+        k_grid = k - prefix
+        indices = list(range(prefix))
+        groups = [torch.tensor([i], device=device) for i in range(prefix)]
+        if k_grid > 0:
+            rows, cols = tokens.grid
+            r, c = pooling_grid(rows, cols, k_grid)
+            cells = torch.linspace(0, r * c - 1, k_grid).round().long().tolist() if k_grid > 1 else [(r * c - 1) // 2]
+            row_bounds, col_bounds = _cell_bounds(rows, r), _cell_bounds(cols, c)
+            base = tokens.num_prefix_tokens
+            for cell in cells:
+                (r0, r1), (c0, c1) = row_bounds[cell // c], col_bounds[cell % c]
+                members = (torch.arange(r0, r1, device=device)[:, None] * cols + torch.arange(c0, c1, device=device))
+                members = members.flatten() + base
+                centre = base + ((r0 + r1 - 1) // 2) * cols + (c0 + c1 - 1) // 2
+                indices.append(centre)
+                groups.append(members)
+        order = sorted(range(len(indices)), key=indices.__getitem__)
+        index_tensor = torch.tensor([indices[i] for i in order], dtype=torch.long, device=device)
+        groups = tuple(groups[i] for i in order)
+        features = None
+        if self.mode == "mean":
+            features = torch.stack([tokens.features[g].mean(dim=0) for g in groups]).to(tokens.features.dtype)
+        return Selection(indices=index_tensor, features=features, groups=groups)

@@ -1,0 +1,73 @@
+"""What a compressor returns and what vtc records per image.
+
+A ``Selection`` is a list of output tokens. Output token ``i`` sits in the placeholder slot (and so takes the
+position) of original token ``indices[i]``; its feature is the original feature of that token, or ``features[i]``
+when the compressor merges tokens. ``groups[i]`` then lists every original token folded into it (the demo draws
+these). Indices are sorted and unique, so the LLM always sees visual tokens in the host model's own order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class Selection:
+    indices: torch.Tensor  # LongTensor [K], sorted, unique, into the image's N visual tokens
+    features: torch.Tensor | None = None  # [K, D] replacement features (merging compressors); None = gather
+    groups: tuple[torch.Tensor, ...] | None = None  # per output token: original indices it absorbed
+    scores: torch.Tensor | None = None  # [N] the per-token score the compressor ranked by, for display
+
+    @property
+    def num_kept(self) -> int:
+        return int(self.indices.numel())
+
+    @property
+    def is_merged(self) -> bool:
+        return self.features is not None
+
+    def validate(self, num_tokens: int, expected: int | None = None, who: str = "compressor") -> "Selection":
+        """Check the contract; a violation is a bug in the compressor, reported with its name."""
+        idx = self.indices
+        if idx.dtype != torch.long or idx.dim() != 1:
+            raise RuntimeError(f"{who} returned indices of dtype {idx.dtype} / shape {tuple(idx.shape)}; need 1-D int64")
+        if idx.numel():
+            if int(idx.min()) < 0 or int(idx.max()) >= num_tokens:
+                raise RuntimeError(f"{who} returned indices outside [0, {num_tokens})")
+            if idx.numel() > 1 and not bool((idx[1:] > idx[:-1]).all()):
+                raise RuntimeError(f"{who} returned indices that are not sorted and unique")
+        if expected is not None and idx.numel() != expected:
+            raise RuntimeError(f"{who} kept {idx.numel()} tokens but the budget is {expected}")
+        if self.features is not None and self.features.shape[0] != idx.numel():
+            raise RuntimeError(f"{who} returned {self.features.shape[0]} merged features for {idx.numel()} indices")
+        if self.groups is not None and len(self.groups) != idx.numel():
+            raise RuntimeError(f"{who} returned {len(self.groups)} groups for {idx.numel()} indices")
+        return self
+
+
+@dataclass
+class ImageSelection:
+    """The record of one image of the last call, as returned by ``vtc.last_selection(model)``."""
+
+    image_index: int  # order of the image in the call (row-major over the batch)
+    batch_index: int  # which prompt of the batch the image belongs to
+    num_tokens: int  # visual tokens the image had
+    grid: tuple[int, int]  # (rows, cols) of its token grid
+    budget: int  # tokens it was allowed (resolved from the user's int / ratio)
+    selection: Selection
+    compressor: str = ""
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def indices(self) -> torch.Tensor:
+        return self.selection.indices
+
+    @property
+    def scores(self) -> torch.Tensor | None:
+        return self.selection.scores
+
+    @property
+    def num_kept(self) -> int:
+        return self.selection.num_kept
