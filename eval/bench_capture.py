@@ -171,6 +171,7 @@ def main(argv=None) -> int:
 
     times: dict[str, list[float]] = {name: [] for name in names}
     with torch.inference_mode():
+        cpu_start, timing_start = time.process_time(), time.perf_counter()
         for _ in range(args.warmup):
             for name in names:
                 time_once(variants[name], args.device)
@@ -178,6 +179,8 @@ def main(argv=None) -> int:
             shift = round_index % len(names)
             for name in names[shift:] + names[:shift]:
                 times[name].append(time_once(variants[name], args.device))
+        # CPU time this process got / what its threads could have had: well below 1 means CPU contention
+        share = (time.process_time() - cpu_start) / ((time.perf_counter() - timing_start) * torch.get_num_threads())
         check = sanity(sdpa, eager, pixel_values, last_results)
 
     medians = {name: statistics.median(values) for name, values in times.items()}
@@ -196,6 +199,10 @@ def main(argv=None) -> int:
         ratio = medians[name] / base
         print(f"  {name:<14} {ratio:.3f}x  {'within' if ratio <= TARGET_RATIO else 'ABOVE'} target")
     print(check)
+    if args.device == "cpu":
+        print(f"CPU share while timing: {share:.0%} of {torch.get_num_threads()} threads x wall time")
+        if share < 0.85:
+            print("warning: other processes shared the CPUs while timing; the figures are unreliable -- rerun idle")
     wall = time.perf_counter() - wall_start
     print(f"total wall time {wall:.1f} s")
 
@@ -220,6 +227,7 @@ def main(argv=None) -> int:
                 for name in names
             },
             "sanity": check,
+            "cpu_share": share if args.device == "cpu" else None,
             "wall_s": wall,
         }
         with open(args.json, "w") as handle:

@@ -32,19 +32,23 @@ def loaded(tiny_dirs, family):
     return model, processor
 
 
-def make_inputs(processor, family: str, questions: list[str], images_per_prompt: list[int], seed: int = 0):
-    """Processor inputs for a batch: prompt ``i`` has ``images_per_prompt[i]`` images (left padding)."""
-    texts, images, n = [], [], 0
+def make_inputs(processor, family: str, questions: list[str], images_per_prompt: list[int], first_image: int = 0):
+    """Processor inputs for a batch: prompt ``i`` has ``images_per_prompt[i]`` images (left padding).
+
+    Image ``n`` of the batch (counting from ``first_image``) always has the same size and pixels, so a prompt can
+    be rebuilt alone with ``first_image`` set to the index of its first image in the batch.
+    """
+    texts, images, n = [], [], first_image
     for question, count in zip(questions, images_per_prompt):
         texts.append(tiny.build_prompt(processor, question, num_images=count))
         row = []
         for _ in range(count):
             width, height = IMAGE_SIZES[family][n % len(IMAGE_SIZES[family])]
-            row.append(tiny.random_image(width, height, seed=seed + n))
+            row.append(tiny.random_image(width, height, seed=n))
             n += 1
         images.append(row)
     kwargs = {"text": texts, "return_tensors": "pt", "padding": True}
-    if n:
+    if n > first_image:
         kwargs["images"] = images if len(texts) > 1 else images[0]
     return processor(**kwargs)
 

@@ -1,0 +1,229 @@
+"""Equality tests of the encoder -> LLM cut on tiny real-class models (LLaVA-1.5, Qwen2.5-VL)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+import vtc
+from conftest import greedy, make_inputs
+
+QUESTIONS = ["what is the color ?", "how many red circle are there in the image ?"]
+
+
+def image_token_id(model) -> int:
+    return int(model.config.image_token_id)
+
+
+def hook_census(model) -> list[tuple[str, int, int]]:
+    return [(name, len(m._forward_hooks), len(m._forward_pre_hooks)) for name, m in model.named_modules()]
+
+
+def hand_built(model, inputs, family: str, positions: str = "reindex"):
+    """The shortened prompt built by hand from the recorded selection: the reference the cut must equal."""
+    records = vtc.last_selection(model)
+    enc_keys = {"pixel_values", "image_grid_thw", "image_sizes"}
+    with torch.no_grad():
+        full = model.model.get_image_features(**{k: v for k, v in inputs.items() if k in enc_keys}, return_dict=True)
+    feats = [f[r.indices] if r.selection.features is None else r.selection.features
+             for f, r in zip(full.pooler_output, records)]
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    is_img = ids == image_token_id(model)
+    keep = torch.ones_like(ids, dtype=torch.bool)
+    slots = is_img.flatten().nonzero().squeeze(-1)
+    keep.view(-1)[slots] = False
+    offset = 0
+    for r in records:
+        keep.view(-1)[slots[offset + r.indices]] = True
+        offset += r.num_tokens
+    assert ids.shape[0] == 1, "hand-built reference is for one prompt"
+    short = {"input_ids": ids[:, keep[0]], "attention_mask": mask[:, keep[0]]}
+    if family == "qwen2_5_vl":
+        pos, _ = model.model.get_rope_index(ids, mm_token_type_ids=inputs["mm_token_type_ids"],
+                                            image_grid_thw=inputs["image_grid_thw"], attention_mask=mask)
+        mrope = pos[:, :, keep[0]]
+        text = torch.arange(mrope.shape[-1])[None, None]
+        short["position_ids"] = torch.cat([text, mrope], dim=0)
+        short["mm_token_type_ids"] = inputs["mm_token_type_ids"][:, keep[0]]
+    elif positions == "keep":
+        short["position_ids"] = torch.arange(ids.shape[1])[None, keep[0]]
+    short["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=tuple(feats))}
+    return short, int(keep.sum())
+
+
+@pytest.mark.parametrize("compressor", vtc.list_compressors())
+def test_keep_all_generate_equals_unwrapped(loaded, family, compressor):
+    model, processor = loaded
+    inputs = make_inputs(processor, family, QUESTIONS[:1], [1])
+    baseline = greedy(model, inputs)
+    vtc.apply(model, compressor, budget=1.0)
+    assert greedy(model, inputs).tolist() == baseline.tolist()
+    assert all(r.num_kept == r.num_tokens for r in vtc.last_selection(model))
+
+
+@pytest.mark.parametrize("compressor", ["cls_attention", "fastervlm", "pool", "random"])
+def test_compressed_generate_equals_hand_built_prompt(loaded, family, compressor):
+    model, processor = loaded
+    inputs = make_inputs(processor, family, QUESTIONS[:1], [1])
+    vtc.apply(model, compressor, budget=5)
+    out = greedy(model, inputs, max_new_tokens=8)
+    length = inputs["input_ids"].shape[1]
+    assert out[:, :length].tolist() == inputs["input_ids"].tolist(), "generate must return the caller's prompt"
+    short, short_len = hand_built(model, inputs, family)
+    vtc.remove(model)
+    reference = greedy(model, short, max_new_tokens=8)
+    assert out[:, length:].tolist() == reference[:, short_len:].tolist()
+
+
+def test_llava_keep_positions_equal_hand_built(tiny_dirs):
+    from vtc.integrations.transformers import tiny
+
+    model, processor = tiny.load_tiny(tiny_dirs["llava"])
+    inputs = make_inputs(processor, "llava", QUESTIONS[:1], [1])
+    vtc.apply(model, "fastervlm", budget=4, positions="keep")
+    out = greedy(model, inputs)
+    short, short_len = hand_built(model, inputs, "llava", positions="keep")
+    reindexed = dict(short)
+    reindexed.pop("position_ids")
+    vtc.remove(model)
+    assert out[:, inputs["input_ids"].shape[1]:].tolist() == greedy(model, short)[:, short_len:].tolist()
+    with torch.no_grad():  # the gapped positions really reach the LLM: logits differ from re-indexed ones
+        assert not torch.allclose(model(**short).logits, model(**reindexed).logits)
+
+
+def test_batch_of_two_equals_single_runs(loaded, family):
+    model, processor = loaded
+    vtc.apply(model, "cls_attention", budget=5)
+    batch = make_inputs(processor, family, QUESTIONS, [1, 1])
+    assert (batch["attention_mask"][:, 0] == 0).any(), "prompts of different length must be left-padded"
+    batch_out = greedy(model, batch)
+    batch_records = vtc.last_selection(model)
+    assert [r.batch_index for r in batch_records] == [0, 1]
+    length = batch["input_ids"].shape[1]
+    for row in range(2):
+        single = make_inputs(processor, family, [QUESTIONS[row]], [1], first_image=row)
+        single_out = greedy(model, single)
+        new = single_out[0, single["input_ids"].shape[1]:].tolist()
+        rest = batch_out[row, length + len(new):].tolist()  # after an early EOS the batch row is padded
+        assert batch_out[row, length:length + len(new)].tolist() == new
+        assert all(token == model.generation_config.pad_token_id for token in rest)
+        assert vtc.last_selection(model)[0].indices.tolist() == batch_records[row].indices.tolist()
+
+
+def test_llm_receives_exactly_the_budget(loaded, family):
+    model, processor = loaded
+    inputs = make_inputs(processor, family, QUESTIONS, [1, 1])
+    seen = []
+    hook = model.model.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs["input_ids"].clone()), with_kwargs=True
+    )
+    vtc.apply(model, "cls_attention", budget=7)
+    greedy(model, inputs, max_new_tokens=3)
+    hook.remove()
+    prefill = seen[0]
+    per_row = (prefill == image_token_id(model)).sum(dim=1).tolist()
+    assert per_row == [7, 7]
+    original_text = (inputs["input_ids"] != image_token_id(model)).sum(dim=1)
+    assert prefill.shape[1] == int((original_text + 7).max())
+
+
+def test_multi_image_prompt_each_image_gets_its_budget(loaded, family):
+    model, processor = loaded
+    inputs = make_inputs(processor, family, QUESTIONS, [2, 1])
+    vtc.apply(model, "fastervlm", budget=0.25)
+    out = greedy(model, inputs, max_new_tokens=3)
+    records = vtc.last_selection(model)
+    assert [r.batch_index for r in records] == [0, 0, 1]
+    assert [r.budget for r in records] == [round(r.num_tokens * 0.25) for r in records]
+    assert [r.num_kept for r in records] == [r.budget for r in records]
+    assert out.shape[1] == inputs["input_ids"].shape[1] + 3
+
+
+def test_text_only_prompt_passes_through(loaded, family):
+    model, processor = loaded
+    inputs = processor(text=["what is the color ?"], return_tensors="pt")
+    baseline = greedy(model, inputs)
+    vtc.apply(model, "cls_attention", budget=4)
+    assert greedy(model, inputs).tolist() == baseline.tolist()
+    assert vtc.last_selection(model) == []
+
+
+def test_forward_path_equals_hand_built_and_shrinks_labels(loaded, family):
+    model, processor = loaded
+    inputs = make_inputs(processor, family, QUESTIONS[:1], [1])
+    labels = inputs["input_ids"].masked_fill(inputs["input_ids"] == image_token_id(model), -100)
+    vtc.apply(model, "cls_attention", budget=6)
+    with torch.no_grad():
+        out = model(**inputs, labels=labels)
+    short, short_len = hand_built(model, inputs, family)
+    short.pop("mm_token_type_ids", None) if family == "llava" else None
+    keep_labels = short["input_ids"].masked_fill(short["input_ids"] == image_token_id(model), -100)
+    vtc.remove(model)
+    with torch.no_grad():
+        ref = model(**short, labels=keep_labels)
+    assert out.logits.shape[1] == short_len
+    assert torch.allclose(out.logits, ref.logits, atol=1e-6)
+    assert torch.allclose(out.loss, ref.loss, atol=1e-6)
+    # the first generated token is the argmax of the last prefill logit
+    vtc.apply(model, "cls_attention", budget=6)
+    first = greedy(model, inputs, max_new_tokens=1)[0, -1]
+    assert int(out.logits[0, -1].argmax()) == int(first)
+
+
+def test_remove_restores_bit_identical_behaviour(loaded, family):
+    model, processor = loaded
+    inputs = make_inputs(processor, family, QUESTIONS, [1, 1])
+    with torch.no_grad():
+        base_logits = model(**inputs).logits
+    baseline = greedy(model, inputs)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    hooks_before = hook_census(model)
+    vtc.apply(model, "cls_attention", budget=3)
+    with torch.no_grad():
+        assert model(**inputs).logits.shape != base_logits.shape
+    vtc.remove(model)
+    assert not vtc.is_applied(model)
+    assert "generate" not in model.__dict__ and "forward" not in model.__dict__
+    assert greedy(model, inputs).tolist() == baseline.tolist()
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, base_logits)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert hook_census(model) == hooks_before
+    vtc.remove(model)  # removing twice is a no-op
+
+
+def test_attention_implementation_untouched(loaded, family):
+    model, processor = loaded
+    inputs = make_inputs(processor, family, QUESTIONS[:1], [1])
+    greedy(model, inputs, max_new_tokens=2)  # transformers installs its own output-recording hooks lazily
+    hooks_before = hook_census(model)
+    before = (model.config._attn_implementation, model.config.vision_config._attn_implementation,
+              model.config.text_config._attn_implementation)
+    assert before[1] == "sdpa"
+    vtc.apply(model, "cls_attention", budget=4)
+    greedy(model, inputs, max_new_tokens=2)
+    after = (model.config._attn_implementation, model.config.vision_config._attn_implementation,
+             model.config.text_config._attn_implementation)
+    assert after == before
+    assert hook_census(model) == hooks_before, "vtc's hooks must not outlive a call"
+
+
+def test_apply_twice_replaces_configuration(loaded, family):
+    model, processor = loaded
+    original_generate = model.generate
+    vtc.apply(model, "cls_attention", budget=3)
+    vtc.apply(model, "random", budget=6, seed=1)
+    assert model.generate.__wrapped__ == original_generate
+    greedy(model, make_inputs(processor, family, QUESTIONS[:1], [1]), max_new_tokens=2)
+    assert [r.num_kept for r in vtc.last_selection(model)] == [6]
+    assert vtc.last_selection(model)[0].compressor == "random"
+
+
+def test_generate_with_return_dict_keeps_the_prompt(loaded, family):
+    model, processor = loaded
+    inputs = make_inputs(processor, family, QUESTIONS[:1], [1])
+    vtc.apply(model, "pool", budget=4)
+    out = model.generate(**inputs, max_new_tokens=3, do_sample=False, return_dict_in_generate=True, output_scores=True)
+    assert out.sequences[:, : inputs["input_ids"].shape[1]].tolist() == inputs["input_ids"].tolist()
+    assert len(out.scores) == 3
