@@ -58,6 +58,7 @@ class ImageSelection:
     budget: int  # tokens it was allowed (resolved from the user's int / ratio)
     selection: Selection
     compressor: str = ""
+    num_prefix_tokens: int = 0  # tokens before the grid (indices count them; the grid starts after them)
     extra: dict = field(default_factory=dict)
 
     @property

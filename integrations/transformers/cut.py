@@ -77,6 +77,7 @@ def select_images(state: CutState, encoded: EncodedImages, image_rows: list[int]
                 budget=resolve_budget(state.budget, tokens.num_tokens),
                 selection=_detached(selection),
                 compressor=state.compressor.name,
+                num_prefix_tokens=layout.num_prefix_tokens,
             )
         )
     return records

@@ -1,0 +1,34 @@
+# Every target creates the virtual environment it needs (.venv) from constraints.txt, so a fresh clone needs
+# only python3 (>= 3.10) and make.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+STAMP  := $(VENV)/.vtc-installed
+
+.PHONY: run test bench list clean
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet -c constraints.txt torch torchvision
+	$(PIP) install --quiet -c constraints.txt -e ".[dev]"
+	touch $(STAMP)
+
+## the main job: answer a question with all tokens and with every compressor, on the embedded default model
+run: $(STAMP)
+	$(PY) -m vtc run
+
+## the test suite (offline, CPU); pytest's exit 5 ("no tests ran") counts as a failure
+test: $(STAMP)
+	@$(PY) -m pytest -q; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests" >&2; exit 1; fi; exit $$rc
+
+## benchmark: signal-capture overhead on a CLIP-L/14-336-shaped tower (prints ratios measured in one run)
+bench: $(STAMP)
+	$(PY) -m vtc.eval.bench_capture
+
+list: $(STAMP)
+	$(PY) -m vtc list
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info

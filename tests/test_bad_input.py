@@ -1,0 +1,91 @@
+"""Every bad input gets a clear error naming the problem and the fix."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import vtc
+from conftest import make_inputs
+
+
+@pytest.mark.parametrize("budget, error", [(0, ValueError), (-5, ValueError), (math.nan, ValueError), (1.5, ValueError),
+                                           (True, TypeError), ("64", TypeError), (None, TypeError)])
+def test_bad_budget_at_apply(loaded, budget, error):
+    model, _ = loaded
+    with pytest.raises(error, match="budget must be"):
+        vtc.apply(model, "cls_attention", budget=budget)
+    assert not vtc.is_applied(model)
+
+
+def test_unknown_compressor_at_apply(loaded):
+    model, _ = loaded
+    with pytest.raises(ValueError, match="registered compressors: cls_attention, fastervlm, pool, random"):
+        vtc.apply(model, "hiprunee", budget=8)
+
+
+def test_unknown_option_at_apply(loaded):
+    model, _ = loaded
+    with pytest.raises(TypeError, match="unknown option"):
+        vtc.apply(model, "fastervlm", budget=8, layr=3)
+
+
+def test_layer_out_of_range_fails_at_apply(loaded):
+    model, _ = loaded
+    with pytest.raises(ValueError, match="out of range"):
+        vtc.apply(model, "fastervlm", budget=8, layer=99)
+
+
+def test_unsupported_model_names_supported_families():
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, vocab_size=32))
+    with pytest.raises(TypeError, match="does not support LlamaForCausalLM; supported model classes: llava "
+                                        "\\(LlavaForConditionalGeneration\\), qwen2_5_vl"):
+        vtc.apply(model, "cls_attention", budget=8)
+
+
+def test_position_mode_not_available_for_qwen(tiny_dirs):
+    from vtc.integrations.transformers import tiny
+
+    model, _ = tiny.load_tiny(tiny_dirs["qwen2_5_vl"])
+    with pytest.raises(ValueError, match="positions='reindex' is not available for qwen2_5_vl"):
+        vtc.apply(model, "cls_attention", budget=8, positions="reindex")
+
+
+def test_placeholder_mismatch_is_reported(loaded, family):
+    model, processor = loaded
+    inputs = make_inputs(processor, family, ["what is the color ?"], [1])
+    image_id = model.config.image_token_id
+    first = int((inputs["input_ids"][0] == image_id).nonzero()[0])
+    inputs["input_ids"][0, first] = 5  # one placeholder lost, e.g. a hand-edited prompt
+    vtc.apply(model, "cls_attention", budget=4)
+    with pytest.raises(ValueError, match="image placeholder tokens but the images give"):
+        model.generate(**inputs, max_new_tokens=2)
+
+
+def test_inputs_embeds_with_pixels_is_rejected(loaded, family):
+    model, processor = loaded
+    inputs = make_inputs(processor, family, ["what is the color ?"], [1])
+    ids = inputs.pop("input_ids")
+    inputs["inputs_embeds"] = model.get_input_embeddings()(ids)
+    vtc.apply(model, "cls_attention", budget=4)
+    with pytest.raises(ValueError, match="needs input_ids"):
+        model(**inputs)
+
+
+def test_last_selection_on_unwrapped_model(loaded):
+    model, _ = loaded
+    with pytest.raises(ValueError, match="call vtc.apply"):
+        vtc.last_selection(model)
+
+
+def test_budget_above_token_count_keeps_all(loaded, family):
+    model, processor = loaded
+    vtc.apply(model, "fastervlm", budget=10_000)
+    with torch.no_grad():
+        model.generate(**make_inputs(processor, family, ["what is the color ?"], [1]), max_new_tokens=1)
+    record = vtc.last_selection(model)[0]
+    assert record.num_kept == record.num_tokens == record.budget

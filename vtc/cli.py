@@ -1,0 +1,151 @@
+"""`vtc` command line: `vtc run` (the main job) and `vtc list`.
+
+`vtc run` answers one question about one image with the full visual-token set and with every requested
+compressor at the budget, and shows what each kept. Without ``--model`` it uses the embedded default; until the
+trained default model ships, that is a tiny random-weight LLaVA built on the fly (answers are then arbitrary tokens:
+the run shows the mechanics -- token counts, kept grid, timing -- not quality).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+
+def _load(model_ref: str | None, family: str):
+    from .integrations.transformers import tiny
+
+    if model_ref is None:
+        print(f"model: no trained default model is shipped yet -> building a tiny random-weight {family} "
+              "model on the fly (answers are arbitrary; the run demonstrates the mechanics)")
+        return tiny.build_tiny(family), f"tiny-{family} (random weights)"
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(model_ref)
+        processor = AutoProcessor.from_pretrained(model_ref)
+    except Exception as exc:  # surface *why* loading failed, with the fix
+        raise SystemExit(f"error: cannot load model {model_ref!r}: {exc}\n"
+                         "Pass a local save_pretrained folder, or a hub id on a machine with hub access.") from exc
+    model.eval()
+    return (model, processor), model_ref
+
+
+def _image(path: str | None, family: str):
+    from PIL import Image
+
+    from .integrations.transformers import tiny
+
+    if path is None:
+        return tiny.random_image(96, 96, seed=0) if family != "llava" else tiny.random_image(48, 48, seed=0)
+    try:
+        return Image.open(path).convert("RGB")
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"error: cannot read image {path!r}: {exc}. Pass a PNG/JPEG file.") from exc
+
+
+def _grid_picture(record) -> str:
+    rows, cols = record.grid
+    kept = set(record.indices.tolist())
+    prefix = record.num_prefix_tokens
+    lines = []
+    for r in range(rows):
+        lines.append("    " + "".join("#" if (prefix + r * cols + c) in kept else "." for c in range(cols)))
+    return "\n".join(lines)
+
+
+def cmd_run(args) -> int:
+    import torch
+
+    import vtc
+    from .integrations.transformers import tiny
+
+    budget = vtc.parse_budget(args.budget)
+    (model, processor), label = _load(args.model, args.family)
+    image = _image(args.image, args.family)
+    prompt = tiny.build_prompt(processor, args.question) if args.model is None else _chat_prompt(processor, args.question)
+    inputs = processor(images=[image], text=[prompt], return_tensors="pt")
+    prompt_len = inputs["input_ids"].shape[1]
+    names = args.compressor or vtc.list_compressors()
+    print(f"model: {label}\nquestion: {args.question!r}\nbudget: {budget!r} visual tokens per image\n")
+    rows = []
+
+    def run_once(name):
+        start = time.perf_counter()
+        with torch.no_grad():
+            out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
+        seconds = time.perf_counter() - start
+        answer = processor.batch_decode(out[:, prompt_len:], skip_special_tokens=True)[0].strip()
+        return answer, seconds
+
+    answer, seconds = run_once(None)
+    image_id = model.config.image_token_id
+    n_visual = int((inputs["input_ids"] == image_id).sum())
+    rows.append(("none (all tokens)", n_visual, n_visual, seconds, answer))
+    for name in names:
+        vtc.apply(model, name, budget=budget)
+        answer, seconds = run_once(name)
+        records = vtc.last_selection(model)
+        kept = sum(r.num_kept for r in records)
+        rows.append((name, n_visual, kept, seconds, answer))
+        if args.show_grid:
+            print(f"{name}: kept {kept}/{n_visual} tokens ('#' kept, '.' pruned)")
+            for record in records:
+                print(_grid_picture(record))
+        vtc.remove(model)
+    print()
+    print(f"{'compressor':<20} {'tokens in':>9} {'tokens out':>10} {'generate s':>10}  answer")
+    for name, n_in, n_out, secs, answer in rows:
+        print(f"{name:<20} {n_in:>9} {n_out:>10} {secs:>10.3f}  {answer!r}")
+    return 0
+
+
+def _chat_prompt(processor, question: str) -> str:
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    return processor.apply_chat_template(messages, add_generation_prompt=True)
+
+
+def cmd_list(args) -> int:
+    import vtc
+    from .integrations.transformers import supported_families
+
+    print("compressors:", ", ".join(vtc.list_compressors()))
+    print("model families:", ", ".join(supported_families()))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vtc", description="training-free visual-token compression for VLMs")
+    sub = parser.add_subparsers(dest="command")
+    run = sub.add_parser("run", help="answer a question about an image with and without compression (default)")
+    run.add_argument("--model", help="local save_pretrained folder or hub id (default: the embedded model)")
+    run.add_argument("--family", default="llava", choices=["llava", "qwen2_5_vl"],
+                     help="family of the on-the-fly default model")
+    run.add_argument("--image", help="image file (default: a bundled synthetic image)")
+    run.add_argument("--question", default="what is the color of the shape ?")
+    run.add_argument("--compressor", action="append", help="compressor name (repeatable; default: all registered)")
+    run.add_argument("--budget", default="0.25", help="int tokens per image or float ratio in (0, 1] (default 0.25)")
+    run.add_argument("--max-new-tokens", type=int, default=8)
+    run.add_argument("--no-grid", dest="show_grid", action="store_false", help="do not draw the kept-token grids")
+    run.set_defaults(func=cmd_run)
+    listing = sub.add_parser("list", help="list compressors and supported model families")
+    listing.set_defaults(func=cmd_list)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
+        argv = ["run", *argv]
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, TypeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
