@@ -227,3 +227,15 @@ def test_generate_with_return_dict_keeps_the_prompt(loaded, family):
     out = model.generate(**inputs, max_new_tokens=3, do_sample=False, return_dict_in_generate=True, output_scores=True)
     assert out.sequences[:, : inputs["input_ids"].shape[1]].tolist() == inputs["input_ids"].tolist()
     assert len(out.scores) == 3
+
+
+def test_positional_input_ids_and_beam_search(loaded, family):
+    model, processor = loaded
+    inputs = make_inputs(processor, family, QUESTIONS, [1, 1])
+    ids = inputs.pop("input_ids")
+    vtc.apply(model, "fastervlm", budget=4)
+    with torch.no_grad():
+        out = model.generate(ids, **inputs, max_new_tokens=3, do_sample=False, num_beams=2, num_return_sequences=2)
+    assert out.shape[0] == 4
+    assert out[:, : ids.shape[1]].tolist() == ids.repeat_interleave(2, dim=0).tolist()
+    assert [r.num_kept for r in vtc.last_selection(model)] == [4, 4]

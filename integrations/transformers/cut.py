@@ -207,6 +207,8 @@ def _bind(original, args: tuple, kwargs: dict) -> dict:
     bound = inspect.signature(original).bind_partial(*args, **kwargs)
     merged = dict(bound.arguments)
     merged.update(merged.pop("kwargs", {}) or {})
+    if isinstance(merged.get("inputs"), torch.Tensor) and "input_ids" not in merged:
+        merged["input_ids"] = merged.pop("inputs")  # generate(ids, ...) names its first argument `inputs`
     return merged
 
 
@@ -223,7 +225,10 @@ def wrap_generate(state: CutState):
         output = original(**shrunk.kwargs)
         sequences = output if isinstance(output, torch.Tensor) else output.sequences
         # callers slice the answer off at len(prompt): give them back their own prompt ids
-        restored = torch.cat([shrunk.original_input_ids, sequences[:, shrunk.new_length :]], dim=1)
+        prompt = shrunk.original_input_ids.to(sequences.device)
+        if sequences.shape[0] != prompt.shape[0]:  # num_return_sequences / beams expand each prompt in place
+            prompt = prompt.repeat_interleave(sequences.shape[0] // prompt.shape[0], dim=0)
+        restored = torch.cat([prompt, sequences[:, shrunk.new_length :]], dim=1)
         if isinstance(output, torch.Tensor):
             return restored
         output.sequences = restored
