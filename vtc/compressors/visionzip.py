@@ -1,0 +1,206 @@
+"""VisionZip (arXiv 2412.04467, CVPR'25): dominant tokens kept as they are, the rest merged into contextual tokens.
+
+For a budget of ``k`` tokens out of ``N`` the image keeps ``D`` *dominant* tokens and ``C`` *contextual* tokens
+(``D + C = k``), all read from one vision layer (the feature layer by default, 22 on CLIP-L/14-336):
+
+1. **Dominant**: the ``D`` tokens with the highest attention score -- the CLS query's head-mean attention on towers
+   with a CLS token, the head-mean attention each token *receives* on towers without one (Qwen ViTs; the paper's
+   description for SigLIP, the "no-CLS variant"). Summing instead of averaging over heads ranks the same. Ties go
+   to the lower token index.
+2. **Contextual**: the remaining tokens ``R`` (original order) are split into ``C`` clusters. The targets are a
+   uniform stride over the list ``R`` (positions in the list, not image coordinates): ``step = max(1, |R| // C)``,
+   targets ``R[0], R[step], R[2*step], ...`` (the first ``C``). Every other token of ``R`` joins the target whose
+   L2-normalised key (head-mean keys of the same layer) has the highest cosine similarity with its own (hard
+   argmax; ties go to the earliest target).
+3. **Merge**: ``merge="mean"`` (default, the paper's description) gives a contextual token the plain average of its
+   target and the members; ``merge="target_plus_mean"`` reproduces the reference code
+   (``visionzip/clip_encoder.py``): ``h(target) + mean(h(members))``, or ``h(target)`` alone for an empty cluster
+   (its magnitude can reach about twice a token's -- use it to reproduce published numbers).
+
+Budget split (options ``dominant`` / ``contextual``): the defaults are the paper's 54+10 (k = 64), 108+20 (128) and
+162+30 (192); every other budget keeps that proportion, ``C = round(k * 10 / 64)`` (half-to-even) and ``D = k - C``
+-- which also gives LLaVA-NeXT's per-view 27+5 for k = 32. ``C`` is at least 1 when ``k >= 2`` (there is always
+something left to merge when ``k < N``); ``k = 1`` keeps the single top token and merges nothing; ``k >= N`` keeps
+every token unmerged. Giving both options sets the proportion (so ``dominant=54, contextual=10`` is exact at
+k = 64 and scales with ratio budgets, like the LightCompress Qwen port's ratios); giving one of them fixes that
+count and the other takes the rest of the budget.
+
+Deviations from the reference implementation, all deliberate:
+
+* **Post-projector merging.** The reference merges the *pre*-projector layer-22 hidden states and then runs the
+  projector on the merged tokens. A vtc compressor receives the tokens as the LLM would (after the projector), so
+  the merge is done on those. For a linear projector the mean commutes with the projector and the two agree; for
+  LLaVA's 2-layer MLP (Linear-GELU-Linear) they differ slightly. (The LightCompress Qwen2.5-VL port also merges
+  post-merger embeddings.)
+* **CLS token.** The reference counts the CLS token as one of the ``D`` dominant tokens and always keeps it. With
+  LLaVA's "default" feature strategy the CLS token is not among the visual tokens the LLM receives, so all ``D``
+  dominant tokens are patches here. When the host keeps prefix tokens (LLaVA's "full" strategy keeps CLS as token
+  0, ``num_prefix_tokens > 0``) they are always kept and count as dominant, as in the reference.
+* **Positions and order.** Each contextual token takes the placeholder slot (and position; on Qwen the M-RoPE id)
+  of its target token, so the LLM sees all survivors in the host's own token order. The reference instead
+  appends the ``C`` contextual tokens after the dominant ones (``[CLS, dominant in raster order, contextual]``,
+  contiguous positions); the LightCompress Qwen port places them at their targets as here.
+* Selection math is done in fp32; merged features are returned in the input dtype.
+
+Every original token ends up in exactly one ``groups`` entry whenever anything is merged (``C >= 1``); with
+``C = 0`` (k = 1) the dropped tokens belong to no group, as in any pruning method.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..compressor import Compressor, VisualTokens, register, top_k_sorted
+from ..selection import Selection
+from ..signals import Signal, SignalKind, TowerInfo
+
+#: The paper's split for 64 tokens (README ``visionzip(model, dominant=54, contextual=10)``); 128 = 108+20 and
+#: 192 = 162+30 keep the same proportion.
+DEFAULT_DOMINANT = 54
+DEFAULT_CONTEXTUAL = 10
+
+MERGE_MODES = ("mean", "target_plus_mean")
+
+_ATTENTION_KINDS = (SignalKind.CLS_ATTENTION, SignalKind.RECEIVED_ATTENTION)
+
+
+def _check_count(name: str, value) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"visionzip {name} must be an int >= 0 (a token count) or None, got {value!r}")
+
+
+@register
+@dataclass
+class VisionZip(Compressor):
+    """VisionZip: keep the top-attention (dominant) tokens, merge the rest into a few contextual tokens.
+
+    Options:
+      dominant: dominant tokens per image (see the module doc for how it combines with ``contextual`` and the
+        budget); default: the paper's 54:10 split of the budget.
+      contextual: contextual (merged) tokens per image; default: ``round(k * 10 / 64)``, at least 1 for k >= 2.
+      merge: ``"mean"`` (paper: average of the target and its members) or ``"target_plus_mean"`` (reference code:
+        target + mean of members).
+      layer: the vision layer whose attention and keys are read (negative = from the end); default the feature
+        layer (22 on CLIP-L/14-336, the last block on Qwen2.5-VL).
+    """
+
+    name = "visionzip"
+    dominant: int | None = None
+    contextual: int | None = None
+    merge: str = "mean"
+    layer: int | None = None
+
+    def __post_init__(self):
+        _check_count("dominant", self.dominant)
+        _check_count("contextual", self.contextual)
+        if self.dominant is not None and self.contextual is not None and self.dominant + self.contextual == 0:
+            raise ValueError("visionzip dominant + contextual must be at least 1")
+        if self.merge not in MERGE_MODES:
+            raise ValueError(f"visionzip merge must be one of {MERGE_MODES}, got {self.merge!r}")
+        if self.layer is not None and (isinstance(self.layer, bool) or not isinstance(self.layer, int)):
+            raise TypeError(f"visionzip layer must be an int or None, got {self.layer!r}")
+
+    # ------------------------------------------------------------------------------------------ signals
+    def signals(self, tower: TowerInfo) -> tuple[Signal, ...]:
+        layer = tower.layer_index(tower.feature_layer if self.layer is None else self.layer)
+        return (tower.attention_signal(layer), Signal(SignalKind.KEYS, layer))
+
+    def _find(self, tokens: VisualTokens, kinds: tuple[SignalKind, ...], what: str) -> torch.Tensor:
+        """The captured signal of one of ``kinds`` (select() is not told the tower, so match by kind)."""
+        found = [s for s in tokens.signals if s.kind in kinds]
+        if self.layer is not None and self.layer >= 0:
+            found = [s for s in found if s.layer == self.layer]
+        if len(found) == 1:
+            return tokens.signal(found[0])
+        have = ", ".join(map(str, tokens.signals)) or "none"
+        if not found:
+            raise KeyError(f"visionzip needs the {what} signal, which was not captured (captured: {have})")
+        raise ValueError(f"visionzip found several {what} signals ({have}); set the `layer` option to pick one")
+
+    # ------------------------------------------------------------------------------------------ budget split
+    def split(self, k: int, num_tokens: int, num_prefix_tokens: int = 0) -> tuple[int, int]:
+        """``(dominant, contextual)`` for a budget of ``k`` out of ``num_tokens`` tokens; they sum to ``min(k, N)``.
+
+        Prefix tokens count as dominant and are always kept, so ``dominant >= min(num_prefix_tokens, k)``.
+        """
+        k = min(int(k), int(num_tokens))
+        if k <= 0:
+            return 0, 0
+        if k >= num_tokens:
+            return k, 0  # keep everything, nothing to merge
+        if self.dominant is not None and self.contextual is None:
+            contextual = k - min(self.dominant, k)
+        elif self.contextual is not None and self.dominant is None:
+            contextual = min(self.contextual, k)
+        else:
+            d = DEFAULT_DOMINANT if self.dominant is None else self.dominant
+            c = DEFAULT_CONTEXTUAL if self.contextual is None else self.contextual
+            contextual = round(k * c / (d + c))
+            if c > 0 and k >= 2:
+                contextual = max(contextual, 1)
+            contextual = min(contextual, k - 1) if d > 0 else contextual
+        contextual = min(contextual, k - min(num_prefix_tokens, k))  # prefix tokens are always kept
+        return k - contextual, contextual
+
+    # ------------------------------------------------------------------------------------------ selection
+    def select(self, tokens: VisualTokens, k: int) -> Selection:
+        device = tokens.features.device
+        n = tokens.num_tokens
+        prefix = min(tokens.num_prefix_tokens, n)
+        score = self._find(tokens, _ATTENTION_KINDS, "attention (cls_attention or received_attention)").to(device)
+        dominant_count, contextual_count = self.split(k, n, prefix)
+        arange = torch.arange(n, device=device)
+        singletons = lambda idx: tuple(idx.view(-1, 1).unbind(0))  # noqa: E731
+
+        # dominant tokens: prefix tokens first (always kept), then the top patches by attention
+        kept_prefix = min(prefix, dominant_count)
+        top = top_k_sorted(score[prefix:], dominant_count - kept_prefix) + prefix
+        dominant = torch.cat([arange[:kept_prefix], top.to(device)])
+        if contextual_count == 0:
+            return Selection(indices=dominant, groups=singletons(dominant), scores=score)
+
+        keys = self._find(tokens, (SignalKind.KEYS,), "keys").to(device)
+        is_dominant = torch.zeros(n, dtype=torch.bool, device=device)
+        is_dominant[dominant] = True
+        remaining = arange[~is_dominant]  # R, original order
+        step = max(1, remaining.numel() // contextual_count)
+        target_pos = torch.arange(contextual_count, device=device) * step
+        targets = remaining[target_pos]
+        is_target = torch.zeros(remaining.numel(), dtype=torch.bool, device=device)
+        is_target[target_pos] = True
+        members = remaining[~is_target]
+
+        # hard assignment by cosine similarity of L2-normalised keys; argmax returns the first (lowest) target on ties
+        unit = F.normalize(keys.float(), dim=-1)
+        similarity = unit[members] @ unit[targets].T  # [M, C]
+        assign = similarity.argmax(dim=1)  # cluster id in 0..C-1
+
+        # cluster sums and sizes with index_add / bincount (fp32)
+        features = tokens.features.float()
+        member_sum = torch.zeros(contextual_count, features.shape[1], dtype=torch.float32, device=device)
+        member_sum.index_add_(0, assign, features[members])
+        member_count = torch.bincount(assign, minlength=contextual_count).to(torch.float32)[:, None]
+        if self.merge == "mean":
+            merged = (features[targets] + member_sum) / (member_count + 1.0)
+        else:  # reference code: target + mean of members (just the target when the cluster is empty)
+            merged = features[targets] + member_sum / member_count.clamp(min=1.0)
+
+        # one output token per dominant token and per target, in original token order
+        indices = torch.sort(torch.cat([dominant, targets])).values
+        out = features[indices].clone()
+        target_slot = torch.searchsorted(indices, targets)
+        out[target_slot] = merged
+
+        # groups: owner[i] = output slot that absorbed original token i (every token has one)
+        owner = torch.empty(n, dtype=torch.long, device=device)
+        owner[indices] = torch.arange(indices.numel(), device=device)
+        owner[members] = target_slot[assign]
+        order = torch.sort(owner, stable=True).indices  # grouped by slot, ascending token index inside a group
+        sizes = torch.bincount(owner, minlength=indices.numel()).tolist()
+        groups = tuple(torch.split(arange[order], sizes))
+        return Selection(indices=indices, features=out.to(tokens.features.dtype), groups=groups, scores=score)
