@@ -1,0 +1,111 @@
+"""DivPrune: greedy max-min diversity of the visual tokens (arXiv 2503.02175, CVPR'25; spec §6).
+
+Distances are ``d(i, j) = 1 - cos(v_i, v_j)`` between the post-projector features (``VisualTokens.features``, the
+LLM input embeddings of the visual tokens, as the reference prunes at "layer 0"). The greedy (spec §6.2):
+
+1. first pick: the token whose nearest *other* token is farthest, ``argmax_i min_{j != i} d(i, j)``;
+2. every next pick: the token farthest from the kept set, ``argmax_i min_{s in kept} d(i, s)`` (farthest-point
+   sampling), until ``k`` tokens are kept; returned in ascending (original) order.
+
+Ties go to the lowest token index (``torch.argmax`` returns the first maximum). Kept tokens are masked with
+``-inf`` (as MMTok's port), so they are never picked twice even when every remaining distance is 0 -- exact
+duplicates are then taken in index order.
+
+Cost. The greedy keeps a running ``min_dist[N]`` and updates it with one mat-vec per pick: ``O(k * N * D)`` time and
+``O(N)`` extra memory; the reference recomputes the minimum over all kept rows of a stored ``N x N`` matrix each
+step (``O(N^2)`` memory, ``O(k^2 * N)`` time). The first pick needs every token's nearest neighbour, which is
+inherently ``O(N^2 * D)`` time; it is computed in row blocks of at most ``FIRST_PICK_BLOCK_ELEMENTS`` similarities, so
+the ``N x N`` matrix is never built. Everything is computed in fp32.
+
+Deviations from the reference code (vbdi/divprune @ 799e2d9): the first pick's nearest-neighbour distance excludes
+the token itself explicitly, where the reference takes the 2nd smallest value of its distance column assuming the
+smallest is the self-distance (the same unless float noise makes ``1 - cos(v, v)`` exceed a true neighbour's
+distance); kept tokens are excluded with ``-inf`` rather than relying on their own distance being 0. A zero feature
+vector has cosine 0 (distance 1) to everything.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..compressor import Compressor, VisualTokens, register
+from ..selection import Selection
+
+#: Largest block of similarities (rows x N) materialised while finding the first pick (16 MiB in fp32).
+FIRST_PICK_BLOCK_ELEMENTS = 1 << 22
+
+
+def _normalised(features: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.normalize(features.float(), dim=-1)
+
+
+def nearest_neighbour_distance(unit: torch.Tensor, block_elements: int | None = None) -> torch.Tensor:
+    """``[N]`` cosine distance of every (unit-norm) row to its nearest other row; ``inf`` when ``N == 1``.
+
+    Computed in row blocks of at most ``max(block_elements, N)`` similarities (default
+    ``FIRST_PICK_BLOCK_ELEMENTS``), never the whole ``N x N`` matrix.
+    """
+    if block_elements is None:
+        block_elements = FIRST_PICK_BLOCK_ELEMENTS
+    n = unit.shape[0]
+    rows = max(1, block_elements // max(n, 1))
+    best = torch.empty(n, dtype=torch.float32, device=unit.device)
+    for start in range(0, n, rows):
+        stop = min(n, start + rows)
+        sim = unit[start:stop] @ unit.T  # [rows, N]
+        local = torch.arange(stop - start, device=unit.device)
+        sim[local, local + start] = -float("inf")  # not its own neighbour
+        best[start:stop] = 1.0 - sim.max(dim=1).values
+    return best
+
+
+def divprune_order(features: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The greedy max-min picks of ``k`` tokens out of ``features [N, D]``, in the order they were picked.
+
+    Returns ``(order [k], scores [N])``; ``scores`` holds, for a kept token, its distance to the kept set at the time
+    it was picked (the first pick: its nearest-neighbour distance) and, for any other token, its final distance to
+    the kept set -- so higher means "more novel". No host synchronisation inside the loop.
+    """
+    n = int(features.shape[0])
+    k = int(k)
+    if not 0 <= k <= n:
+        raise ValueError(f"budget {k} is outside [0, {n}]")
+    device = features.device
+    order = torch.empty(k, dtype=torch.long, device=device)
+    if k == 0:
+        return order, torch.zeros(n, dtype=torch.float32, device=device)
+    unit = _normalised(features)
+    nn_dist = nearest_neighbour_distance(unit)
+    first = torch.argmax(nn_dist)
+    order[0] = first
+    picked_value = torch.empty(k, dtype=torch.float32, device=device)
+    picked_value[0] = nn_dist[first]
+    min_dist = 1.0 - unit @ unit[first]  # [N] distance to the kept set
+    min_dist[first] = -float("inf")
+    for step in range(1, k):
+        pick = torch.argmax(min_dist)  # farthest from the kept set, ties to the lowest index
+        order[step] = pick
+        picked_value[step] = min_dist[pick]
+        min_dist = torch.minimum(min_dist, 1.0 - unit @ unit[pick])
+        min_dist[pick] = -float("inf")
+    scores = min_dist.clone()
+    scores[order] = picked_value
+    return order, scores
+
+
+@register
+@dataclass
+class DivPrune(Compressor):
+    """DivPrune: keep the ``k`` most mutually diverse tokens (greedy max-min cosine distance of the features).
+
+    Text-agnostic and attention-free (no signals). ``Selection.scores`` is each token's distance to the kept set
+    (for kept tokens: at the moment they were picked), see ``divprune_order``.
+    """
+
+    name = "divprune"
+
+    def select(self, tokens: VisualTokens, k: int) -> Selection:
+        order, scores = divprune_order(tokens.features, k)
+        return Selection(indices=torch.sort(order).values, scores=scores)

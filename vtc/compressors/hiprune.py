@@ -1,0 +1,220 @@
+"""HiPrune: hierarchical attention pruning (arXiv 2508.00553; spec §4).
+
+Three kinds of tokens fill the budget ``k``, chosen in this order:
+
+* **anchors** -- the ``N_a = round(k * alpha / 5)`` tokens (Python ``round``, half-to-even) that receive the most
+  attention in a middle "object" layer (head-mean attention received from all queries, spec §4.1);
+* **buffers** -- the 4-neighbours (left, right, up, down) of every anchor on the token grid (the paper's "cross");
+* **registers** -- the rest of the budget, the tokens that receive the most attention in the deep layer (the layer
+  the visual tokens come from), among those not already chosen.
+
+Every anchor brings at most 4 buffers, so anchors + buffers is about ``alpha * k`` and registers are the rest. For
+budgets below 25 tokens ``N_a`` rounds to 0 (half-to-even: ``round(0.5) == 0``), and HiPrune reduces to the top-k
+deep-layer received attention.
+
+Deviations from the reference code (Danielement321/HiPrune @ 6e83a12), all deliberate:
+
+* **No row wrap.** The reference takes ``{i-1, i+1, i-W, i+W}`` on the flat index and clamps to ``[0, N-1]``, so
+  the left neighbour of a token in column 0 is the last token of the previous row (and border neighbours turn into
+  tokens 0 / N-1). Here neighbours are taken on the 2-D grid: a neighbour outside the grid simply does not exist.
+* **Exactly k tokens.** Anchors and buffers are de-duplicated, and when they alone would exceed ``k`` (only
+  possible for ``alpha`` far above the default), they are trimmed deterministically: all anchors (at most ``k`` by
+  construction) then buffers by object-layer score. Registers are taken strictly from the tokens not yet chosen
+  (equivalent to masking chosen tokens with ``-inf``), where the reference subtracts 1 from their score -- which on
+  Qwen, whose scores are sums over queries, can re-select a chosen token and keep fewer than ``k``.
+* **Prefix tokens** (``VisualTokens.num_prefix_tokens``, e.g. a CLS token kept by LLaVA's "full" strategy) are not
+  on the grid: they never become anchors and have no neighbours, but they compete as registers like any token.
+* The received-attention statistic is the head-mean **mean** over queries (``SignalKind.RECEIVED_ATTENTION``); the
+  reference LLaVA code uses the mean, its Qwen code the sum -- the same ranking within a layer.
+
+Ties everywhere go to the lower token index (stable descending sorts), and scores are compared in fp32.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+
+from ..compressor import Compressor, VisualTokens, register
+from ..selection import Selection
+from ..signals import Signal, SignalKind, TowerInfo
+
+#: On CLIP-L/14-336 (24 layers) the reference reads the object layer ``HIPRUNE_OBJECT_LAYER=9`` (1-based) = layer 8;
+#: the generic rule keeps that depth fraction: ``round(num_layers * 9 / 24) - 1``.
+OBJECT_LAYER_FRACTION = 9 / 24
+
+
+def default_layers(tower: TowerInfo) -> tuple[int, int]:
+    """The (object, deep) layers HiPrune reads on ``tower`` when none are given.
+
+    * Towers with windowed attention (``full_attention_layers`` set, e.g. Qwen2.5-VL): deep = the last
+      full-attention layer at or before the feature layer; object = the full-attention layer closest to
+      ``num_layers / 2 - 1`` (ties to the lower one), not after the deep layer. Qwen2.5-VL (32 blocks, full
+      attention at 7/15/23/31): object 15, deep 31 -- the reference ``HIPRUNE_OBJECT_LAYER=16`` (1-based) and
+      ``attn_list[-1]``.
+    * Other towers: deep = the feature layer; object = ``round(num_layers * 9 / 24) - 1``. CLIP-L/14-336 (24
+      layers, features from layer 22): object 8, deep 22, as the reference.
+
+    The object layer is clamped into ``[0, deep]`` so small towers still get an object layer no deeper than the
+    deep one (e.g. 4 layers with features from layer 2: object 1, deep 2).
+    """
+    deep = tower.feature_layer
+    full = sorted({int(layer) for layer in (tower.full_attention_layers or ())})
+    full_upto_deep = [layer for layer in full if 0 <= layer <= tower.feature_layer]
+    if full_upto_deep:
+        deep = full_upto_deep[-1]
+        target = tower.num_layers / 2 - 1
+        obj = min(full_upto_deep, key=lambda layer: (abs(layer - target), layer))
+    else:
+        obj = round(tower.num_layers * OBJECT_LAYER_FRACTION) - 1
+    obj = min(max(obj, 0), deep)
+    return obj, deep
+
+
+class HiPruneParts(NamedTuple):
+    """The three kinds of kept tokens (each in the order chosen; indices into the image's N tokens)."""
+
+    anchors: torch.Tensor  # by object-layer score, best first
+    buffers: torch.Tensor  # by object-layer score, best first
+    registers: torch.Tensor  # by deep-layer score, best first
+
+    def indices(self) -> torch.Tensor:
+        """All kept tokens in ascending (original) order."""
+        return torch.sort(torch.cat([self.anchors, self.buffers, self.registers])).values
+
+
+def _stable_desc(scores: torch.Tensor) -> torch.Tensor:
+    """Positions of ``scores`` from best to worst, ties to the lower position."""
+    return torch.sort(scores, descending=True, stable=True).indices
+
+
+def num_anchors(k: int, alpha: float) -> int:
+    """``N_a = round(k * alpha / 5)`` (Python ``round``, half-to-even), as the reference (spec §4.3)."""
+    return int(round(k * alpha / 5))
+
+
+def hiprune_parts(object_score: torch.Tensor, deep_score: torch.Tensor, grid: tuple[int, int], k: int,
+                  alpha: float = 0.1, num_prefix_tokens: int = 0) -> HiPruneParts:
+    """Split a budget of ``k`` tokens into anchors, buffers and registers (pure tensor code, see the module doc).
+
+    ``object_score`` / ``deep_score``: ``[N]`` received attention at the object / deep layer, laid out like the
+    tokens (``num_prefix_tokens`` non-grid tokens, then the ``rows x cols`` grid row-major).
+    """
+    object_score = object_score.float().reshape(-1)
+    deep_score = deep_score.float().to(object_score.device).reshape(-1)
+    device = object_score.device
+    n = object_score.numel()
+    rows, cols = grid
+    prefix = int(num_prefix_tokens)
+    n_grid = rows * cols
+    if deep_score.numel() != n or prefix + n_grid != n:
+        raise ValueError(f"scores of {n} / {deep_score.numel()} tokens do not match {prefix} prefix tokens "
+                         f"plus a {rows}x{cols} grid")
+    k = int(k)
+    if not 0 <= k <= n:
+        raise ValueError(f"budget {k} is outside [0, {n}]")
+    empty = torch.empty(0, dtype=torch.long, device=device)
+
+    # anchors: top-N_a grid tokens by object-layer score
+    n_anchor = min(max(num_anchors(k, alpha), 0), k, n_grid)
+    anchors = _stable_desc(object_score[prefix:])[:n_anchor] + prefix if n_anchor else empty
+
+    # buffers: 4-neighbours of the anchors on the 2-D grid (no wrap across rows), minus the anchors themselves
+    buffers = empty
+    if n_anchor and k > n_anchor:
+        cell = anchors - prefix
+        r, c = cell // cols, cell % cols
+        nr = torch.stack([r, r, r - 1, r + 1])
+        nc = torch.stack([c - 1, c + 1, c, c])
+        inside = (nr >= 0) & (nr < rows) & (nc >= 0) & (nc < cols)
+        is_buffer = torch.zeros(n, dtype=torch.bool, device=device)
+        is_buffer[(nr * cols + nc)[inside] + prefix] = True
+        is_buffer[anchors] = False
+        candidates = torch.nonzero(is_buffer).flatten()  # ascending, so stable ties go to the lower index
+        order = _stable_desc(object_score[candidates])
+        buffers = candidates[order][: k - n_anchor]
+
+    # registers: the rest of the budget by deep-layer score, strictly among the tokens not chosen yet
+    chosen = torch.zeros(n, dtype=torch.bool, device=device)
+    chosen[anchors] = True
+    chosen[buffers] = True
+    remaining = k - int(anchors.numel()) - int(buffers.numel())
+    registers = empty
+    if remaining > 0:
+        candidates = torch.nonzero(~chosen).flatten()
+        registers = candidates[_stable_desc(deep_score[candidates])[:remaining]]
+    return HiPruneParts(anchors=anchors, buffers=buffers, registers=registers)
+
+
+@register
+@dataclass
+class HiPrune(Compressor):
+    """HiPrune: anchors (object-layer attention) + their grid neighbours + registers (deep-layer attention).
+
+    Options:
+      object_layer: layer whose received attention picks the anchors (negative = from the end); default per tower,
+        see ``default_layers`` (8 on CLIP-L/14-336, block 15 on Qwen2.5-VL).
+      deep_layer: layer whose received attention picks the registers; default the feature layer (22 on
+        CLIP-L/14-336) or the last full-attention block (31 on Qwen2.5-VL).
+      alpha: share of the budget for anchors + buffers; ``round(k * alpha / 5)`` anchors (reference: 0.1).
+
+    The object layer must not be deeper than the deep layer (``signals`` raises otherwise); when both are the same
+    layer a single signal is captured and serves both roles.
+
+    ``Selection.scores`` is the deep-layer received attention (what the registers are ranked by); the split into
+    anchors / buffers / registers is available from ``hiprune_parts``.
+    """
+
+    name = "hiprune"
+    object_layer: int | None = None
+    deep_layer: int | None = None
+    alpha: float = 0.1
+
+    def __post_init__(self):
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not math.isfinite(self.alpha) \
+                or self.alpha < 0:
+            raise ValueError(f"hiprune alpha must be a finite number >= 0, got {self.alpha!r}")
+
+    def layers(self, tower: TowerInfo) -> tuple[int, int]:
+        """The absolute (object, deep) layers for ``tower``, options applied."""
+        obj, deep = default_layers(tower)
+        if self.deep_layer is not None:
+            deep = tower.layer_index(self.deep_layer)
+            obj = min(obj, deep)  # a default object layer never ends up after a chosen deep layer
+        if self.object_layer is not None:
+            obj = tower.layer_index(self.object_layer)
+        return obj, deep
+
+    def signals(self, tower: TowerInfo) -> tuple[Signal, ...]:
+        obj, deep = self.layers(tower)
+        if obj > deep:
+            raise ValueError(
+                f"hiprune object_layer ({obj}) is after deep_layer ({deep}) on the {tower.name} tower; the object "
+                f"layer (anchors) must be at or before the deep layer (registers)"
+            )
+        if obj == deep:
+            return (Signal(SignalKind.RECEIVED_ATTENTION, obj),)
+        return (Signal(SignalKind.RECEIVED_ATTENTION, obj), Signal(SignalKind.RECEIVED_ATTENTION, deep))
+
+    @staticmethod
+    def _scores(tokens: VisualTokens) -> tuple[torch.Tensor, torch.Tensor]:
+        # signals() guarantees object <= deep, so the shallower received-attention signal is the object layer;
+        # with a single one (object == deep) both roles read it
+        received = sorted((s for s in tokens.signals if s.kind == SignalKind.RECEIVED_ATTENTION),
+                          key=lambda s: s.layer)
+        if not received:
+            have = ", ".join(map(str, tokens.signals)) or "none"
+            raise KeyError(f"hiprune needs received-attention signals (declare them with signals()); captured: {have}")
+        if len(received) > 2:
+            raise ValueError(f"hiprune reads at most 2 received-attention layers, got {', '.join(map(str, received))}")
+        return tokens.signal(received[0]), tokens.signal(received[-1])
+
+    def select(self, tokens: VisualTokens, k: int) -> Selection:
+        object_score, deep_score = self._scores(tokens)
+        device = tokens.features.device
+        parts = hiprune_parts(object_score.to(device), deep_score.to(device), tokens.grid, k, alpha=self.alpha,
+                              num_prefix_tokens=tokens.num_prefix_tokens)
+        return Selection(indices=parts.indices(), scores=deep_score.to(device))
