@@ -62,7 +62,7 @@ def test_keep_all_generate_equals_unwrapped(loaded, family, compressor):
     assert all(r.num_kept == r.num_tokens for r in vtc.last_selection(model))
 
 
-@pytest.mark.parametrize("compressor", ["cls_attention", "fastervlm", "pool", "random"])
+@pytest.mark.parametrize("compressor", vtc.list_compressors())
 def test_compressed_generate_equals_hand_built_prompt(loaded, family, compressor):
     model, processor = loaded
     inputs = make_inputs(processor, family, QUESTIONS[:1], [1])
@@ -92,9 +92,10 @@ def test_llava_keep_positions_equal_hand_built(tiny_dirs):
         assert not torch.allclose(model(**short).logits, model(**reindexed).logits)
 
 
-def test_batch_of_two_equals_single_runs(loaded, family):
+@pytest.mark.parametrize("compressor", vtc.list_compressors())
+def test_batch_of_two_equals_single_runs(loaded, family, compressor):
     model, processor = loaded
-    vtc.apply(model, "cls_attention", budget=5)
+    vtc.apply(model, compressor, budget=5)
     batch = make_inputs(processor, family, QUESTIONS, [1, 1])
     assert (batch["attention_mask"][:, 0] == 0).any(), "prompts of different length must be left-padded"
     batch_out = greedy(model, batch)
@@ -128,10 +129,11 @@ def test_llm_receives_exactly_the_budget(loaded, family):
     assert prefill.shape[1] == int((original_text + 7).max())
 
 
-def test_multi_image_prompt_each_image_gets_its_budget(loaded, family):
+@pytest.mark.parametrize("compressor", vtc.list_compressors())
+def test_multi_image_prompt_each_image_gets_its_budget(loaded, family, compressor):
     model, processor = loaded
     inputs = make_inputs(processor, family, QUESTIONS, [2, 1])
-    vtc.apply(model, "fastervlm", budget=0.25)
+    vtc.apply(model, compressor, budget=0.25)
     out = greedy(model, inputs, max_new_tokens=3)
     records = vtc.last_selection(model)
     assert [r.batch_index for r in records] == [0, 0, 1]
@@ -149,11 +151,12 @@ def test_text_only_prompt_passes_through(loaded, family):
     assert vtc.last_selection(model) == []
 
 
-def test_forward_path_equals_hand_built_and_shrinks_labels(loaded, family):
+@pytest.mark.parametrize("compressor", vtc.list_compressors())
+def test_forward_path_equals_hand_built_and_shrinks_labels(loaded, family, compressor):
     model, processor = loaded
     inputs = make_inputs(processor, family, QUESTIONS[:1], [1])
     labels = inputs["input_ids"].masked_fill(inputs["input_ids"] == image_token_id(model), -100)
-    vtc.apply(model, "cls_attention", budget=6)
+    vtc.apply(model, compressor, budget=6)
     with torch.no_grad():
         out = model(**inputs, labels=labels)
     short, short_len = hand_built(model, inputs, family)
@@ -166,7 +169,7 @@ def test_forward_path_equals_hand_built_and_shrinks_labels(loaded, family):
     assert torch.allclose(out.logits, ref.logits, atol=1e-6)
     assert torch.allclose(out.loss, ref.loss, atol=1e-6)
     # the first generated token is the argmax of the last prefill logit
-    vtc.apply(model, "cls_attention", budget=6)
+    vtc.apply(model, compressor, budget=6)
     first = greedy(model, inputs, max_new_tokens=1)[0, -1]
     assert int(out.logits[0, -1].argmax()) == int(first)
 
@@ -239,3 +242,33 @@ def test_positional_input_ids_and_beam_search(loaded, family):
     assert out.shape[0] == 4
     assert out[:, : ids.shape[1]].tolist() == ids.repeat_interleave(2, dim=0).tolist()
     assert [r.num_kept for r in vtc.last_selection(model)] == [4, 4]
+
+
+@pytest.mark.parametrize("compressor", vtc.list_compressors())
+def test_hooks_only_on_the_declared_layers_and_selection_is_deterministic(loaded, family, compressor):
+    """While the tower runs, exactly the layers the compressor declares carry vtc's hooks (never all layers)."""
+    from vtc.integrations.transformers import get_state
+
+    model, processor = loaded
+    inputs = make_inputs(processor, family, QUESTIONS[:1], [1])
+    greedy(model, inputs, max_new_tokens=1)  # let transformers install its own lazy hooks first
+    vtc.apply(model, compressor, budget=5)
+    state = get_state(model)
+    declared = {signal.layer for signal in state.compressor.signals(state.adapter.tower_info())}
+    tower = model.model.vision_tower if family == "llava" else model.model.visual
+    layers = list(tower.encoder.layers) if family == "llava" else list(tower.blocks)
+    before = [sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in layer.modules()) for layer in layers]
+    seen = []
+
+    def census(module, args):
+        now = [sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in layer.modules()) for layer in layers]
+        seen.append({i for i, (a, b) in enumerate(zip(before, now)) if b > a})
+
+    handle = tower.register_forward_pre_hook(census)
+    first = greedy(model, inputs, max_new_tokens=3)
+    first_sel = [r.indices.tolist() for r in vtc.last_selection(model)]
+    second = greedy(model, inputs, max_new_tokens=3)
+    handle.remove()
+    assert seen and all(layers_hooked == declared for layers_hooked in seen)
+    assert first.tolist() == second.tolist()
+    assert [r.indices.tolist() for r in vtc.last_selection(model)] == first_sel
