@@ -15,7 +15,8 @@ Cost. The greedy keeps a running ``min_dist[N]`` and updates it with one mat-vec
 ``O(N)`` extra memory; the reference recomputes the minimum over all kept rows of a stored ``N x N`` matrix each
 step (``O(N^2)`` memory, ``O(k^2 * N)`` time). The first pick needs every token's nearest neighbour, which is
 inherently ``O(N^2 * D)`` time; it is computed in row blocks of at most ``FIRST_PICK_BLOCK_ELEMENTS`` similarities, so
-the ``N x N`` matrix is never built. Everything is computed in fp32.
+the ``N x N`` matrix is never built for large ``N``; when one block holds every row anyway (``N <= 2048``) it is kept
+and the greedy steps read its rows instead of redoing mat-vecs. Everything is computed in fp32.
 
 Deviations from the reference code (vbdi/divprune @ 799e2d9): the first pick's nearest-neighbour distance excludes
 the token itself explicitly, where the reference takes the 2nd smallest value of its distance column assuming the
@@ -47,18 +48,28 @@ def nearest_neighbour_distance(unit: torch.Tensor, block_elements: int | None = 
     Computed in row blocks of at most ``max(block_elements, N)`` similarities (default
     ``FIRST_PICK_BLOCK_ELEMENTS``), never the whole ``N x N`` matrix.
     """
+    return _nearest_neighbours(unit, block_elements)[0]
+
+
+def _nearest_neighbours(unit: torch.Tensor, block_elements: int | None = None):
+    """Nearest-neighbour distances, plus the similarity block when one block covered every row (else ``None``).
+
+    A small image's whole similarity matrix fits in the one block the first pick needs anyway (<= 16 MiB); keeping
+    it lets every greedy step read a row instead of redoing a mat-vec over all features (2.5x faster at N = 576).
+    """
     if block_elements is None:
         block_elements = FIRST_PICK_BLOCK_ELEMENTS
     n = unit.shape[0]
     rows = max(1, block_elements // max(n, 1))
     best = torch.empty(n, dtype=torch.float32, device=unit.device)
+    sim = None
     for start in range(0, n, rows):
         stop = min(n, start + rows)
         sim = unit[start:stop] @ unit.T  # [rows, N]
         local = torch.arange(stop - start, device=unit.device)
         sim[local, local + start] = -float("inf")  # not its own neighbour
         best[start:stop] = 1.0 - sim.max(dim=1).values
-    return best
+    return best, (sim if rows >= n else None)
 
 
 def divprune_order(features: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -77,18 +88,22 @@ def divprune_order(features: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.
     if k == 0:
         return order, torch.zeros(n, dtype=torch.float32, device=device)
     unit = _normalised(features)
-    nn_dist = nearest_neighbour_distance(unit)
+    nn_dist, similarity = _nearest_neighbours(unit)
+
+    def distance_to(index: torch.Tensor) -> torch.Tensor:  # [N] cosine distance of every token to one token
+        return 1.0 - (similarity[index] if similarity is not None else unit @ unit[index])
+
     first = torch.argmax(nn_dist)
     order[0] = first
     picked_value = torch.empty(k, dtype=torch.float32, device=device)
     picked_value[0] = nn_dist[first]
-    min_dist = 1.0 - unit @ unit[first]  # [N] distance to the kept set
+    min_dist = distance_to(first)  # [N] distance to the kept set
     min_dist[first] = -float("inf")
     for step in range(1, k):
         pick = torch.argmax(min_dist)  # farthest from the kept set, ties to the lowest index
         order[step] = pick
         picked_value[step] = min_dist[pick]
-        min_dist = torch.minimum(min_dist, 1.0 - unit @ unit[pick])
+        min_dist = torch.minimum(min_dist, distance_to(pick))
         min_dist[pick] = -float("inf")
     scores = min_dist.clone()
     scores[order] = picked_value
