@@ -15,9 +15,11 @@ What: one forward of a randomly initialised CLIP-L/14-336 tower (24 layers, 577 
   eager+attn    eager tower (identical weights) with ``output_attentions=True``
 
 Variants are interleaved: after the warm-up rounds each round times every variant once (in a rotating order), and
-the median over rounds is reported. No assertions -- it prints figures (and ``--json`` writes them).
+the median over rounds is reported (min too). On CPU it also reports the share of CPU the process got while timing:
+other work on the machine skews CPU timings badly, so a low share is flagged. No assertions -- it prints figures
+(and ``--json`` writes them).
 
-    python -m vtc.eval.bench_capture [--device cpu] [--dtype float32] [--batch 1] [--repeats 5] [--json out.json]
+    python -m vtc.eval.bench_capture [--device cpu] [--dtype float32] [--batch 1] [--repeats 9] [--json out.json]
 """
 
 from __future__ import annotations
@@ -142,7 +144,7 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     parser.add_argument("--batch", type=int, default=1, help="images per forward (default 1)")
-    parser.add_argument("--repeats", type=int, default=5, help="timed rounds; each times every variant once")
+    parser.add_argument("--repeats", type=int, default=9, help="timed rounds; each times every variant once")
     parser.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", metavar="PATH", help="write the figures as JSON")
