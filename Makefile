@@ -23,9 +23,10 @@ test: $(STAMP)
 	@$(PY) -m pytest -q; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
-## benchmark: signal-capture overhead on a CLIP-L/14-336-shaped tower (prints ratios measured in one run)
+## benchmarks: signal-capture overhead and selection cost vs a CLIP-L/14-336-shaped tower (ratios from one run)
 bench: $(STAMP)
 	$(PY) -m vtc.eval.bench_capture
+	$(PY) -m vtc.eval.bench_selection
 
 list: $(STAMP)
 	$(PY) -m vtc list

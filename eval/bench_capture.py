@@ -34,30 +34,18 @@ import time
 
 import torch
 
+from vtc.eval.benchmarking import NUM_HEADS, NUM_LAYERS, build_clip_l_tower, time_once
+
 TARGET_RATIO = 1.03
-NUM_LAYERS, NUM_HEADS, FEATURE_LAYER = 24, 16, 22
+FEATURE_LAYER = 22  # LLaVA reads hidden_states[-2]: the output of layer 22
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def build_towers(device: str, dtype: torch.dtype, seed: int):
-    from transformers import CLIPVisionConfig, CLIPVisionModel
-
-    config = CLIPVisionConfig(
-        hidden_size=1024,
-        intermediate_size=4096,
-        num_hidden_layers=NUM_LAYERS,
-        num_attention_heads=NUM_HEADS,
-        image_size=336,
-        patch_size=14,
-        hidden_act="quick_gelu",
-    )
-    torch.manual_seed(seed)
-    sdpa = CLIPVisionModel(config).eval()
+    sdpa = build_clip_l_tower("cpu", torch.float32, seed)
     eager = copy.deepcopy(sdpa)
     eager.set_attn_implementation("eager")
-    sdpa = sdpa.to(device=device, dtype=dtype)
-    eager = eager.to(device=device, dtype=dtype)
-    return sdpa, eager
+    return sdpa.to(device=device, dtype=dtype), eager.to(device=device, dtype=dtype)
 
 
 def capture_signals():
@@ -109,21 +97,6 @@ def make_variants(sdpa, eager, pixel_values):
         "eager+attn": "eager, output_attentions=True",
     }
     return variants, descriptions, last_results
-
-
-def sync(device: str):
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def time_once(fn, device: str) -> float:
-    sync(device)
-    start = time.perf_counter()
-    out = fn()
-    sync(device)
-    elapsed = time.perf_counter() - start
-    del out
-    return elapsed * 1e3
 
 
 def sanity(sdpa, eager, pixel_values, last_results) -> str:

@@ -36,28 +36,16 @@ import zlib
 
 import torch
 
+from vtc.eval.benchmarking import NUM_LAYERS, build_clip_l_tower, time_once
+
 TARGET_PERCENT = 2.0
 TARGET_N = 576
-NUM_LAYERS, NUM_HEADS, FEATURE_LAYER = 24, 16, 22
+FEATURE_LAYER = 22  # LLaVA reads hidden_states[-2]: the output of layer 22
 FEATURE_DIM, KEY_DIM = 4096, 64
 
 
 def build_tower(device: str, seed: int):
-    from transformers import CLIPVisionConfig, CLIPVisionModel
-
-    config = CLIPVisionConfig(
-        hidden_size=1024,
-        intermediate_size=4096,
-        num_hidden_layers=NUM_LAYERS,
-        num_attention_heads=NUM_HEADS,
-        image_size=336,
-        patch_size=14,
-        hidden_act="quick_gelu",
-    )
-    torch.manual_seed(seed)
-    model = CLIPVisionModel(config).eval()
-    model.set_attn_implementation("sdpa")
-    return model.to(device=device, dtype=torch.float32)
+    return build_clip_l_tower(device, torch.float32, seed)
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -90,21 +78,6 @@ def make_tokens(compressor, tower_info, grid: tuple[int, int], features: torch.T
             value = torch.softmax(torch.randn(n, generator=generator), dim=0)
         signals[signal] = value.to(device)
     return vtc.VisualTokens(features=features, grid=grid, signals=signals)
-
-
-def sync(device: str):
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def time_once(fn, device: str) -> float:
-    sync(device)
-    start = time.perf_counter()
-    out = fn()
-    sync(device)
-    elapsed = time.perf_counter() - start
-    del out
-    return elapsed * 1e3
 
 
 def main(argv=None) -> int:

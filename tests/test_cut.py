@@ -196,7 +196,8 @@ def test_remove_restores_bit_identical_behaviour(loaded, family):
     vtc.remove(model)  # removing twice is a no-op
 
 
-def test_attention_implementation_untouched(loaded, family):
+@pytest.mark.parametrize("compressor", vtc.list_compressors())
+def test_attention_implementation_untouched(loaded, family, compressor):
     model, processor = loaded
     inputs = make_inputs(processor, family, QUESTIONS[:1], [1])
     greedy(model, inputs, max_new_tokens=2)  # transformers installs its own output-recording hooks lazily
@@ -204,7 +205,7 @@ def test_attention_implementation_untouched(loaded, family):
     before = (model.config._attn_implementation, model.config.vision_config._attn_implementation,
               model.config.text_config._attn_implementation)
     assert before[1] == "sdpa"
-    vtc.apply(model, "cls_attention", budget=4)
+    vtc.apply(model, compressor, budget=4)
     greedy(model, inputs, max_new_tokens=2)
     after = (model.config._attn_implementation, model.config.vision_config._attn_implementation,
              model.config.text_config._attn_implementation)

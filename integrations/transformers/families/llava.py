@@ -13,9 +13,8 @@ mask), which would break attention -- use ``"keep"`` with SDPA/eager only.
 
 from __future__ import annotations
 
-import torch
 
-from vtc.signals import Signal, SignalKind, TowerInfo
+from vtc.signals import Signal, TowerInfo
 
 from ..adapter import EncodedImages, FamilyAdapter, ImageLayout, register_adapter
 from ..capture import ProjectionCapture
