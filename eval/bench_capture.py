@@ -34,7 +34,7 @@ import time
 
 import torch
 
-from vtc.eval.benchmarking import NUM_HEADS, NUM_LAYERS, build_clip_l_tower, time_once
+from vtc.eval.benchmarking import NUM_HEADS, NUM_LAYERS, build_clip_l_tower, report_cpu_share, time_once
 
 TARGET_RATIO = 1.03
 FEATURE_LAYER = 22  # LLaVA reads hidden_states[-2]: the output of layer 22
@@ -176,9 +176,7 @@ def main(argv=None) -> int:
         print(f"  {name:<14} {ratio:.3f}x  {'within' if ratio <= TARGET_RATIO else 'ABOVE'} target")
     print(check)
     if args.device == "cpu":
-        print(f"CPU share while timing: {share:.0%} of {torch.get_num_threads()} threads x wall time")
-        if share < 0.85:
-            print("warning: other processes shared the CPUs while timing; the figures are unreliable -- rerun idle")
+        report_cpu_share(share)
     wall = time.perf_counter() - wall_start
     print(f"total wall time {wall:.1f} s")
 

@@ -36,7 +36,7 @@ import zlib
 
 import torch
 
-from vtc.eval.benchmarking import NUM_LAYERS, build_clip_l_tower, time_once
+from vtc.eval.benchmarking import NUM_LAYERS, build_clip_l_tower, report_cpu_share, time_once
 
 TARGET_PERCENT = 2.0
 TARGET_N = 576
@@ -208,9 +208,7 @@ def main(argv=None) -> int:
         )
     print("note: % tower at N != 576 compares with the same 577-token tower forward (a scaling figure)")
     if device == "cpu":
-        print(f"CPU share while timing: {share:.0%} of {torch.get_num_threads()} threads x wall time")
-        if share < 0.85:
-            print("warning: other processes shared the CPUs while timing; the figures are unreliable -- rerun idle")
+        report_cpu_share(share)
     wall = time.perf_counter() - wall_start
     print(f"total wall time {wall:.1f} s")
 

@@ -44,3 +44,10 @@ def time_once(fn, device: str) -> float:
     elapsed = time.perf_counter() - start
     del out
     return elapsed * 1e3
+
+
+def report_cpu_share(share: float) -> None:
+    """Print how much of the CPUs the timed code got; other processes make CPU timings meaningless."""
+    print(f"CPU share while timing: {share:.0%} of {torch.get_num_threads()} threads x wall time")
+    if share < 0.85:
+        print("warning: other processes shared the CPUs while timing; the figures are unreliable -- rerun idle")
