@@ -74,10 +74,11 @@ class FamilyAdapter:
         positions = attention_mask.long().cumsum(-1) - 1
         return positions.masked_fill(attention_mask == 0, 1)[None]
 
-    def position_ids(self, kept_positions: torch.Tensor, new_mask: torch.Tensor, mode: str) -> torch.Tensor | None:
-        """``position_ids`` for the shrunk prompt; ``None`` lets the model number it contiguously."""
-        if mode == "reindex":
-            return None
+    def position_ids(self, kept_positions: torch.Tensor, new_mask: torch.Tensor) -> torch.Tensor:
+        """``position_ids`` for the shrunk prompt from the kept tokens' original positions ``[R, B, L']``.
+
+        Only called when positions are kept; with ``positions="reindex"`` the model numbers the prompt itself.
+        """
         return kept_positions[0]
 
     def shrink_output(self, encoded: EncodedImages, kept_features: list[torch.Tensor], selections) -> Any:

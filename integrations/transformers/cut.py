@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from vtc.budget import Budget, resolve_budget
+from vtc.budget import Budget
 from vtc.compressor import Compressor, VisualTokens, run_compressor
 from vtc.selection import ImageSelection, Selection
 
@@ -74,7 +74,7 @@ def select_images(state: CutState, encoded: EncodedImages, image_rows: list[int]
                 batch_index=image_rows[i],
                 num_tokens=tokens.num_tokens,
                 grid=layout.grid,
-                budget=resolve_budget(state.budget, tokens.num_tokens),
+                budget=selection.num_kept,  # run_compressor checked it equals the resolved budget
                 selection=_detached(selection),
                 compressor=state.compressor.name,
                 num_prefix_tokens=layout.num_prefix_tokens,
@@ -181,7 +181,7 @@ def shrink(state: CutState, inputs: dict, with_labels: bool) -> ShrunkInputs:
     if labels is not None:
         out["labels"] = repack(labels, -100)
     if positions is not None:
-        out["position_ids"] = adapter.position_ids(repack(positions, 1), new_mask, "keep")
+        out["position_ids"] = adapter.position_ids(repack(positions, 1), new_mask)
     mm_outputs = {"image": adapter.shrink_output(encoded, kept_features, records)}
     mm_outputs.update(encoded.extra_outputs)
     out["mm_encoder_outputs"] = mm_outputs

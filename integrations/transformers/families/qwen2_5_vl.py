@@ -107,6 +107,6 @@ class Qwen2_5_VLAdapter(FamilyAdapter):
         )
         return positions  # [3, B, L]
 
-    def position_ids(self, kept_positions: torch.Tensor, new_mask: torch.Tensor, mode: str) -> torch.Tensor:
+    def position_ids(self, kept_positions: torch.Tensor, new_mask: torch.Tensor) -> torch.Tensor:
         text_row = (new_mask.long().cumsum(-1) - 1).masked_fill(new_mask == 0, 1)
         return torch.cat([text_row[None].to(kept_positions.device), kept_positions], dim=0)  # [4, B, L']
