@@ -10,7 +10,12 @@ from vtc.integrations.transformers import tiny
 FAMILIES = tiny.FAMILIES
 
 # image sizes per family: Qwen images differ in size so multi-image prompts mix token counts and windows
-IMAGE_SIZES = {"llava": [(48, 48), (48, 48)], "qwen2_5_vl": [(96, 96), (64, 48)]}
+IMAGE_SIZES = {
+    "llava": [(48, 48), (48, 48)],
+    "qwen2_5_vl": [(96, 96), (64, 48)],
+    "qwen2_vl": [(96, 96), (64, 48)],
+    "qwen3_vl": [(96, 64), (64, 48)],  # (width, height): 8x12 and 6x8 patch grids, resampled from Qwen3's 8x8
+}
 
 
 @pytest.fixture(scope="session")
@@ -56,3 +61,18 @@ def make_inputs(processor, family: str, questions: list[str], images_per_prompt:
 def greedy(model, inputs, max_new_tokens: int = 6):
     with torch.no_grad():
         return model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+
+
+def reduce_by_hand(level: torch.Tensor, selection, merge: str = "mean") -> torch.Tensor:
+    """A selection applied to one image's rows of another feature set: kept rows, or each group merged by hand."""
+    if selection.features is None:
+        return level[selection.indices]
+    merged = []
+    for index, group in zip(selection.indices.tolist(), selection.groups):
+        if merge == "mean":
+            merged.append(level[group].float().mean(dim=0))
+        else:  # visionzip "target_plus_mean": the target (the slot's own token) plus the mean of the other members
+            others = group[group != index]
+            target = level[index].float()
+            merged.append(target + level[others].float().mean(dim=0) if others.numel() else target)
+    return torch.stack(merged).to(level.dtype)

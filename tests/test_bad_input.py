@@ -10,6 +10,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import vtc
 from conftest import make_inputs
+from vtc.integrations.transformers.tiny import QWEN_FAMILIES
 
 
 @pytest.mark.parametrize("budget, error", [(0, ValueError), (-5, ValueError), (math.nan, ValueError), (1.5, ValueError),
@@ -47,12 +48,52 @@ def test_unsupported_model_names_supported_families():
         vtc.apply(model, "cls_attention", budget=8)
 
 
-def test_position_mode_not_available_for_qwen(tiny_dirs):
+@pytest.mark.parametrize("family", QWEN_FAMILIES)
+def test_position_mode_not_available_for_qwen(tiny_dirs, family):
     from vtc.integrations.transformers import tiny
 
-    model, _ = tiny.load_tiny(tiny_dirs["qwen2_5_vl"])
-    with pytest.raises(ValueError, match="positions='reindex' is not available for qwen2_5_vl"):
+    model, _ = tiny.load_tiny(tiny_dirs[family])
+    with pytest.raises(ValueError, match=f"positions='reindex' is not available for {family}"):
         vtc.apply(model, "cls_attention", budget=8, positions="reindex")
+
+
+def _drop_last_patches(inputs):
+    inputs["pixel_values"] = inputs["pixel_values"][:-4]
+
+
+def _llava_style_pixels(inputs):
+    inputs["pixel_values"] = torch.zeros(1, 3, 48, 48)
+
+
+def _other_patch_size(inputs):
+    inputs["pixel_values"] = inputs["pixel_values"][:, :-3]
+
+
+def _odd_grid(inputs):
+    grid = inputs["image_grid_thw"].clone()
+    grid[0, 1:] = torch.tensor([int(grid[0, 1] * grid[0, 2]) // 3, 3])  # same patch count, width 3
+    inputs["image_grid_thw"] = grid
+
+
+@pytest.mark.parametrize("family", QWEN_FAMILIES)
+@pytest.mark.parametrize("spoil, message", [
+    (lambda inputs: inputs.pop("image_grid_thw"), "needs image_grid_thw next to pixel_values"),
+    (_llava_style_pixels, "expects pixel_values as flattened patches"),
+    (_drop_last_patches, "image_grid_thw describes .* patches but pixel_values has .* rows"),
+    (_other_patch_size, "pixel_values rows have .* values but this .* tower takes patches of"),
+    (_odd_grid, "not divisible by the spatial merge size"),
+], ids=["no-grid", "4d-pixels", "patch-count", "patch-width", "odd-grid"])
+def test_bad_qwen_vision_inputs_are_named(tiny_dirs, family, spoil, message):
+    from vtc.integrations.transformers import tiny
+
+    model, processor = tiny.load_tiny(tiny_dirs[family])
+    inputs = make_inputs(processor, family, ["what is the color ?"], [1])
+    spoil(inputs)
+    vtc.apply(model, "visionzip", budget=4)
+    with pytest.raises(ValueError, match=message):
+        model.generate(**inputs, max_new_tokens=1)
+    with pytest.raises(ValueError, match=message):
+        model(**inputs)
 
 
 def test_placeholder_mismatch_is_reported(loaded, family):

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import importlib
+
+import pytest
 import torch
 from transformers import AttentionInterface
-from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import eager_attention_forward
 
 from conftest import make_inputs
 from vtc import Signal, SignalKind
 from vtc.integrations.transformers import tiny
 from vtc.integrations.transformers.adapter import adapter_for
+from vtc.integrations.transformers.tiny import QWEN_FAMILIES
 
 
 def test_clip_signals_equal_eager_attentions(tiny_dirs):
@@ -38,40 +41,61 @@ def test_clip_signals_equal_eager_attentions(tiny_dirs):
             assert per_image[Signal(SignalKind.KEYS, layer)].shape == (36, 16)
 
 
-def test_qwen_signals_equal_recorded_eager_attention(tiny_dirs):
+@pytest.mark.parametrize("family", QWEN_FAMILIES)
+def test_qwen_signals_equal_recorded_eager_attention(tiny_dirs, family):
     """Qwen ViT attention modules return no weights even when eager, so a recording attention function stands in."""
     recorded: list[torch.Tensor] = []
+    recorded_keys: list[torch.Tensor] = []
+    model, processor = tiny.load_tiny(tiny_dirs[family])
+    adapter = adapter_for(model)
+    eager_attention_forward = importlib.import_module(adapter.modeling_module).eager_attention_forward
 
     def recording(module, query, key, value, attention_mask, **kwargs):
         output, weights = eager_attention_forward(module, query, key, value, attention_mask, **kwargs)
         if getattr(module, "_vtc_test_record", False):
             recorded.append(weights.detach()[0])  # [H, n, n] for one cu_seqlens chunk
+            recorded_keys.append(key.detach()[0])  # [H, n, d] post-RoPE keys of the chunk
         return output, weights
 
-    AttentionInterface.register("vtc_test_recording", recording)
-    model, processor = tiny.load_tiny(tiny_dirs["qwen2_5_vl"])
-    reference, _ = tiny.load_tiny(tiny_dirs["qwen2_5_vl"])
-    reference.set_attn_implementation({"vision_config": "vtc_test_recording"})
-    inputs = make_inputs(processor, "qwen2_5_vl", ["what is the color ?"], [2])  # 96x96 + 64x48 images
-    adapter = adapter_for(model)
+    AttentionInterface.register(f"vtc_test_recording_{family}", recording)
+    reference, _ = tiny.load_tiny(tiny_dirs[family])
+    reference.set_attn_implementation({"vision_config": f"vtc_test_recording_{family}"})
+    inputs = make_inputs(processor, family, ["what is the color ?"], [2])  # two images of different sizes
     visual = reference.model.visual
-    window_layer, full_layer = 0, visual.fullatt_block_indexes[-1]
-    signals = (Signal(SignalKind.RECEIVED_ATTENTION, window_layer), Signal(SignalKind.RECEIVED_ATTENTION, full_layer))
+    windowed = family == "qwen2_5_vl"
+    # Qwen2.5-VL: a windowed block and the last full one; Qwen2-VL / Qwen3-VL attend globally in every block
+    first_layer, last_layer = 0, (visual.fullatt_block_indexes[-1] if windowed else len(visual.blocks) - 1)
+    signals = (Signal(SignalKind.RECEIVED_ATTENTION, first_layer), Signal(SignalKind.RECEIVED_ATTENTION, last_layer),
+               Signal(SignalKind.KEYS, last_layer))
     with torch.no_grad():
         encoded = adapter.encode(dict(inputs), signals)
-        window_index = adapter._window_index(inputs["image_grid_thw"])
-        restore = torch.argsort(window_index)
+        grid = inputs["image_grid_thw"]
+        restore = torch.argsort(adapter._window_index(grid)) if windowed else None
+        assert (adapter._restore_order(grid) is None) == (not windowed)
         sizes = [f.shape[0] for f in encoded.features]
-        for layer in (window_layer, full_layer):
+        for layer in (first_layer, last_layer):
             recorded.clear()
+            recorded_keys.clear()
             visual.blocks[layer].attn._vtc_test_record = True
             reference.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])
             visual.blocks[layer].attn._vtc_test_record = False
             chunks = [w.double().mean(dim=(0, 1)) for w in recorded]  # per chunk: column mean over queries, heads
-            assert len(chunks) > len(sizes) if layer == window_layer else len(chunks) == len(sizes)
-            per_patch = torch.cat(chunks)  # window-permuted ViT order
-            per_token = per_patch.reshape(-1, 4).mean(dim=1)[restore]
+            if windowed and layer == first_layer:
+                assert len(chunks) > len(sizes)  # several windows per image
+            else:
+                assert len(chunks) == len(sizes)  # one span per image
+            per_patch = torch.cat(chunks)  # the ViT's own (for Qwen2.5-VL window-permuted) patch order
+            per_token = per_patch.reshape(-1, 4).mean(dim=1)
+            per_token = per_token[restore] if restore is not None else per_token
             for i, expected in enumerate(torch.split(per_token, sizes)):
                 got = encoded.signals[i][Signal(SignalKind.RECEIVED_ATTENTION, layer)]
                 assert torch.allclose(got.double(), expected, atol=1e-5)
+            if layer == last_layer:  # head-mean keys, averaged per merge unit, in merged-token order
+                keys = torch.cat([k.double().mean(dim=0) for k in recorded_keys])
+                keys = keys.reshape(-1, 4, keys.shape[-1]).mean(dim=1)
+                keys = keys[restore] if restore is not None else keys
+                for i, expected in enumerate(torch.split(keys, sizes)):
+                    got = encoded.signals[i][Signal(SignalKind.KEYS, layer)]
+                    assert got.shape == (sizes[i], visual.blocks[layer].attn.head_dim)
+                    assert torch.allclose(got.double(), expected, atol=1e-5)
     assert model.config.vision_config._attn_implementation == "sdpa"

@@ -1,4 +1,4 @@
-"""Equality tests of the encoder -> LLM cut on tiny real-class models (LLaVA-1.5, Qwen2.5-VL)."""
+"""Equality tests of the encoder -> LLM cut on tiny real-class models (LLaVA-1.5, Qwen2-VL, Qwen2.5-VL, Qwen3-VL)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 import vtc
-from conftest import greedy, make_inputs
+from conftest import greedy, make_inputs, reduce_by_hand
+from vtc.integrations.transformers.tiny import QWEN_FAMILIES
 
 QUESTIONS = ["what is the color ?", "how many red circle are there in the image ?"]
 
@@ -28,6 +29,9 @@ def hand_built(model, inputs, family: str, positions: str = "reindex"):
         full = model.model.get_image_features(**{k: v for k, v in inputs.items() if k in enc_keys}, return_dict=True)
     feats = [f[r.indices] if r.selection.features is None else r.selection.features
              for f, r in zip(full.pooler_output, records)]
+    for f, r in zip(full.pooler_output, records):  # the built-in merges (pool, visionzip) are group means
+        if r.selection.features is not None:
+            assert torch.allclose(reduce_by_hand(f, r.selection), r.selection.features, atol=1e-5)
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
     is_img = ids == image_token_id(model)
     keep = torch.ones_like(ids, dtype=torch.bool)
@@ -39,16 +43,27 @@ def hand_built(model, inputs, family: str, positions: str = "reindex"):
         offset += r.num_tokens
     assert ids.shape[0] == 1, "hand-built reference is for one prompt"
     short = {"input_ids": ids[:, keep[0]], "attention_mask": mask[:, keep[0]]}
-    if family == "qwen2_5_vl":
+    if family in QWEN_FAMILIES:
         pos, _ = model.model.get_rope_index(ids, mm_token_type_ids=inputs["mm_token_type_ids"],
-                                            image_grid_thw=inputs["image_grid_thw"], attention_mask=mask)
+                                            image_grid_thw=inputs["image_grid_thw"], attention_mask=mask,
+                                            video_grid_thw=inputs.get("video_grid_thw"),
+                                            second_per_grid_ts=inputs.get("second_per_grid_ts"))
         mrope = pos[:, :, keep[0]]
         text = torch.arange(mrope.shape[-1])[None, None]
         short["position_ids"] = torch.cat([text, mrope], dim=0)
         short["mm_token_type_ids"] = inputs["mm_token_type_ids"][:, keep[0]]
     elif positions == "keep":
         short["position_ids"] = torch.arange(ids.shape[1])[None, keep[0]]
-    short["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=tuple(feats))}
+    image = BaseModelOutputWithPooling(pooler_output=tuple(feats))
+    if family == "qwen3_vl":  # every deepstack level gets the image's selection too
+        deepstack = [tuple(reduce_by_hand(f, r.selection) for f, r in zip(level, records))
+                     for level in full.deepstack_features]
+        image = type(full)(pooler_output=tuple(feats), deepstack_features=deepstack)
+    short["mm_encoder_outputs"] = {"image": image}
+    if inputs.get("pixel_values_videos") is not None:  # videos pass through untouched
+        with torch.no_grad():
+            short["mm_encoder_outputs"]["video"] = model.model.get_video_features(
+                inputs["pixel_values_videos"], inputs["video_grid_thw"], return_dict=True)
     return short, int(keep.sum())
 
 
@@ -140,6 +155,41 @@ def test_multi_image_prompt_each_image_gets_its_budget(loaded, family, compresso
     assert [r.budget for r in records] == [round(r.num_tokens * 0.25) for r in records]
     assert [r.num_kept for r in records] == [r.budget for r in records]
     assert out.shape[1] == inputs["input_ids"].shape[1] + 3
+
+
+@pytest.mark.parametrize("family_name", QWEN_FAMILIES)
+@pytest.mark.parametrize("compressor", ["fastervlm", "pool", "visionzip"])
+def test_qwen_video_in_the_same_call_passes_through(tiny_dirs, family_name, compressor):
+    """An image and a video in one prompt: the image is compressed, the video reaches the LLM untouched."""
+    import numpy as np
+
+    from vtc.integrations.transformers import tiny
+
+    model, processor = tiny.load_tiny(tiny_dirs[family_name])
+    content = [{"type": "image"}, {"type": "video"}, {"type": "text", "text": QUESTIONS[0]}]
+    text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
+                                         tokenize=False)
+    video = np.random.RandomState(7).randint(0, 256, size=(4, 48, 64, 3), dtype=np.uint8)
+    inputs = processor(text=[text], images=[tiny.random_image(96, 64, seed=0)], videos=[video], return_tensors="pt")
+    video_id = model.config.video_token_id
+    num_video = int((inputs["input_ids"] == video_id).sum())
+    assert num_video > 0
+    baseline = greedy(model, inputs)
+    vtc.apply(model, compressor, budget=1.0)
+    assert greedy(model, inputs).tolist() == baseline.tolist()
+
+    vtc.apply(model, compressor, budget=4)
+    seen = []
+    hook = model.model.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs["input_ids"].clone()), with_kwargs=True
+    )
+    out = greedy(model, inputs)
+    hook.remove()
+    assert int((seen[0] == image_token_id(model)).sum()) == 4 and int((seen[0] == video_id).sum()) == num_video
+    short, short_len = hand_built(model, inputs, family_name)
+    vtc.remove(model)
+    length = inputs["input_ids"].shape[1]
+    assert out[:, length:].tolist() == greedy(model, short)[:, short_len:].tolist()
 
 
 def test_text_only_prompt_passes_through(loaded, family):

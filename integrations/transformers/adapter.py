@@ -32,6 +32,11 @@ class EncodedImages:
     signals: list[dict[Signal, torch.Tensor]]  # per image, laid out like its features
     extra_outputs: dict[str, Any] = field(default_factory=dict)  # other modalities encoded untouched (video)
     position_inputs: dict[str, Any] = field(default_factory=dict)  # what the position computation needs
+    #: per image: further feature sets laid out like its features that the LLM also reads at the image's
+    #: placeholder positions (Qwen3-VL deepstack levels); each gets the same selection as ``features``
+    levels: list[list[torch.Tensor]] = field(default_factory=list)
+    #: filled by the cut: per image, ``levels`` with the selection applied (what ``shrink_output`` hands on)
+    kept_levels: list[list[torch.Tensor]] = field(default_factory=list)
 
 
 class FamilyAdapter:
@@ -130,6 +135,6 @@ _LOADED = False
 def _load_builtin_adapters() -> None:
     global _LOADED
     if not _LOADED:
-        from .families import llava, qwen2_5_vl  # noqa: F401  (registration side effect)
+        from .families import llava, qwen2_5_vl, qwen2_vl, qwen3_vl  # noqa: F401  (registration side effect)
 
         _LOADED = True

@@ -4,15 +4,17 @@ Per call with images: (1) ask the compressor which signals it needs, (2) run the
 ``get_image_features`` with hooks on exactly those layers, (3) select per image, (4) drop the unkept placeholder
 tokens from ``input_ids`` / ``attention_mask`` / ``mm_token_type_ids`` / ``labels`` and re-pack the batch,
 (5) compute positions on the *original* sequence and pass those of the kept tokens, (6) call the original method
-with ``mm_encoder_outputs`` holding only the kept (or merged) features. Nothing inside the model is patched: the
-placeholder count, ``get_placeholder_mask`` and ``masked_scatter`` stay consistent by construction, and the KV
-cache, masks and decode positions of ``generate`` simply see a shorter prompt.
+with ``mm_encoder_outputs`` holding only the kept (or merged) features -- and, where a family has extra feature
+levels read at the image positions (Qwen3-VL deepstack), the same selection of every level. Nothing inside the
+model is patched: the placeholder count, ``get_placeholder_mask`` and ``masked_scatter`` stay consistent by
+construction, and the KV cache, masks and decode positions of ``generate`` simply see a shorter prompt.
 
 Calls without ``pixel_values`` (text-only prompts, and generate's own inner forward calls) pass straight through.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass, field
 from typing import Any
@@ -56,9 +58,37 @@ def _embed_query(model, input_ids: torch.Tensor, mask: torch.Tensor, image_token
     return out
 
 
+def reduce_level(compressor: Compressor, tokens: VisualTokens, selection: Selection,
+                 level: torch.Tensor) -> torch.Tensor:
+    """``selection`` applied to another feature set of the same tokens (a Qwen3-VL deepstack level, ``[N, D]``).
+
+    Kept tokens take their own rows. Merged tokens get the same merge: the compressor is run again on the level's
+    features with the same signals, query and budget. Every built-in merging compressor (pool, visionzip) forms
+    its groups from the grid and the captured signals only, so the re-run reproduces the groups and merges the
+    level's rows with the compressor's own rule; a compressor whose groups depend on the features is refused.
+    """
+    if selection.features is None:
+        return level[selection.indices.to(level.device)]
+    again = compressor.select(dataclasses.replace(tokens, features=level), selection.num_kept)
+    same = again.features is not None and torch.equal(again.indices.cpu(), selection.indices.cpu())
+    if same and selection.groups is not None:
+        same = again.groups is not None and all(
+            torch.equal(a.cpu(), b.cpu()) for a, b in zip(again.groups, selection.groups)
+        )
+    if not same:
+        raise RuntimeError(
+            f"compressor {compressor.name!r} merges tokens into groups that depend on the features: run again on "
+            "this model's extra feature levels (Qwen3-VL deepstack features, which must get the same selection) it "
+            "formed different groups, so its merge cannot be applied to every level; on this model use a pruning "
+            "compressor, or a merging one whose groups come from the grid or the captured signals only"
+        )
+    return again.features.to(level.dtype)
+
+
 def select_images(state: CutState, encoded: EncodedImages, image_rows: list[int], queries) -> list[ImageSelection]:
-    """Run the compressor on every image of the call (step 3)."""
+    """Run the compressor on every image of the call (step 3); apply each selection to the image's extra levels."""
     records = []
+    encoded.kept_levels = []
     for i, (feats, layout, signals) in enumerate(zip(encoded.features, encoded.layouts, encoded.signals)):
         tokens = VisualTokens(
             features=feats,
@@ -68,6 +98,8 @@ def select_images(state: CutState, encoded: EncodedImages, image_rows: list[int]
             num_prefix_tokens=layout.num_prefix_tokens,
         )
         selection = run_compressor(state.compressor, tokens, state.budget)
+        levels = encoded.levels[i] if encoded.levels else []
+        encoded.kept_levels.append([reduce_level(state.compressor, tokens, selection, level) for level in levels])
         records.append(
             ImageSelection(
                 image_index=i,

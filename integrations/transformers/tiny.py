@@ -1,19 +1,21 @@
-"""Tiny, fully offline LLaVA and Qwen2.5-VL checkpoints for tests.
+"""Tiny, fully offline LLaVA, Qwen2-VL, Qwen2.5-VL and Qwen3-VL checkpoints for tests.
 
 No model hub is reachable, so everything here (tokenizer, chat template, image
 processors, configs, random weights) is built in code. Models are small enough
 that one is built in tens of milliseconds on CPU, yet they keep the parts that
 token compression touches: a real vision-token grid (LLaVA: 6x6 patches;
-Qwen2.5-VL: windowed and full-attention vision blocks, 2x2 patch merging,
-M-RoPE), left padding, and multi-image prompts. ``save_tiny``/``load_tiny``
+Qwen2-VL: full-attention vision blocks, 2x2 patch merging, M-RoPE;
+Qwen2.5-VL: windowed and full-attention vision blocks; Qwen3-VL: interpolated
+learned position embeddings, interleaved M-RoPE and two deepstack levels),
+left padding, and multi-image prompts. ``save_tiny``/``load_tiny``
 produce an on-disk checkpoint that ``AutoModelForImageTextToText`` and
 ``AutoProcessor`` (and so lmms-eval's HF wrappers) can load like a real one.
 
 Image tokens per image (see ``build_tiny``):
 
 * LLaVA: every image is resized/cropped to 48x48 -> 36 tokens (6x6 grid).
-* Qwen2.5-VL: sides are rounded to multiples of 16 (patch 8 x merge 2), pixel
-  count bounded to [16*16, 128*128]; tokens = (H/16)*(W/16).
+* Qwen2-VL, Qwen2.5-VL, Qwen3-VL: sides are rounded to multiples of 16 (patch
+  8 x merge 2), pixel count bounded to [16*16, 128*128]; tokens = (H/16)*(W/16).
   64x48 -> 12, 96x64 -> 24, 96x96 -> 36, 128x128 -> 64.
 """
 
@@ -29,6 +31,7 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
 __all__ = [
     "FAMILIES",
+    "QWEN_FAMILIES",
     "build_tokenizer",
     "build_tiny",
     "save_tiny",
@@ -37,7 +40,8 @@ __all__ = [
     "build_prompt",
 ]
 
-FAMILIES = ("llava", "qwen2_5_vl")
+FAMILIES = ("llava", "qwen2_5_vl", "qwen2_vl", "qwen3_vl")
+QWEN_FAMILIES = ("qwen2_5_vl", "qwen2_vl", "qwen3_vl")
 
 # Base (non-special) vocabulary: prompt words, short answers, role names,
 # digits and punctuation. Anything else maps to <unk>, which is fine for tests.
@@ -54,17 +58,15 @@ _WORDS = tuple(
 _DIGITS = tuple(str(i) for i in range(21))
 _PUNCT = tuple(".,:;!?'\"()[]{}-_/*+=<>|#@&%$")
 _BASE_SPECIALS = ("<pad>", "<unk>", "<s>", "</s>")
-_FAMILY_SPECIALS = {
-    "llava": ("<image>",),
-    "qwen2_5_vl": (
-        "<|vision_start|>",
-        "<|vision_end|>",
-        "<|image_pad|>",
-        "<|video_pad|>",
-        "<|im_start|>",
-        "<|im_end|>",
-    ),
-}
+_QWEN_SPECIALS = (
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+    "<|im_start|>",
+    "<|im_end|>",
+)
+_FAMILY_SPECIALS = {"llava": ("<image>",), **{family: _QWEN_SPECIALS for family in QWEN_FAMILIES}}
 
 # Minimal chat templates. They accept both the list-of-items content that
 # lmms-eval's chat wrappers send and plain string content.
@@ -100,7 +102,7 @@ _QWEN_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
-_TEMPLATES = {"llava": _LLAVA_TEMPLATE, "qwen2_5_vl": _QWEN_TEMPLATE}
+_TEMPLATES = {"llava": _LLAVA_TEMPLATE, **{family: _QWEN_TEMPLATE for family in QWEN_FAMILIES}}
 
 # Sizes chosen so that a vision grid exists to prune and (for Qwen) window
 # attention splits larger images into several windows.
@@ -198,30 +200,59 @@ def _build_llava(tok):
     return model, processor
 
 
-def _build_qwen2_5_vl(tok):
-    from transformers import (
-        Qwen2_5_VLConfig,
-        Qwen2_5_VLForConditionalGeneration,
-        Qwen2_5_VLProcessor,
-        Qwen2VLImageProcessor,
-        Qwen2VLVideoProcessor,
+def _qwen_text_config(tok, **overrides) -> dict:
+    # mrope_section must sum to head_dim / 2 = 64 / 4 / 2 = 8.
+    rope = {"rope_type": "default", "rope_theta": 1e4, "mrope_section": [4, 2, 2]}
+    rope.update(overrides.pop("rope_parameters", {}))
+    config = dict(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=128,
+        vocab_size=len(tok),
+        rope_parameters=rope,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
+    config.update(overrides)
+    return config
+
+
+def _qwen_token_ids(tok) -> dict:
+    ids = tok.convert_tokens_to_ids
+    return dict(
+        image_token_id=ids("<|image_pad|>"),
+        video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"),
+        vision_end_token_id=ids("<|vision_end|>"),
     )
 
-    ids = tok.convert_tokens_to_ids
+
+def _qwen_processor(processor_cls, tok, video_processor_cls=None):
+    from transformers import Qwen2VLImageProcessor, Qwen2VLVideoProcessor
+
+    # size = pixel-count bounds: shortest_edge = min_pixels, longest_edge = max_pixels.
+    common = dict(
+        patch_size=_PATCH,
+        merge_size=2,
+        temporal_patch_size=2,
+        size={"shortest_edge": _QWEN_MIN_PIXELS, "longest_edge": _QWEN_MAX_PIXELS},
+    )
+    return processor_cls(
+        image_processor=Qwen2VLImageProcessor(**common),
+        tokenizer=tok,
+        video_processor=(video_processor_cls or Qwen2VLVideoProcessor)(**common),
+        chat_template=_QWEN_TEMPLATE,
+    )
+
+
+def _build_qwen2_5_vl(tok):
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
+
     config = Qwen2_5_VLConfig(
-        text_config=dict(
-            hidden_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            intermediate_size=128,
-            vocab_size=len(tok),
-            # mrope_section must sum to head_dim / 2 = 64 / 4 / 2 = 8.
-            rope_parameters={"rope_type": "default", "rope_theta": 1e4, "mrope_section": [4, 2, 2]},
-            pad_token_id=tok.pad_token_id,
-            bos_token_id=tok.bos_token_id,
-            eos_token_id=tok.eos_token_id,
-        ),
+        text_config=_qwen_text_config(tok),
         vision_config=dict(
             depth=4,
             hidden_size=32,
@@ -235,26 +266,70 @@ def _build_qwen2_5_vl(tok):
             window_size=32,
             fullatt_block_indexes=[1, 3],
         ),
-        image_token_id=ids("<|image_pad|>"),
-        video_token_id=ids("<|video_pad|>"),
-        vision_start_token_id=ids("<|vision_start|>"),
-        vision_end_token_id=ids("<|vision_end|>"),
+        **_qwen_token_ids(tok),
     )
-    model = Qwen2_5_VLForConditionalGeneration(config)
-    # size = pixel-count bounds: shortest_edge = min_pixels, longest_edge = max_pixels.
-    common = dict(
-        patch_size=_PATCH,
-        merge_size=2,
-        temporal_patch_size=2,
-        size={"shortest_edge": _QWEN_MIN_PIXELS, "longest_edge": _QWEN_MAX_PIXELS},
+    return Qwen2_5_VLForConditionalGeneration(config), _qwen_processor(Qwen2_5_VLProcessor, tok)
+
+
+def _build_qwen2_vl(tok):
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor
+
+    config = Qwen2VLConfig(
+        text_config=_qwen_text_config(tok),
+        # Qwen2-VL names the ViT width embed_dim; its hidden_size is the merger output (= the LLM width).
+        vision_config=dict(
+            depth=3,
+            embed_dim=32,
+            hidden_size=64,
+            mlp_ratio=2,
+            num_heads=2,
+            patch_size=_PATCH,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+        ),
+        **_qwen_token_ids(tok),
     )
-    processor = Qwen2_5_VLProcessor(
-        image_processor=Qwen2VLImageProcessor(**common),
-        tokenizer=tok,
-        video_processor=Qwen2VLVideoProcessor(**common),
-        chat_template=_QWEN_TEMPLATE,
+    return Qwen2VLForConditionalGeneration(config), _qwen_processor(Qwen2VLProcessor, tok)
+
+
+def _build_qwen3_vl(tok):
+    from transformers import (
+        Qwen3VLConfig,
+        Qwen3VLForConditionalGeneration,
+        Qwen3VLProcessor,
+        Qwen3VLVideoProcessor,
     )
-    return model, processor
+
+    config = Qwen3VLConfig(
+        # 3 LLM layers: the 2 deepstack levels are added after layers 0 and 1.
+        text_config=_qwen_text_config(
+            tok, num_hidden_layers=3, head_dim=16, rope_parameters={"mrope_interleaved": True}
+        ),
+        vision_config=dict(
+            depth=4,
+            hidden_size=32,
+            intermediate_size=64,
+            num_heads=2,
+            out_hidden_size=64,
+            patch_size=_PATCH,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            # an 8x8 learned grid, bilinearly resampled to each image's patch grid
+            num_position_embeddings=64,
+            deepstack_visual_indexes=[1, 2],
+        ),
+        **_qwen_token_ids(tok),
+    )
+    processor = _qwen_processor(Qwen3VLProcessor, tok, video_processor_cls=Qwen3VLVideoProcessor)
+    return Qwen3VLForConditionalGeneration(config), processor
+
+
+_BUILDERS = {
+    "llava": _build_llava,
+    "qwen2_5_vl": _build_qwen2_5_vl,
+    "qwen2_vl": _build_qwen2_vl,
+    "qwen3_vl": _build_qwen3_vl,
+}
 
 
 def build_tiny(family: str, seed: int = 0):
@@ -267,10 +342,7 @@ def build_tiny(family: str, seed: int = 0):
     _check_family(family)
     tok = build_tokenizer(family)
     torch.manual_seed(seed)
-    if family == "llava":
-        model, processor = _build_llava(tok)
-    else:
-        model, processor = _build_qwen2_5_vl(tok)
+    model, processor = _BUILDERS[family](tok)
     gen = model.generation_config
     gen.pad_token_id = tok.pad_token_id
     gen.eos_token_id = tok.eos_token_id

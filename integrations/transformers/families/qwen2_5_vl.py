@@ -10,9 +10,15 @@ row 0, the text row transformers uses for masks, is renumbered contiguously. The
 partial grid has no M-RoPE numbering of its own.
 
 Videos in the same call are encoded with the model's own ``get_video_features`` and passed through untouched.
+
+``QwenVLAdapter`` holds what Qwen2-VL (``qwen2_vl.py``), Qwen2.5-VL and Qwen3-VL (``qwen3_vl.py``) share; a family
+names its classes and tower, and Qwen2.5-VL adds the window permutation.
 """
 
 from __future__ import annotations
+
+import importlib
+from typing import ClassVar
 
 import torch
 
@@ -24,46 +30,75 @@ from ..capture import QwenBlockCapture
 VIDEO_KEYS = ("pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
 
 
-@register_adapter
-class Qwen2_5_VLAdapter(FamilyAdapter):
-    family = "qwen2_5_vl"
+class QwenVLAdapter(FamilyAdapter):
+    """Common code of the Qwen-VL adapters (not registered itself)."""
+
     position_modes = ("keep",)
-
-    @classmethod
-    def model_classes(cls):
-        from transformers import Qwen2_5_VLForConditionalGeneration
-
-        return (Qwen2_5_VLForConditionalGeneration,)
+    #: the family's name in error messages, e.g. "Qwen2.5-VL"
+    display_name: ClassVar[str] = "Qwen-VL"
+    #: ``TowerInfo.name`` of its ViT
+    tower_name: ClassVar[str] = "qwen_vit"
+    #: the transformers module holding the family's ``apply_rotary_pos_emb_vision``
+    modeling_module: ClassVar[str] = ""
 
     @property
     def visual(self):
         return self.model.model.visual
 
+    def full_attention_layers(self) -> tuple[int, ...] | None:
+        """Blocks attending over whole images; ``None`` when every block does (no window attention)."""
+        return None
+
     def tower_info(self, inputs: dict | None = None) -> TowerInfo:
         depth = len(self.visual.blocks)
-        full = tuple(int(i) for i in (self.visual.fullatt_block_indexes or ()))
-        return TowerInfo(name="qwen2_5_vit", num_layers=depth, feature_layer=depth - 1, has_cls=False,
-                         full_attention_layers=full)
+        return TowerInfo(name=self.tower_name, num_layers=depth, feature_layer=depth - 1, has_cls=False,
+                         full_attention_layers=self.full_attention_layers())
 
     def _rotary(self):
-        from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb_vision
+        return importlib.import_module(self.modeling_module).apply_rotary_pos_emb_vision
 
-        return apply_rotary_pos_emb_vision
+    def _restore_order(self, grid_thw: torch.Tensor) -> torch.Tensor | None:
+        """Permutation from the ViT's merge-unit order to merged-token raster order (``None``: already in order)."""
+        return None
 
-    def _window_index(self, grid_thw: torch.Tensor) -> torch.Tensor:
-        from transformers.vision_utils import get_vision_window_index
-
-        window_index, _ = get_vision_window_index(
-            grid_thw, spatial_merge_size=self.visual.spatial_merge_size, window_size=self.visual.window_size,
-            patch_size=self.visual.patch_size,
-        )
-        return window_index
+    def _check_inputs(self, pixel_values, grid_thw) -> None:
+        name = self.display_name
+        if grid_thw is None:
+            raise ValueError(f"{name} needs image_grid_thw next to pixel_values (the processor returns both)")
+        if not isinstance(pixel_values, torch.Tensor) or pixel_values.dim() != 2:
+            shape = tuple(pixel_values.shape) if isinstance(pixel_values, torch.Tensor) else type(pixel_values).__name__
+            raise ValueError(
+                f"{name} expects pixel_values as flattened patches [num_patches, C*T*P*P] (what its processor "
+                f"returns), got {shape}; build inputs with the model's own processor"
+            )
+        if not isinstance(grid_thw, torch.Tensor) or grid_thw.dim() != 2 or grid_thw.shape[-1] != 3:
+            shape = tuple(grid_thw.shape) if isinstance(grid_thw, torch.Tensor) else type(grid_thw).__name__
+            raise ValueError(f"image_grid_thw must be a [num_images, 3] tensor (t, h, w in patches), got {shape}")
+        cfg = self.visual.config
+        width = cfg.in_channels * cfg.temporal_patch_size * cfg.patch_size**2
+        if pixel_values.shape[1] != width:
+            raise ValueError(
+                f"pixel_values rows have {pixel_values.shape[1]} values but this {name} tower takes patches of "
+                f"{cfg.in_channels}x{cfg.temporal_patch_size}x{cfg.patch_size}x{cfg.patch_size} = {width}; use the "
+                "processor saved with this model (patch_size / temporal_patch_size must match the model)"
+            )
+        merge = self.visual.spatial_merge_size
+        patches = int(grid_thw.prod(-1).sum())
+        if patches != pixel_values.shape[0]:
+            raise ValueError(
+                f"image_grid_thw describes {patches} patches but pixel_values has {pixel_values.shape[0]} rows; "
+                "pass the pixel_values and image_grid_thw of the same processor call"
+            )
+        if bool(((grid_thw[:, 1:] % merge) != 0).any()):
+            raise ValueError(
+                f"image_grid_thw {grid_thw.tolist()} has sides not divisible by the spatial merge size {merge}; "
+                "build inputs with the model's own processor (it rounds image sides to patch * merge)"
+            )
 
     def encode(self, inputs: dict, signals: tuple[Signal, ...]) -> EncodedImages:
         enc_kwargs = self.encoder_kwargs(inputs)
         grid_thw = enc_kwargs.get("image_grid_thw")
-        if grid_thw is None:
-            raise ValueError("Qwen2.5-VL needs image_grid_thw next to pixel_values (the processor returns both)")
+        self._check_inputs(enc_kwargs.get("pixel_values"), grid_thw)
         capture = QwenBlockCapture(self.visual.blocks, signals, self._rotary())
         with capture:
             output = self.model.model.get_image_features(**enc_kwargs, return_dict=True)
@@ -73,11 +108,13 @@ class Qwen2_5_VLAdapter(FamilyAdapter):
         layouts = [ImageLayout(grid=(int(t) * int(h) // merge, int(w) // merge)) for t, h, w in grid_thw.tolist()]
         per_image: list[dict] = [{} for _ in features]
         if capture.results:
-            restore = torch.argsort(self._window_index(grid_thw).to(grid_thw.device))
+            restore = self._restore_order(grid_thw)
             sizes = [f.shape[0] for f in features]
             for signal, value in capture.results.items():
                 merged = value.reshape(value.shape[0] // unit, unit, *value.shape[1:]).mean(dim=1)
-                for i, part in enumerate(torch.split(merged[restore.to(merged.device)], sizes)):
+                if restore is not None:
+                    merged = merged[restore.to(merged.device)]
+                for i, part in enumerate(torch.split(merged, sizes)):
                     per_image[i][signal] = part
             capture.results.clear()
         extra, position_inputs = {}, {"image_grid_thw": grid_thw}
@@ -110,3 +147,32 @@ class Qwen2_5_VLAdapter(FamilyAdapter):
     def position_ids(self, kept_positions: torch.Tensor, new_mask: torch.Tensor) -> torch.Tensor:
         text_row = (new_mask.long().cumsum(-1) - 1).masked_fill(new_mask == 0, 1)
         return torch.cat([text_row[None].to(kept_positions.device), kept_positions], dim=0)  # [4, B, L']
+
+
+@register_adapter
+class Qwen2_5_VLAdapter(QwenVLAdapter):
+    family = "qwen2_5_vl"
+    display_name = "Qwen2.5-VL"
+    tower_name = "qwen2_5_vit"
+    modeling_module = "transformers.models.qwen2_5_vl.modeling_qwen2_5_vl"
+
+    @classmethod
+    def model_classes(cls):
+        from transformers import Qwen2_5_VLForConditionalGeneration
+
+        return (Qwen2_5_VLForConditionalGeneration,)
+
+    def full_attention_layers(self) -> tuple[int, ...]:
+        return tuple(int(i) for i in (self.visual.fullatt_block_indexes or ()))
+
+    def _window_index(self, grid_thw: torch.Tensor) -> torch.Tensor:
+        from transformers.vision_utils import get_vision_window_index
+
+        window_index, _ = get_vision_window_index(
+            grid_thw, spatial_merge_size=self.visual.spatial_merge_size, window_size=self.visual.window_size,
+            patch_size=self.visual.patch_size,
+        )
+        return window_index
+
+    def _restore_order(self, grid_thw: torch.Tensor) -> torch.Tensor:
+        return torch.argsort(self._window_index(grid_thw).to(grid_thw.device))

@@ -1,0 +1,55 @@
+"""Qwen3-VL (``Qwen3VLForConditionalGeneration``): Qwen2-VL-style ViT plus DeepStack.
+
+The tower adds learned position embeddings (bilinearly resampled to each image's patch grid) to the patch
+embeddings and otherwise runs full-attention blocks like Qwen2-VL (one ``cu_seqlens`` span per image, no window
+permutation), so capture, layout and positions are those of ``QwenVLAdapter`` (``qwen2_5_vl.py``): one LLM token per
+2x2 merge unit in raster order, received attention instead of CLS attention, kept tokens keep their original
+(interleaved) M-RoPE ``(t, h, w)`` ids.
+
+DeepStack: ``get_image_features`` also returns ``deepstack_features``, one ``[N_i, D]`` tensor per image for each of
+the ViT layers in ``deepstack_visual_indexes`` (each through its own merger). The LLM adds level ``j`` to the hidden
+states at the image placeholder positions after decoder layer ``j``. Every level therefore gets the selection of
+the main features -- the kept rows, or for merging compressors the same merge (the cut re-runs the compressor on
+each level; see ``cut.reduce_level``) -- so the injected features stay aligned with the kept tokens.
+
+Videos in the same call pass through untouched (with their own deepstack features).
+"""
+
+from __future__ import annotations
+
+from ..adapter import EncodedImages, register_adapter
+from .qwen2_5_vl import QwenVLAdapter
+
+
+@register_adapter
+class Qwen3VLAdapter(QwenVLAdapter):
+    family = "qwen3_vl"
+    display_name = "Qwen3-VL"
+    tower_name = "qwen3_vit"
+    modeling_module = "transformers.models.qwen3_vl.modeling_qwen3_vl"
+
+    @classmethod
+    def model_classes(cls):
+        from transformers import Qwen3VLForConditionalGeneration
+
+        return (Qwen3VLForConditionalGeneration,)
+
+    def encode(self, inputs, signals) -> EncodedImages:
+        encoded = super().encode(inputs, signals)
+        levels = list(getattr(encoded.output, "deepstack_features", None) or [])
+        for j, level in enumerate(levels):
+            sizes = [tuple(f.shape) for f in level]
+            if sizes != [tuple(f.shape) for f in encoded.features]:
+                raise RuntimeError(
+                    f"Qwen3-VL deepstack level {j} has per-image shapes {sizes} but the visual tokens have "
+                    f"{[tuple(f.shape) for f in encoded.features]}; this transformers version lays deepstack "
+                    "features out differently from what the qwen3_vl adapter supports"
+                )
+        # per image: its rows of every deepstack level, in level order
+        encoded.levels = [[level[i] for level in levels] for i in range(len(encoded.features))]
+        return encoded
+
+    def shrink_output(self, encoded: EncodedImages, kept_features, selections):
+        num_levels = len(encoded.levels[0]) if encoded.levels else 0
+        deepstack = [tuple(kept[j] for kept in encoded.kept_levels) for j in range(num_levels)]
+        return type(encoded.output)(pooler_output=tuple(kept_features), deepstack_features=deepstack)
