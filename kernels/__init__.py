@@ -6,6 +6,8 @@ Each op has a plain reference (``*_reference``, materialises the full map) and t
 from .attention_scores import (
     cls_attention_row,
     cls_attention_row_reference,
+    cls_logits_row,
+    cls_logits_row_reference,
     received_attention,
     received_attention_reference,
 )
@@ -13,6 +15,8 @@ from .attention_scores import (
 __all__ = [
     "cls_attention_row",
     "cls_attention_row_reference",
+    "cls_logits_row",
+    "cls_logits_row_reference",
     "received_attention",
     "received_attention_reference",
 ]

@@ -22,6 +22,11 @@ def cls_attention_row(q_cls: torch.Tensor, k: torch.Tensor, scale: float) -> tor
     return logits.softmax(dim=-1).mean(dim=0)
 
 
+def cls_logits_row(q_cls: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+    """Head-mean pre-softmax logits of one query (``q_cls: [H, d]``) over all ``S`` keys -> ``[S]`` (cost H*S*d)."""
+    return (torch.einsum("hd,hsd->hs", q_cls.float(), k.float()) * scale).mean(dim=0)
+
+
 def received_attention(
     q: torch.Tensor, k: torch.Tensor, scale: float, segments: Segments = None, chunk_size: int = 512
 ) -> torch.Tensor:
@@ -47,6 +52,11 @@ def cls_attention_row_reference(q: torch.Tensor, k: torch.Tensor, scale: float) 
     """Full-map reference: ``softmax(q k^T * scale)[:, 0].mean(heads)``."""
     attn = (torch.einsum("hqd,hkd->hqk", q.double(), k.double()) * scale).softmax(dim=-1)
     return attn[:, 0].mean(dim=0).float()
+
+
+def cls_logits_row_reference(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+    """Full-map reference: ``(q k^T * scale)[:, 0].mean(heads)``."""
+    return (torch.einsum("hqd,hkd->hqk", q.double(), k.double()) * scale)[:, 0].mean(dim=0).float()
 
 
 def received_attention_reference(q: torch.Tensor, k: torch.Tensor, scale: float, segments: Segments = None) -> torch.Tensor:

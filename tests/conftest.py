@@ -12,6 +12,12 @@ FAMILIES = tiny.FAMILIES
 # image sizes per family: Qwen images differ in size so multi-image prompts mix token counts and windows
 IMAGE_SIZES = {
     "llava": [(48, 48), (48, 48)],
+    # AnyRes (width, height): NeXT 64x20 -> 1x2 crops with padded rows (3 views, 34 tokens), 48x48 -> 2x2 crops
+    # (5 views, 88 tokens); OneVision 64x40 -> 2x2 crops cut mid-crop by unpadding (5 views, 70 tokens), 128x96 -> 4x4
+    # crops unpadded and downscaled by anyres_max_9 (17 views, 156 tokens). In a multi-image OneVision prompt every
+    # image is its base view plus one newline (17 tokens).
+    "llava_next": [(64, 20), (48, 48)],
+    "llava_onevision": [(64, 40), (128, 96)],
     "qwen2_5_vl": [(96, 96), (64, 48)],
     "qwen2_vl": [(96, 96), (64, 48)],
     "qwen3_vl": [(96, 64), (64, 48)],  # (width, height): 8x12 and 6x8 patch grids, resampled from Qwen3's 8x8
@@ -54,7 +60,9 @@ def make_inputs(processor, family: str, questions: list[str], images_per_prompt:
         images.append(row)
     kwargs = {"text": texts, "return_tensors": "pt", "padding": True}
     if n > first_image:
-        kwargs["images"] = images if len(texts) > 1 else images[0]
+        # OneVision's processor reads a flat list as one image per prompt (batch_num_images all 1); nest it so a
+        # prompt with several images is a multi-image prompt, as the model's chat template would make it
+        kwargs["images"] = images if len(texts) > 1 or family == "llava_onevision" else images[0]
     return processor(**kwargs)
 
 

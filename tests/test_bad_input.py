@@ -9,8 +9,8 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import vtc
-from conftest import make_inputs
-from vtc.integrations.transformers.tiny import QWEN_FAMILIES
+from conftest import greedy, make_inputs
+from vtc.integrations.transformers.tiny import ANYRES_FAMILIES, QWEN_FAMILIES
 
 
 @pytest.mark.parametrize("budget, error", [(0, ValueError), (-5, ValueError), (math.nan, ValueError), (1.5, ValueError),
@@ -44,7 +44,9 @@ def test_unsupported_model_names_supported_families():
     model = LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                                          num_attention_heads=2, vocab_size=32))
     with pytest.raises(TypeError, match="does not support LlamaForCausalLM; supported model classes: llava "
-                                        "\\(LlavaForConditionalGeneration\\), qwen2_5_vl"):
+                                        "\\(LlavaForConditionalGeneration\\), llava_next "
+                                        "\\(LlavaNextForConditionalGeneration\\), llava_onevision "
+                                        "\\(LlavaOnevisionForConditionalGeneration\\), qwen2_5_vl"):
         vtc.apply(model, "cls_attention", budget=8)
 
 
@@ -129,4 +131,119 @@ def test_budget_above_token_count_keeps_all(loaded, family):
     with torch.no_grad():
         model.generate(**make_inputs(processor, family, ["what is the color ?"], [1]), max_new_tokens=1)
     record = vtc.last_selection(model)[0]
-    assert record.num_kept == record.num_tokens == record.budget
+    assert record.num_kept == record.num_tokens and record.num_kept_visual == record.num_visual_tokens == record.budget
+
+
+# ---------------------------------------------------------------------------------------------- odd images
+def _image(width, height, mode="RGB"):
+    from vtc.integrations.transformers import tiny
+
+    return tiny.random_image(width, height, seed=3).convert(mode)
+
+
+ODD_IMAGES = {
+    "1x1": lambda: _image(1, 1),
+    "1x400": lambda: _image(1, 400),  # width x height: very tall (AnyRes: the crop canvas is cut to zero width)
+    "400x1": lambda: _image(400, 1),  # very wide (AnyRes: the crop canvas is cut to zero rows)
+    "grayscale": lambda: _image(48, 40, "L"),
+    "rgba": lambda: _image(48, 40, "RGBA"),
+}
+
+
+@pytest.mark.parametrize("kind", ODD_IMAGES)
+def test_odd_images_work_or_fail_clearly(loaded, family, kind):
+    """Tiny, extremely wide / tall, grayscale and RGBA images: either everything works (keep-all is the unwrapped
+    model, a compressed prompt equals the hand-built one) or the processor refuses the image with a clear message."""
+    from test_cut import hand_built
+
+    from vtc.integrations.transformers import tiny
+
+    model, processor = loaded
+    text = tiny.build_prompt(processor, "what is the color ?", 1)
+    try:
+        inputs = processor(text=[text], images=[ODD_IMAGES[kind]()], return_tensors="pt")
+    except ValueError as error:  # Qwen's processor caps the aspect ratio, before vtc is involved
+        assert family in QWEN_FAMILIES and kind in ("1x400", "400x1"), error
+        assert "aspect ratio must be smaller than 200" in str(error)
+        return
+    baseline = greedy(model, inputs)
+    vtc.apply(model, "fastervlm", budget=1.0)
+    assert greedy(model, inputs).tolist() == baseline.tolist()
+    vtc.apply(model, "hiprune", budget=3)
+    out = greedy(model, inputs)
+    record = vtc.last_selection(model)[0]
+    assert record.num_kept_visual == record.budget == min(3, record.num_visual_tokens)
+    short, short_len = hand_built(model, inputs, family)
+    vtc.remove(model)
+    assert out[:, inputs["input_ids"].shape[1]:].tolist() == greedy(model, short)[:, short_len:].tolist()
+
+
+@pytest.mark.parametrize("family_name", ANYRES_FAMILIES)
+def test_budget_below_the_number_of_views_works(tiny_dirs, family_name):
+    from vtc.integrations.transformers import tiny
+
+    model, processor = tiny.load_tiny(tiny_dirs[family_name])
+    inputs = make_inputs(processor, family_name, ["what is the color ?"], [1], first_image=1)
+    for allocation in ("even", "hired", "globalcom2"):
+        vtc.apply(model, "visionzip", budget=1, allocation=allocation)
+        model.generate(**inputs, max_new_tokens=1)
+        record = vtc.last_selection(model)[0]
+        assert len(record.view_budgets) > 1 and sum(record.view_budgets) == record.num_kept_visual == 1
+
+
+# ---------------------------------------------------------------------------------------------- AnyRes inputs
+def _no_image_sizes(family, inputs):
+    inputs.pop("image_sizes")
+
+
+def _small_views(family, inputs):
+    inputs["pixel_values"] = inputs["pixel_values"][..., :16, :16]
+
+
+def _sizes_of_another_image(family, inputs):
+    inputs["image_sizes"] = torch.tensor([[400, 400]])  # a square image: 2x2 crops, more views than were made
+
+
+def _stacked_views(family, inputs):
+    inputs["pixel_values"] = inputs["pixel_values"][0, :2]  # [views, 3, H, W] missing views
+
+
+def _bad_image_sizes(family, inputs):
+    inputs["image_sizes"] = torch.tensor([[0, 64]])
+
+
+def _other_strategy(family, inputs):
+    inputs["vision_feature_select_strategy"] = "full" if family == "llava_next" else "default"
+
+
+@pytest.mark.parametrize("family_name", ANYRES_FAMILIES)
+@pytest.mark.parametrize("spoil, message", [
+    (_no_image_sizes, "needs image_sizes next to pixel_values"),
+    (_small_views, "views must be 3x32x32"),
+    (_sizes_of_another_image, "does not hold the views of the 1 images in image_sizes"),
+    (_stacked_views, "pixel_values stacks 2 views but image_sizes implies"),
+    (_bad_image_sizes, "are not image sizes"),
+    (_other_strategy, "vision_feature_select_strategy="),
+], ids=["no-sizes", "view-size", "other-sizes", "stacked", "zero-size", "strategy"])
+def test_bad_anyres_inputs_are_named(tiny_dirs, family_name, spoil, message):
+    from vtc.integrations.transformers import tiny
+
+    model, processor = tiny.load_tiny(tiny_dirs[family_name])
+    inputs = make_inputs(processor, family_name, ["what is the color ?"], [1])
+    spoil(family_name, inputs)
+    vtc.apply(model, "fastervlm", budget=4)
+    with pytest.raises(ValueError, match=message):
+        model.generate(**inputs, max_new_tokens=1)
+    with pytest.raises(ValueError, match=message):
+        model(**inputs)
+
+
+def test_onevision_batch_num_images_must_count_the_images(tiny_dirs):
+    from vtc.integrations.transformers import tiny
+
+    model, processor = tiny.load_tiny(tiny_dirs["llava_onevision"])
+    inputs = make_inputs(processor, "llava_onevision", ["what is the color ?"], [1])
+    inputs["batch_num_images"] = torch.tensor([2])
+    vtc.apply(model, "fastervlm", budget=4)
+    with pytest.raises(ValueError, match="batch_num_images \\[2\\] counts 2 images but image_sizes has 1"):
+        model.generate(**inputs, max_new_tokens=1)

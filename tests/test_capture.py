@@ -99,3 +99,74 @@ def test_qwen_signals_equal_recorded_eager_attention(tiny_dirs, family):
                     assert got.shape == (sizes[i], visual.blocks[layer].attn.head_dim)
                     assert torch.allclose(got.double(), expected, atol=1e-5)
     assert model.config.vision_config._attn_implementation == "sdpa"
+
+
+def _pack_views(model, family, per_view: torch.Tensor, image_size) -> torch.Tensor:
+    """transformers' own packing of per-view values ``[views, s*s, D]`` (a NaN newline marks the layout's newlines)."""
+    newline = torch.full((per_view.shape[-1],), float("nan"))
+    sizes = torch.as_tensor([list(image_size)])
+    if family == "llava_next":
+        packed, _ = model.model.pack_image_features([per_view], sizes, "default", image_newline=newline)
+    else:
+        packed, _ = model.model.pack_image_features([per_view], sizes, image_newline=newline,
+                                                    vision_aspect_ratio=model.config.vision_aspect_ratio)
+    return packed[0]
+
+
+@pytest.mark.parametrize("family", ["llava_next", "llava_onevision"])
+@pytest.mark.parametrize("images_per_prompt", [[1, 1], [2]])
+def test_anyres_signals_equal_eager_attentions(tiny_dirs, family, images_per_prompt):
+    """Per-view signals of LLaVA-NeXT (CLIP) / OneVision (SigLIP) equal the eager attention maps of every view, laid
+    out by transformers' own ``pack_image_features`` (tiling, unpadding, OneVision's downscale) and read back at each
+    view's packed indices. CLS logits are checked against q/k recomputed from the eager hidden states."""
+    model, processor = tiny.load_tiny(tiny_dirs[family])
+    eager, _ = tiny.load_tiny(tiny_dirs[family])
+    eager.set_attn_implementation({"vision_config": "eager"})
+    inputs = make_inputs(processor, family, ["what is the color ?"] * len(images_per_prompt), images_per_prompt)
+    adapter = adapter_for(model)
+    has_cls = adapter.has_cls()
+    kinds = (SignalKind.RECEIVED_ATTENTION, SignalKind.KEYS) + (
+        (SignalKind.CLS_ATTENTION, SignalKind.CLS_LOGITS) if has_cls else ())
+    layers = range(len(adapter.layers))
+    signals = tuple(Signal(kind, layer) for layer in layers for kind in kinds)
+    with torch.no_grad():
+        encoded = adapter.encode(dict(inputs), signals)
+        sizes = inputs["image_sizes"].tolist()
+        crops = adapter._needs_crops(dict(inputs), len(sizes))
+        views = [adapter.num_views(size, c) for size, c in zip(sizes, crops)]
+        pixels = torch.cat([p[:n] for p, n in zip(inputs["pixel_values"], views)])
+        out = eager.model.vision_tower(pixels, output_attentions=True, output_hidden_states=True)
+    assert model.config.vision_config._attn_implementation == "sdpa"
+    assert [layout.packed.num_views for layout in encoded.layouts] == views
+    if images_per_prompt == [2]:  # OneVision encodes every image of a multi-image prompt as its base view only
+        assert all(layout.packed.base_newline == (family == "llava_onevision") for layout in encoded.layouts)
+    drop = 1 if has_cls else 0
+    heads = adapter.vision.config.num_attention_heads
+    for layer in layers:
+        attn = out.attentions[layer].double()  # [T, H, S, S]
+        expected = {
+            SignalKind.RECEIVED_ATTENTION: attn.mean(dim=(1, 2))[:, drop:, None],
+        }
+        block = eager.model.vision_tower.encoder.layers[layer]
+        normed = block.layer_norm1(out.hidden_states[layer])
+        keys = block.self_attn.k_proj(normed).double()
+        t, s, _ = keys.shape
+        keys = keys.view(t, s, heads, -1).transpose(1, 2)  # [T, H, S, d]
+        expected[SignalKind.KEYS] = keys.mean(dim=1)[:, drop:]
+        if has_cls:
+            expected[SignalKind.CLS_ATTENTION] = attn[:, :, 0, 1:].mean(dim=1)[..., None]
+            query = block.self_attn.q_proj(normed).double().view(t, s, heads, -1).transpose(1, 2)
+            logits = torch.einsum("thd,thsd->ths", query[:, :, 0], keys) * keys.shape[-1] ** -0.5
+            assert torch.allclose(logits.softmax(-1).mean(1), attn[:, :, 0].mean(1), atol=1e-6)  # the reference
+            expected[SignalKind.CLS_LOGITS] = logits.mean(dim=1)[:, 1:, None]
+        offset = 0
+        for i, n in enumerate(views):
+            layout = encoded.layouts[i].packed
+            for kind, value in expected.items():
+                packed = _pack_views(model, family, value[offset:offset + n].float(), sizes[i])
+                assert packed.shape[0] == layout.num_tokens
+                for view in range(layout.num_views):
+                    got = encoded.views[i][view][Signal(kind, layer)]
+                    want = packed[layout.view_indices(view)]
+                    assert torch.allclose(got.double().reshape(want.shape), want.double(), atol=1e-5), (kind, view)
+            offset += n

@@ -1,4 +1,9 @@
-"""Equality tests of the encoder -> LLM cut on tiny real-class models (LLaVA-1.5, Qwen2-VL, Qwen2.5-VL, Qwen3-VL)."""
+"""Equality tests of the encoder -> LLM cut on tiny real-class models (LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision,
+Qwen2-VL, Qwen2.5-VL, Qwen3-VL).
+
+Budgets count visual tokens: on the AnyRes families the LLM also receives the newline tokens of the kept rows, so
+the helpers compare ``num_kept_visual`` with the budget and ``num_kept`` (newlines included) with what the LLM sees.
+"""
 
 from __future__ import annotations
 
@@ -8,13 +13,20 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 import vtc
 from conftest import greedy, make_inputs, reduce_by_hand
-from vtc.integrations.transformers.tiny import QWEN_FAMILIES
+from vtc.integrations.transformers.adapter import adapter_for
+from vtc.integrations.transformers.cut import declared_signals
+from vtc.integrations.transformers.tiny import LLAVA_FAMILIES, QWEN_FAMILIES
 
 QUESTIONS = ["what is the color ?", "how many red circle are there in the image ?"]
 
 
 def image_token_id(model) -> int:
     return int(model.config.image_token_id)
+
+
+def prompt_ids(args, kwargs) -> torch.Tensor:
+    """``input_ids`` of a call to ``model.model`` (LLaVA-NeXT passes it positionally)."""
+    return (kwargs["input_ids"] if "input_ids" in kwargs else args[0]).clone()
 
 
 def hook_census(model) -> list[tuple[str, int, int]]:
@@ -24,7 +36,7 @@ def hook_census(model) -> list[tuple[str, int, int]]:
 def hand_built(model, inputs, family: str, positions: str = "reindex"):
     """The shortened prompt built by hand from the recorded selection: the reference the cut must equal."""
     records = vtc.last_selection(model)
-    enc_keys = {"pixel_values", "image_grid_thw", "image_sizes"}
+    enc_keys = {"pixel_values", "image_grid_thw", "image_sizes", "batch_num_images"}
     with torch.no_grad():
         full = model.model.get_image_features(**{k: v for k, v in inputs.items() if k in enc_keys}, return_dict=True)
     feats = [f[r.indices] if r.selection.features is None else r.selection.features
@@ -61,9 +73,11 @@ def hand_built(model, inputs, family: str, positions: str = "reindex"):
         image = type(full)(pooler_output=tuple(feats), deepstack_features=deepstack)
     short["mm_encoder_outputs"] = {"image": image}
     if inputs.get("pixel_values_videos") is not None:  # videos pass through untouched
+        video_args = [inputs["pixel_values_videos"]]
+        if inputs.get("video_grid_thw") is not None:  # Qwen; OneVision's videos are fixed-size frames
+            video_args.append(inputs["video_grid_thw"])
         with torch.no_grad():
-            short["mm_encoder_outputs"]["video"] = model.model.get_video_features(
-                inputs["pixel_values_videos"], inputs["video_grid_thw"], return_dict=True)
+            short["mm_encoder_outputs"]["video"] = model.model.get_video_features(*video_args, return_dict=True)
     return short, int(keep.sum())
 
 
@@ -91,14 +105,15 @@ def test_compressed_generate_equals_hand_built_prompt(loaded, family, compressor
     assert out[:, length:].tolist() == reference[:, short_len:].tolist()
 
 
-def test_llava_keep_positions_equal_hand_built(tiny_dirs):
+@pytest.mark.parametrize("family_name", LLAVA_FAMILIES)
+def test_llava_keep_positions_equal_hand_built(tiny_dirs, family_name):
     from vtc.integrations.transformers import tiny
 
-    model, processor = tiny.load_tiny(tiny_dirs["llava"])
-    inputs = make_inputs(processor, "llava", QUESTIONS[:1], [1])
+    model, processor = tiny.load_tiny(tiny_dirs[family_name])
+    inputs = make_inputs(processor, family_name, QUESTIONS[:1], [1])
     vtc.apply(model, "fastervlm", budget=4, positions="keep")
     out = greedy(model, inputs)
-    short, short_len = hand_built(model, inputs, "llava", positions="keep")
+    short, short_len = hand_built(model, inputs, family_name, positions="keep")
     reindexed = dict(short)
     reindexed.pop("position_ids")
     vtc.remove(model)
@@ -132,16 +147,21 @@ def test_llm_receives_exactly_the_budget(loaded, family):
     inputs = make_inputs(processor, family, QUESTIONS, [1, 1])
     seen = []
     hook = model.model.register_forward_pre_hook(
-        lambda module, args, kwargs: seen.append(kwargs["input_ids"].clone()), with_kwargs=True
+        lambda module, args, kwargs: seen.append(prompt_ids(args, kwargs)), with_kwargs=True
     )
     vtc.apply(model, "cls_attention", budget=7)
     greedy(model, inputs, max_new_tokens=3)
     hook.remove()
+    records = vtc.last_selection(model)
+    assert [r.budget for r in records] == [7, 7] and [r.num_kept_visual for r in records] == [7, 7]
+    # AnyRes: plus the newlines of the kept rows (none on single-view families)
+    expected = [sum(r.num_kept for r in records if r.batch_index == row) for row in range(2)]
+    assert expected == [7 + sum(r.num_kept_newlines for r in records if r.batch_index == row) for row in range(2)]
     prefill = seen[0]
     per_row = (prefill == image_token_id(model)).sum(dim=1).tolist()
-    assert per_row == [7, 7]
+    assert per_row == expected
     original_text = (inputs["input_ids"] != image_token_id(model)).sum(dim=1)
-    assert prefill.shape[1] == int((original_text + 7).max())
+    assert prefill.shape[1] == int((original_text + torch.tensor(expected)).max())
 
 
 @pytest.mark.parametrize("compressor", vtc.list_compressors())
@@ -152,8 +172,9 @@ def test_multi_image_prompt_each_image_gets_its_budget(loaded, family, compresso
     out = greedy(model, inputs, max_new_tokens=3)
     records = vtc.last_selection(model)
     assert [r.batch_index for r in records] == [0, 0, 1]
-    assert [r.budget for r in records] == [round(r.num_tokens * 0.25) for r in records]
-    assert [r.num_kept for r in records] == [r.budget for r in records]
+    assert [r.budget for r in records] == [round(r.num_visual_tokens * 0.25) for r in records]
+    assert [r.num_kept_visual for r in records] == [r.budget for r in records]
+    assert [r.num_kept - r.num_kept_visual for r in records] == [r.num_kept_newlines for r in records]
     assert out.shape[1] == inputs["input_ids"].shape[1] + 3
 
 
@@ -181,7 +202,7 @@ def test_qwen_video_in_the_same_call_passes_through(tiny_dirs, family_name, comp
     vtc.apply(model, compressor, budget=4)
     seen = []
     hook = model.model.register_forward_pre_hook(
-        lambda module, args, kwargs: seen.append(kwargs["input_ids"].clone()), with_kwargs=True
+        lambda module, args, kwargs: seen.append(prompt_ids(args, kwargs)), with_kwargs=True
     )
     out = greedy(model, inputs)
     hook.remove()
@@ -210,7 +231,7 @@ def test_forward_path_equals_hand_built_and_shrinks_labels(loaded, family, compr
     with torch.no_grad():
         out = model(**inputs, labels=labels)
     short, short_len = hand_built(model, inputs, family)
-    short.pop("mm_token_type_ids", None) if family == "llava" else None
+    short.pop("mm_token_type_ids", None) if family in LLAVA_FAMILIES else None
     keep_labels = short["input_ids"].masked_fill(short["input_ids"] == image_token_id(model), -100)
     vtc.remove(model)
     with torch.no_grad():
@@ -270,7 +291,7 @@ def test_apply_twice_replaces_configuration(loaded, family):
     vtc.apply(model, "random", budget=6, seed=1)
     assert model.generate.__wrapped__ == original_generate
     greedy(model, make_inputs(processor, family, QUESTIONS[:1], [1]), max_new_tokens=2)
-    assert [r.num_kept for r in vtc.last_selection(model)] == [6]
+    assert [r.num_kept_visual for r in vtc.last_selection(model)] == [6]
     assert vtc.last_selection(model)[0].compressor == "random"
 
 
@@ -292,7 +313,7 @@ def test_positional_input_ids_and_beam_search(loaded, family):
         out = model.generate(ids, **inputs, max_new_tokens=3, do_sample=False, num_beams=2, num_return_sequences=2)
     assert out.shape[0] == 4
     assert out[:, : ids.shape[1]].tolist() == ids.repeat_interleave(2, dim=0).tolist()
-    assert [r.num_kept for r in vtc.last_selection(model)] == [4, 4]
+    assert [r.num_kept_visual for r in vtc.last_selection(model)] == [4, 4]
 
 
 @pytest.mark.parametrize("compressor", vtc.list_compressors())
@@ -305,9 +326,9 @@ def test_hooks_only_on_the_declared_layers_and_selection_is_deterministic(loaded
     greedy(model, inputs, max_new_tokens=1)  # let transformers install its own lazy hooks first
     vtc.apply(model, compressor, budget=5)
     state = get_state(model)
-    declared = {signal.layer for signal in state.compressor.signals(state.adapter.tower_info())}
-    tower = model.model.vision_tower if family == "llava" else model.model.visual
-    layers = list(tower.encoder.layers) if family == "llava" else list(tower.blocks)
+    declared = {signal.layer for signal in declared_signals(state, state.adapter.tower_info())}
+    tower = model.model.vision_tower if family in LLAVA_FAMILIES else model.model.visual
+    layers = list(adapter_for(model).layers) if family in LLAVA_FAMILIES else list(tower.blocks)
     before = [sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in layer.modules()) for layer in layers]
     seen = []
 

@@ -5,6 +5,8 @@ from hypothesis import strategies as st
 from vtc.kernels import (
     cls_attention_row,
     cls_attention_row_reference,
+    cls_logits_row,
+    cls_logits_row_reference,
     received_attention,
     received_attention_reference,
 )
@@ -18,6 +20,7 @@ def test_scores_match_full_map_reference(heads, seq, dim, seed, chunk, cuts):
     q, k = torch.randn(heads, seq, dim, generator=g) * 2, torch.randn(heads, seq, dim, generator=g) * 2
     scale = dim ** -0.5
     assert torch.allclose(cls_attention_row(q[:, 0], k, scale), cls_attention_row_reference(q, k, scale), atol=1e-6)
+    assert torch.allclose(cls_logits_row(q[:, 0], k, scale), cls_logits_row_reference(q, k, scale), atol=1e-5)
     bounds = sorted({0, seq, *[c for c in cuts if c < seq]})
     segments = list(zip(bounds[:-1], bounds[1:]))
     fast = received_attention(q, k, scale, segments, chunk_size=chunk)

@@ -11,6 +11,7 @@ The core (this package) is pure tensor code; model knowledge lives in ``vtc.inte
 
 from __future__ import annotations
 
+from . import allocation, layout  # noqa: F401  (vtc.allocation.HiRED(...), vtc.layout.PackedLayout)
 from . import compressors as _builtin_compressors  # noqa: F401  (registers the built-in compressors)
 from .budget import Budget, parse_budget, resolve_budget, validate_budget
 from .compressor import (
@@ -34,8 +35,10 @@ def apply(model, compressor="cls_attention", budget: Budget = 64, **options):
 
     ``compressor`` is a registry name (see ``list_compressors()``) or a ``Compressor`` instance; ``budget`` is an
     int (tokens kept per image) or a float in (0, 1] (fraction kept). Integration options (e.g.
-    ``positions="keep"``) and compressor options (e.g. ``start_layer=16``) are passed as keywords. Applying to an
-    already wrapped model replaces its configuration (it never stacks two wrappers).
+    ``positions="keep"``; for AnyRes models ``allocation="hired"``, see ``vtc.allocation``) and compressor options
+    (e.g. ``start_layer=16``) are passed as keywords. Applying to an already wrapped model replaces its configuration
+    (it never stacks two wrappers). On LLaVA-NeXT / OneVision the budget counts an image's visual tokens over all
+    its views; newline tokens are layout, kept with their rows (``vtc.layout``).
     """
     from .integrations.transformers import apply as _apply
 
@@ -54,6 +57,16 @@ def last_selection(model) -> list[ImageSelection]:
     from .integrations.transformers import last_selection as _last
 
     return _last(model)
+
+
+def load_default(path=None, *, dtype=None):
+    """``(model, processor)`` of the embedded default model: a small LLaVA trained on synthetic shapes (no download).
+
+    ``path`` loads a folder written by ``python -m vtc.eval.train_default`` instead.
+    """
+    from .integrations.transformers.default import load_default as _load_default
+
+    return _load_default(path, dtype=dtype)
 
 
 def is_applied(model) -> bool:
@@ -77,6 +90,7 @@ __all__ = [
     "is_applied",
     "last_selection",
     "list_compressors",
+    "load_default",
     "parse_budget",
     "register",
     "remove",

@@ -9,6 +9,7 @@ these). Indices are sorted and unique, so the LLM always sees visual tokens in t
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -60,6 +61,12 @@ class ImageSelection:
     compressor: str = ""
     num_prefix_tokens: int = 0  # tokens before the grid (indices count them; the grid starts after them)
     extra: dict = field(default_factory=dict)
+    #: AnyRes images (LLaVA-NeXT / OneVision): the packed layout (``vtc.layout.PackedLayout``) the indices refer to;
+    #: ``grid`` is then the base view's grid, ``num_tokens`` counts the newlines too and ``budget`` does not
+    layout: Any = None
+    #: AnyRes images: visual tokens allotted to each view of ``layout`` (they sum to ``budget``)
+    view_budgets: tuple[int, ...] | None = None
+    allocation: str = ""  # the allocation strategy that split ``budget`` over the views ("" for single-view images)
 
     @property
     def indices(self) -> torch.Tensor:
@@ -71,4 +78,27 @@ class ImageSelection:
 
     @property
     def num_kept(self) -> int:
+        """Tokens the LLM receives for this image (kept newlines included)."""
         return self.selection.num_kept
+
+    @property
+    def num_newlines(self) -> int:
+        """Newline tokens among the image's ``num_tokens`` (0 unless the image has a packed AnyRes layout)."""
+        return 0 if self.layout is None else int(self.layout.num_newlines)
+
+    @property
+    def num_visual_tokens(self) -> int:
+        """Tokens the budget is taken from: ``num_tokens`` without newlines."""
+        return self.num_tokens - self.num_newlines
+
+    @property
+    def num_kept_newlines(self) -> int:
+        if self.layout is None:
+            return 0
+        is_newline = self.layout.is_newline()
+        return int(is_newline[self.indices.cpu()].sum())
+
+    @property
+    def num_kept_visual(self) -> int:
+        """Visual tokens kept (newlines excluded); equals ``budget``."""
+        return self.num_kept - self.num_kept_newlines

@@ -20,6 +20,9 @@ class SignalKind(str, enum.Enum):
     RECEIVED_ATTENTION = "received_attention"
     #: head-mean key vectors of one layer (VisionZip's merge metric). Shape ``[N, head_dim]``.
     KEYS = "keys"
+    #: head-mean *pre-softmax* scaled logits ``q_cls . k / sqrt(d)`` of the CLS query to every token, at one layer
+    #: (GlobalCom²'s score). Shape ``[N]``. Only towers with a CLS token; others fall back to received attention.
+    CLS_LOGITS = "cls_logits"
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ untouched and the model is bit-identical to before. Hooks exist only during a wr
 
 from __future__ import annotations
 
+from vtc.allocation import create_allocation
 from vtc.budget import Budget, validate_budget
 from vtc.compressor import create_compressor
 from vtc.selection import ImageSelection
@@ -15,11 +16,16 @@ from .adapter import FamilyAdapter, adapter_for, supported_families
 from .cut import CutState, wrap_forward, wrap_generate
 
 _STATE_ATTR = "_vtc_state"
-_INTEGRATION_OPTIONS = ("positions",)
+_INTEGRATION_OPTIONS = ("positions", "allocation")
 
 
 def apply(model, compressor="cls_attention", budget: Budget = 64, **options):
-    """Wrap ``model`` in place; see ``vtc.apply``. Re-applying replaces the previous configuration."""
+    """Wrap ``model`` in place; see ``vtc.apply``. Re-applying replaces the previous configuration.
+
+    Integration options: ``positions`` (the family's position policy) and, for AnyRes families (LLaVA-NeXT,
+    LLaVA-OneVision), ``allocation`` -- how an image's budget is split over its views: ``"even"`` (default),
+    ``"hired"``, ``"globalcom2"`` or a ``vtc.allocation.Allocation`` instance (see ``vtc.allocation``).
+    """
     budget = validate_budget(budget)
     adapter = adapter_for(model)
     positions = options.pop("positions", None) or adapter.position_modes[0]
@@ -27,9 +33,17 @@ def apply(model, compressor="cls_attention", budget: Budget = 64, **options):
         raise ValueError(
             f"positions={positions!r} is not available for {adapter.family}; choose one of {adapter.position_modes}"
         )
+    allocation = create_allocation(options.pop("allocation", None))
+    if allocation.name != "even" and not adapter.multi_view:
+        raise ValueError(
+            f"allocation={allocation.name!r} splits the budget of an AnyRes image over its views (base + crops), "
+            f"but {adapter.family} images have a single view; use it with LLaVA-NeXT / LLaVA-OneVision, or leave "
+            "allocation unset"
+        )
     compressor_obj = create_compressor(compressor, **options)
-    # fail now, not at the first generate, when the compressor cannot run on this tower
+    # fail now, not at the first generate, when the compressor (or the allocation) cannot run on this tower
     compressor_obj.signals(adapter.tower_info())
+    allocation.signals(adapter.tower_info())
     if is_applied(model):
         remove(model)
     state = CutState(
@@ -39,6 +53,7 @@ def apply(model, compressor="cls_attention", budget: Budget = 64, **options):
         positions=positions,
         original_generate=model.generate,
         original_forward=model.forward,
+        allocation=allocation,
     )
     setattr(model, _STATE_ATTR, state)
     model.generate = wrap_generate(state)

@@ -13,13 +13,17 @@ from typing import Any, ClassVar
 
 import torch
 
+from vtc.layout import PackedLayout
 from vtc.signals import Signal, TowerInfo
 
 
 @dataclass
 class ImageLayout:
-    grid: tuple[int, int]  # (rows, cols) of the spatial grid of this image's visual tokens
+    grid: tuple[int, int]  # (rows, cols) of the spatial grid of this image's visual tokens (AnyRes: the base view)
     num_prefix_tokens: int = 0  # tokens before the grid (e.g. CLS under LLaVA's "full" strategy)
+    #: AnyRes images (LLaVA-NeXT / OneVision): the packed base + crops + newlines layout; the image's features are
+    #: then that packed sequence and its signals come per view (``EncodedImages.views``)
+    packed: PackedLayout | None = None
 
 
 @dataclass
@@ -37,6 +41,9 @@ class EncodedImages:
     levels: list[list[torch.Tensor]] = field(default_factory=list)
     #: filled by the cut: per image, ``levels`` with the selection applied (what ``shrink_output`` hands on)
     kept_levels: list[list[torch.Tensor]] = field(default_factory=list)
+    #: per image: for an AnyRes image (``layouts[i].packed`` set) its signals per view, each laid out like the view's
+    #: visible grid (``PackedLayout.view_grid``); ``None`` for single-view images (their signals are in ``signals``)
+    views: list[list[dict[Signal, torch.Tensor]] | None] = field(default_factory=list)
 
 
 class FamilyAdapter:
@@ -46,6 +53,12 @@ class FamilyAdapter:
     family: ClassVar[str] = ""
     #: position policies this family supports; the first is the default
     position_modes: ClassVar[tuple[str, ...]] = ("reindex", "keep")
+    #: whether images can have several views (AnyRes base + crops), so that ``allocation`` strategies apply
+    multi_view: ClassVar[bool] = False
+    #: input keys the cut drops once the images (and other modalities) are encoded, besides ``encoder_kwargs``
+    consumed_keys: ClassVar[tuple[str, ...]] = (
+        "pixel_values_videos", "video_grid_thw", "second_per_grid_ts", "image_grid_thw", "image_sizes",
+    )
 
     @classmethod
     def model_classes(cls) -> tuple[type, ...]:  # pragma: no cover - abstract
@@ -135,6 +148,13 @@ _LOADED = False
 def _load_builtin_adapters() -> None:
     global _LOADED
     if not _LOADED:
-        from .families import llava, qwen2_5_vl, qwen2_vl, qwen3_vl  # noqa: F401  (registration side effect)
+        from .families import (  # noqa: F401  (registration side effect, in this order)
+            llava,
+            llava_next,
+            llava_onevision,
+            qwen2_5_vl,
+            qwen2_vl,
+            qwen3_vl,
+        )
 
         _LOADED = True

@@ -1,7 +1,7 @@
 """Signal capture with hooks on exactly the declared layers; the attention implementation is never touched.
 
 * CLIP / SigLIP-style layers (``self_attn.q_proj`` / ``k_proj``): forward hooks on the two projections. When a
-  layer only has to give CLS attention, only the CLS query row is kept (O(N) instead of O(N^2)).
+  layer only has to give CLS attention or CLS logits, only the CLS query row is kept (O(N) instead of O(N^2)).
 * Qwen ViT blocks (fused ``qkv``, 2-D RoPE, window attention): a forward pre-hook on ``blocks[l].attn`` sees the
   normed hidden states, ``cu_seqlens`` and the rotary tables, recomputes q/k exactly as the block does, and scores
   every ``cu_seqlens`` span separately (windows for windowed blocks, images for full ones).
@@ -18,7 +18,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from vtc.kernels import cls_attention_row, received_attention
+from vtc.kernels import cls_attention_row, cls_logits_row, received_attention
 from vtc.signals import Signal, SignalKind
 
 
@@ -57,12 +57,22 @@ class ProjectionCapture(_HookSet):
         super().__init__()
         self.layers, self.num_heads, self.cls_index = layers, num_heads, cls_index
         self.wanted = _by_layer(signals)
+        if cls_index is None:
+            needs_cls = sorted({str(Signal(k, layer)) for layer, kinds in self.wanted.items() for k in kinds
+                                if k in (SignalKind.CLS_ATTENTION, SignalKind.CLS_LOGITS)})
+            if needs_cls:
+                raise ValueError(
+                    f"signals {needs_cls} need a CLS token, which this vision tower does not have; compressors fall "
+                    "back to received attention via TowerInfo.attention_signal"
+                )
 
     def __enter__(self):
+        cls_kinds = {SignalKind.CLS_ATTENTION, SignalKind.CLS_LOGITS}
         for layer, kinds in self.wanted.items():
             attn = self.layers[layer].self_attn
-            needs_q = bool(kinds & {SignalKind.CLS_ATTENTION, SignalKind.RECEIVED_ATTENTION})
-            cls_only = (kinds & {SignalKind.CLS_ATTENTION, SignalKind.RECEIVED_ATTENTION}) == {SignalKind.CLS_ATTENTION}
+            query_kinds = kinds & (cls_kinds | {SignalKind.RECEIVED_ATTENTION})
+            needs_q = bool(query_kinds)
+            cls_only = bool(query_kinds) and query_kinds <= cls_kinds
             store: dict[str, torch.Tensor] = {}
             if needs_q:
                 self.handles.append(attn.q_proj.register_forward_hook(self._keep_query(store, cls_only)))
@@ -90,13 +100,16 @@ class ProjectionCapture(_HookSet):
             if q is None:
                 return
             q = self._heads(q)
-            if SignalKind.CLS_ATTENTION in kinds:
+            if kinds & {SignalKind.CLS_ATTENTION, SignalKind.CLS_LOGITS}:
                 if self.cls_index is None:
                     raise ValueError("this vision tower has no CLS token; use received attention instead")
                 row = q[:, :, 0] if q.shape[2] == 1 else q[:, :, self.cls_index]
-                self.results[Signal(SignalKind.CLS_ATTENTION, layer)] = torch.stack(
-                    [cls_attention_row(row[b], k[b], scale) for b in range(k.shape[0])]
-                )
+                for kind, kernel in ((SignalKind.CLS_ATTENTION, cls_attention_row),
+                                     (SignalKind.CLS_LOGITS, cls_logits_row)):
+                    if kind in kinds:
+                        self.results[Signal(kind, layer)] = torch.stack(
+                            [kernel(row[b], k[b], scale) for b in range(k.shape[0])]
+                        )
             if SignalKind.RECEIVED_ATTENTION in kinds:
                 self.results[Signal(SignalKind.RECEIVED_ATTENTION, layer)] = torch.stack(
                     [received_attention(q[b], k[b], scale) for b in range(k.shape[0])]

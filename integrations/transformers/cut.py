@@ -1,7 +1,9 @@
 """The encoder -> LLM cut: one model-agnostic wrapper around ``generate`` and ``forward``.
 
-Per call with images: (1) ask the compressor which signals it needs, (2) run the family's own
-``get_image_features`` with hooks on exactly those layers, (3) select per image, (4) drop the unkept placeholder
+Per call with images: (1) ask the compressor (and, for AnyRes families, the allocation strategy) which signals it
+needs, (2) run the family's own ``get_image_features`` with hooks on exactly those layers, (3) select per image --
+an AnyRes image (LLaVA-NeXT / OneVision: base view + crops packed with newlines) by splitting its budget over its
+views and selecting per view (``vtc.multiview``), newlines following the kept rows -- (4) drop the unkept placeholder
 tokens from ``input_ids`` / ``attention_mask`` / ``mm_token_type_ids`` / ``labels`` and re-pack the batch,
 (5) compute positions on the *original* sequence and pass those of the kept tokens, (6) call the original method
 with ``mm_encoder_outputs`` holding only the kept (or merged) features -- and, where a family has extra feature
@@ -21,8 +23,10 @@ from typing import Any
 
 import torch
 
+from vtc.allocation import Allocation, Even
 from vtc.budget import Budget
 from vtc.compressor import Compressor, VisualTokens, run_compressor
+from vtc.multiview import MultiViewTokens, select_views
 from vtc.selection import ImageSelection, Selection
 
 from .adapter import EncodedImages, FamilyAdapter
@@ -39,6 +43,8 @@ class CutState:
     original_generate: Any
     original_forward: Any
     records: list[ImageSelection] = field(default_factory=list)
+    #: how an AnyRes image's budget is split over its views (multi-view families only)
+    allocation: Allocation = field(default_factory=Even)
 
 
 @dataclass
@@ -85,11 +91,54 @@ def reduce_level(compressor: Compressor, tokens: VisualTokens, selection: Select
     return again.features.to(level.dtype)
 
 
-def select_images(state: CutState, encoded: EncodedImages, image_rows: list[int], queries) -> list[ImageSelection]:
+def declared_signals(state: CutState, tower) -> tuple:
+    """The compressor's signals, then those of the allocation (multi-view families), without repeats."""
+    signals = tuple(state.compressor.signals(tower))
+    if state.adapter.multi_view:
+        signals = signals + tuple(state.allocation.signals(tower))
+    return tuple(dict.fromkeys(signals))
+
+
+def select_multiview(state: CutState, encoded: EncodedImages, i: int, image_row: int, queries,
+                     tower) -> ImageSelection:
+    """An AnyRes image: allocate the budget over its views, select per view, keep the newlines of kept rows."""
+    layout = encoded.layouts[i].packed
+    image = MultiViewTokens(
+        features=encoded.features[i],
+        layout=layout,
+        view_signals=encoded.views[i],
+        tower=tower,
+        query=queries[image_row] if queries is not None else None,
+    )
+    compressor_signals = set(state.compressor.signals(tower))
+    result = select_views(state.compressor, state.allocation, image, state.budget, compressor_signals)
+    return ImageSelection(
+        image_index=i,
+        batch_index=image_row,
+        num_tokens=layout.num_tokens,
+        grid=layout.base,
+        budget=result.budget,
+        selection=_detached(result.selection),
+        compressor=state.compressor.name,
+        layout=layout,
+        view_budgets=result.view_budgets,
+        allocation=state.allocation.name,
+    )
+
+
+def select_images(state: CutState, encoded: EncodedImages, image_rows: list[int], queries,
+                  tower=None) -> list[ImageSelection]:
     """Run the compressor on every image of the call (step 3); apply each selection to the image's extra levels."""
     records = []
     encoded.kept_levels = []
     for i, (feats, layout, signals) in enumerate(zip(encoded.features, encoded.layouts, encoded.signals)):
+        if layout.packed is not None:
+            if encoded.levels:
+                raise NotImplementedError("extra feature levels of multi-view images are not supported")
+            tower = tower if tower is not None else state.adapter.tower_info()
+            records.append(select_multiview(state, encoded, i, image_rows[i], queries, tower))
+            encoded.kept_levels.append([])
+            continue
         tokens = VisualTokens(
             features=feats,
             grid=layout.grid,
@@ -155,13 +204,13 @@ def shrink(state: CutState, inputs: dict, with_labels: bool) -> ShrunkInputs:
     mm_token_type_ids = inputs.pop("mm_token_type_ids", None)
     labels = inputs.pop("labels", None) if with_labels else None
 
-    signals = tuple(dict.fromkeys(state.compressor.signals(adapter.tower_info(inputs))))
-    encoded = adapter.encode(inputs, signals)
+    tower = adapter.tower_info(inputs)
+    encoded = adapter.encode(inputs, declared_signals(state, tower))
     if mm_token_type_ids is not None:
         encoded.position_inputs["mm_token_type_ids"] = mm_token_type_ids
     for key in adapter.encoder_kwargs(inputs):
         inputs.pop(key, None)
-    for key in ("pixel_values_videos", "video_grid_thw", "second_per_grid_ts", "image_grid_thw", "image_sizes"):
+    for key in adapter.consumed_keys:
         inputs.pop(key, None)
 
     image_token_id = adapter.image_token_id()
@@ -170,7 +219,7 @@ def shrink(state: CutState, inputs: dict, with_labels: bool) -> ShrunkInputs:
     queries = (
         _embed_query(model, input_ids, attention_mask, image_token_id) if state.compressor.uses_query else None
     )
-    records = select_images(state, encoded, image_rows, queries)
+    records = select_images(state, encoded, image_rows, queries, tower)
 
     # keep-mask over the original sequence: text always, image tokens as selected
     keep = torch.ones(input_ids.numel(), dtype=torch.bool, device=input_ids.device)

@@ -1,4 +1,4 @@
-"""Tiny, fully offline LLaVA, Qwen2-VL, Qwen2.5-VL and Qwen3-VL checkpoints for tests.
+"""Tiny, fully offline LLaVA, LLaVA-NeXT, LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL and Qwen3-VL checkpoints for tests.
 
 No model hub is reachable, so everything here (tokenizer, chat template, image
 processors, configs, random weights) is built in code. Models are small enough
@@ -6,14 +6,26 @@ that one is built in tens of milliseconds on CPU, yet they keep the parts that
 token compression touches: a real vision-token grid (LLaVA: 6x6 patches;
 Qwen2-VL: full-attention vision blocks, 2x2 patch merging, M-RoPE;
 Qwen2.5-VL: windowed and full-attention vision blocks; Qwen3-VL: interpolated
-learned position embeddings, interleaved M-RoPE and two deepstack levels),
-left padding, and multi-image prompts. ``save_tiny``/``load_tiny``
+learned position embeddings, interleaved M-RoPE and two deepstack levels;
+LLaVA-NeXT / OneVision: AnyRes base view plus 1x2 / 2x2 / 4x4 crops, unpadding,
+image_newline tokens, OneVision's anyres_max_9 downscaling), left padding, and
+multi-image prompts. ``save_tiny``/``load_tiny``
 produce an on-disk checkpoint that ``AutoModelForImageTextToText`` and
 ``AutoProcessor`` (and so lmms-eval's HF wrappers) can load like a real one.
 
 Image tokens per image (see ``build_tiny``):
 
 * LLaVA: every image is resized/cropped to 48x48 -> 36 tokens (6x6 grid).
+* LLaVA-NeXT (CLIP, 32 px views of 4x4 patches, pinpoints 32x64 / 64x32 / 64x64):
+  a base view of 16 tokens, then the unpadded crop canvas with one newline per
+  row. 64x20 (w x h) -> 1x2 crops, canvas 4x8 unpadded to 2x8: 16 + 16 + 2 = 34;
+  48x48 -> 2x2 crops, 8x8 canvas: 16 + 64 + 8 = 88; 64x40 -> 2x2 crops, 8x8
+  unpadded to 6x8: 16 + 48 + 6 = 70.
+* LLaVA-OneVision (SigLIP, no CLS, same view size; pinpoints up to 128x128,
+  anyres_max_9): 64x40 -> 70 as NeXT; 128x96 -> 4x4 crops, 16x16 canvas
+  unpadded to 12x16 and downscaled (anyres_max_9) to 10x13: 16 + 130 + 10 = 156.
+  In a prompt with several images each image is its base view plus one newline
+  (17 tokens), as OneVision's processor and model do.
 * Qwen2-VL, Qwen2.5-VL, Qwen3-VL: sides are rounded to multiples of 16 (patch
   8 x merge 2), pixel count bounded to [16*16, 128*128]; tokens = (H/16)*(W/16).
   64x48 -> 12, 96x64 -> 24, 96x96 -> 36, 128x128 -> 64.
@@ -32,6 +44,8 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 __all__ = [
     "FAMILIES",
     "QWEN_FAMILIES",
+    "ANYRES_FAMILIES",
+    "LLAVA_FAMILIES",
     "build_tokenizer",
     "build_tiny",
     "save_tiny",
@@ -40,8 +54,12 @@ __all__ = [
     "build_prompt",
 ]
 
-FAMILIES = ("llava", "qwen2_5_vl", "qwen2_vl", "qwen3_vl")
+FAMILIES = ("llava", "llava_next", "llava_onevision", "qwen2_5_vl", "qwen2_vl", "qwen3_vl")
 QWEN_FAMILIES = ("qwen2_5_vl", "qwen2_vl", "qwen3_vl")
+#: AnyRes families: an image is a base view plus crops, packed with image_newline tokens
+ANYRES_FAMILIES = ("llava_next", "llava_onevision")
+#: every LLaVA-style family (1-D positions, ``<image>`` placeholders, ``model.model.vision_tower``)
+LLAVA_FAMILIES = ("llava", "llava_next", "llava_onevision")
 
 # Base (non-special) vocabulary: prompt words, short answers, role names,
 # digits and punctuation. Anything else maps to <unk>, which is fine for tests.
@@ -66,7 +84,12 @@ _QWEN_SPECIALS = (
     "<|im_start|>",
     "<|im_end|>",
 )
-_FAMILY_SPECIALS = {"llava": ("<image>",), **{family: _QWEN_SPECIALS for family in QWEN_FAMILIES}}
+_FAMILY_SPECIALS = {
+    "llava": ("<image>",),
+    "llava_next": ("<image>",),
+    "llava_onevision": ("<image>", "<video>"),
+    **{family: _QWEN_SPECIALS for family in QWEN_FAMILIES},
+}
 
 # Minimal chat templates. They accept both the list-of-items content that
 # lmms-eval's chat wrappers send and plain string content.
@@ -102,12 +125,27 @@ _QWEN_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
-_TEMPLATES = {"llava": _LLAVA_TEMPLATE, **{family: _QWEN_TEMPLATE for family in QWEN_FAMILIES}}
+# OneVision: the LLaVA template plus a <video> item
+_ONEVISION_TEMPLATE = _LLAVA_TEMPLATE.replace(
+    "{% if item['type'] == 'image' %}{{ '<image>\n' }}",
+    "{% if item['type'] == 'image' %}{{ '<image>\n' }}{% elif item['type'] == 'video' %}{{ '<video>\n' }}",
+)
+
+_TEMPLATES = {
+    "llava": _LLAVA_TEMPLATE,
+    "llava_next": _LLAVA_TEMPLATE,
+    "llava_onevision": _ONEVISION_TEMPLATE,
+    **{family: _QWEN_TEMPLATE for family in QWEN_FAMILIES},
+}
 
 # Sizes chosen so that a vision grid exists to prune and (for Qwen) window
 # attention splits larger images into several windows.
 _LLAVA_IMAGE_SIZE = 48
 _PATCH = 8
+# AnyRes: 32 px views (4x4 patches of 8 px); crop layouts 1x2, 2x1, 2x2 (and for OneVision 3x3, 4x4)
+_ANYRES_VIEW = 32
+_NEXT_PINPOINTS = [[32, 64], [64, 32], [64, 64]]
+_ONEVISION_PINPOINTS = [[32, 32], [32, 64], [64, 32], [64, 64], [96, 96], [128, 128]]
 _QWEN_MIN_PIXELS = 16 * 16
 _QWEN_MAX_PIXELS = 128 * 128
 
@@ -196,6 +234,96 @@ def _build_llava(tok):
         vision_feature_select_strategy="default",
         num_additional_image_tokens=1,
         chat_template=_LLAVA_TEMPLATE,
+    )
+    return model, processor
+
+
+def _tiny_vision(config_cls, **overrides):
+    return config_cls(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                      image_size=_ANYRES_VIEW, patch_size=_PATCH, **overrides)
+
+
+def _tiny_text(config_cls, tok):
+    return config_cls(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=len(tok),
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
+
+
+def _build_llava_next(tok):
+    from transformers import (
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaNextConfig,
+        LlavaNextForConditionalGeneration,
+        LlavaNextImageProcessor,
+        LlavaNextProcessor,
+    )
+
+    config = LlavaNextConfig(
+        vision_config=_tiny_vision(CLIPVisionConfig),
+        text_config=_tiny_text(LlamaConfig, tok),
+        image_token_index=tok.convert_tokens_to_ids("<image>"),
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        image_grid_pinpoints=_NEXT_PINPOINTS,
+    )
+    model = LlavaNextForConditionalGeneration(config)
+    image_processor = LlavaNextImageProcessor(
+        size={"shortest_edge": _ANYRES_VIEW},
+        crop_size={"height": _ANYRES_VIEW, "width": _ANYRES_VIEW},
+        image_grid_pinpoints=_NEXT_PINPOINTS,
+    )
+    processor = LlavaNextProcessor(
+        image_processor=image_processor,
+        tokenizer=tok,
+        patch_size=_PATCH,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=_LLAVA_TEMPLATE,
+    )
+    return model, processor
+
+
+def _build_llava_onevision(tok):
+    from transformers import (
+        LlavaOnevisionConfig,
+        LlavaOnevisionForConditionalGeneration,
+        LlavaOnevisionImageProcessor,
+        LlavaOnevisionProcessor,
+        LlavaOnevisionVideoProcessor,
+        Qwen2Config,
+        SiglipVisionConfig,
+    )
+
+    ids = tok.convert_tokens_to_ids
+    config = LlavaOnevisionConfig(
+        vision_config=_tiny_vision(SiglipVisionConfig),
+        text_config=_tiny_text(Qwen2Config, tok),
+        image_token_index=ids("<image>"),
+        video_token_index=ids("<video>"),
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="full",
+        vision_aspect_ratio="anyres_max_9",
+        image_grid_pinpoints=_ONEVISION_PINPOINTS,
+    )
+    model = LlavaOnevisionForConditionalGeneration(config)
+    size = {"height": _ANYRES_VIEW, "width": _ANYRES_VIEW}
+    processor = LlavaOnevisionProcessor(
+        image_processor=LlavaOnevisionImageProcessor(size=size, image_grid_pinpoints=_ONEVISION_PINPOINTS),
+        tokenizer=tok,
+        video_processor=LlavaOnevisionVideoProcessor(size=size),
+        num_image_tokens=(_ANYRES_VIEW // _PATCH) ** 2,
+        vision_feature_select_strategy="full",
+        vision_aspect_ratio="anyres_max_9",
+        chat_template=_ONEVISION_TEMPLATE,
     )
     return model, processor
 
@@ -326,6 +454,8 @@ def _build_qwen3_vl(tok):
 
 _BUILDERS = {
     "llava": _build_llava,
+    "llava_next": _build_llava_next,
+    "llava_onevision": _build_llava_onevision,
     "qwen2_5_vl": _build_qwen2_5_vl,
     "qwen2_vl": _build_qwen2_vl,
     "qwen3_vl": _build_qwen3_vl,

@@ -4,9 +4,11 @@ VTC-CLS (arXiv 2412.05819): ``score[j] = sum_{l=s..F} mean_h A_l[h, CLS, j]`` ov
 feature layer ``F`` (22 on CLIP-L/14-336, so the reference default ``s = 16`` ensembles 7 layers); plain sum, no
 normalisation; keep the top ``k`` in raster order. FasterVLM (arXiv 2412.01818) is the single-layer case ``s = F``.
 
-Encoders without a CLS token (Qwen ViTs, SigLIP) get the documented fallback: the same sum over the same layers of
-*received* attention (head-mean attention each token receives, averaged over the queries that see it -- HiPrune's
-"global attention"). Its ranking is what CLS attention approximates: how much the rest of the image looks at a token.
+Encoders without a CLS token (Qwen ViTs, SigLIP -- e.g. LLaVA-OneVision's tower) get the documented fallback: the same
+sum over the same layers of *received* attention (head-mean attention each token receives, averaged over the queries
+that see it -- HiPrune's "global attention"). Its ranking is what CLS attention approximates: how much the rest of the
+image looks at a token. On AnyRes models the statistic is taken per view (the tower sees one view at a time), and
+``tests/test_anyres.py`` checks the fallback on LLaVA-OneVision.
 """
 
 from __future__ import annotations

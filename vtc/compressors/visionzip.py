@@ -4,8 +4,8 @@ For a budget of ``k`` tokens out of ``N`` the image keeps ``D`` *dominant* token
 (``D + C = k``), all read from one vision layer (the feature layer by default, 22 on CLIP-L/14-336):
 
 1. **Dominant**: the ``D`` tokens with the highest attention score -- the CLS query's head-mean attention on towers
-   with a CLS token, the head-mean attention each token *receives* on towers without one (Qwen ViTs; the paper's
-   description for SigLIP, the "no-CLS variant"). Summing instead of averaging over heads ranks the same. Ties go
+   with a CLS token, the head-mean attention each token *receives* on towers without one (Qwen ViTs, LLaVA-OneVision's
+   SigLIP; the paper's description for SigLIP, the "no-CLS variant"). Summing instead of averaging over heads ranks the same. Ties go
    to the lower token index.
 2. **Contextual**: the remaining tokens ``R`` (original order) are split into ``C`` clusters. The targets are a
    uniform stride over the list ``R`` (positions in the list, not image coordinates): ``step = max(1, |R| // C)``,

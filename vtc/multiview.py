@@ -1,0 +1,129 @@
+"""Selection for an AnyRes image (base view + crops, packed with newlines): allocate, select per view, add newlines.
+
+``select_views`` is the multi-view counterpart of ``run_compressor``: it resolves the image budget over the image's
+*visual* tokens (newlines excluded), asks the allocation (``vtc.allocation``) for per-view budgets, lets the
+allocation or else the compressor select inside every view with a budget (each view is a ``VisualTokens`` of its own
+visible grid and signals), maps the kept tokens to packed indices (``vtc.layout``), and adds the newlines the layout
+rule keeps. The result is one ``Selection`` over the packed sequence, so the cut treats it like any image's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Collection, Mapping
+
+import torch
+
+from .allocation import Allocation
+from .budget import Budget, resolve_budget, validate_budget
+from .compressor import Compressor, VisualTokens
+from .layout import PackedLayout
+from .selection import Selection
+from .signals import Signal, TowerInfo
+
+
+@dataclass
+class MultiViewTokens:
+    """The packed visual tokens of one AnyRes image and, per view, the signals captured for it."""
+
+    features: torch.Tensor  # [num_tokens, D]: the packed sequence (visual tokens and newlines)
+    layout: PackedLayout
+    view_signals: list[Mapping[Signal, torch.Tensor]]  # per view, laid out like its visible grid (raster order)
+    tower: TowerInfo | None = None
+    query: torch.Tensor | None = None  # [T, D] text embeddings of the prompt, for query-aware compressors
+
+    def __post_init__(self):
+        if self.features.shape[0] != self.layout.num_tokens:
+            raise ValueError(f"{self.features.shape[0]} packed features do not match the layout's "
+                             f"{self.layout.num_tokens} packed tokens")
+        if len(self.view_signals) != self.layout.num_views:
+            raise ValueError(f"got signals for {len(self.view_signals)} views, the layout has {self.layout.num_views}")
+
+    def view_signal(self, view: int, signal: Signal) -> torch.Tensor:
+        try:
+            return self.view_signals[view][signal]
+        except KeyError:
+            have = ", ".join(map(str, self.view_signals[view])) or "none"
+            raise KeyError(f"signal {signal} was not captured for view {view} (captured: {have})") from None
+
+    def view(self, view: int, signals: Collection[Signal] | None = None) -> VisualTokens:
+        """View ``view`` as a ``VisualTokens`` of its visible grid (only ``signals`` among its signals, if given)."""
+        indices = self.layout.view_indices(view).to(self.features.device)
+        captured = self.view_signals[view]
+        chosen = {s: v for s, v in captured.items() if signals is None or s in signals}
+        return VisualTokens(features=self.features[indices], grid=self.layout.view_grid(view), signals=chosen,
+                            query=self.query)
+
+
+@dataclass
+class MultiViewSelection:
+    selection: Selection  # over the packed sequence: kept tokens and kept newlines, sorted
+    budget: int  # visual tokens kept (newlines excluded) = sum(view_budgets)
+    view_budgets: tuple[int, ...]
+    view_selections: list[Selection | None] = field(default_factory=list)  # per view, in view-local indices
+
+
+def check_view_budgets(budgets, layout: PackedLayout, k: int, who: str) -> tuple[int, ...]:
+    budgets = tuple(int(b) for b in budgets)
+    sizes = layout.view_sizes
+    if len(budgets) != len(sizes):
+        raise RuntimeError(f"{who} returned {len(budgets)} view budgets for {len(sizes)} views")
+    if any(b < 0 or b > s for b, s in zip(budgets, sizes)):
+        raise RuntimeError(f"{who} returned view budgets {list(budgets)} outside [0, view size {list(sizes)}]")
+    if sum(budgets) != k:
+        raise RuntimeError(f"{who} returned view budgets {list(budgets)} summing to {sum(budgets)}, not the budget {k}")
+    return budgets
+
+
+def select_views(compressor: Compressor, allocation: Allocation, image: MultiViewTokens, budget: Budget,
+                 compressor_signals: Collection[Signal] | None = None) -> MultiViewSelection:
+    """Select ``budget`` visual tokens of a multi-view image (see the module doc).
+
+    ``compressor_signals``: the signals the compressor declared; each view hands it only those (the allocation's
+    own signals are captured next to them but are not the compressor's business).
+    """
+    layout = image.layout
+    k = resolve_budget(validate_budget(budget), layout.num_visual_tokens)
+    budgets = check_view_budgets(allocation.budgets(image, k), layout, k, f"allocation {allocation.name!r}")
+    device = image.features.device
+    kept, merged_index, merged_features, view_selections = [], [], [], []
+    scores = torch.full((layout.num_tokens,), float("nan"), dtype=torch.float32, device=device)
+    groups: dict[int, torch.Tensor] = {}
+    for view, k_view in enumerate(budgets):
+        if k_view == 0:
+            view_selections.append(None)
+            continue
+        tokens = image.view(view, compressor_signals)
+        selection = allocation.select_view(image, view, k_view)
+        who = f"allocation {allocation.name!r}"
+        if selection is None:
+            selection = compressor.select(tokens, k_view)
+            who = f"compressor {compressor.name!r}"
+        selection.validate(tokens.num_tokens, expected=k_view, who=f"{who} on view {view}")
+        view_selections.append(selection)
+        packed = layout.view_indices(view).to(device)
+        chosen = packed[selection.indices.to(device)]
+        kept.append(chosen)
+        if selection.scores is not None:
+            scores[packed] = selection.scores.float().reshape(-1).to(device)
+        if selection.features is not None:
+            merged_index.append(chosen)
+            merged_features.append(selection.features)
+        if selection.groups is not None:
+            for group, index in zip(selection.groups, chosen.tolist()):
+                groups[index] = packed[group.to(device)]
+    tokens_kept = torch.cat(kept) if kept else torch.empty(0, dtype=torch.long, device=device)
+    newlines = layout.kept_newlines(tokens_kept.cpu()).to(device)
+    indices = torch.sort(torch.cat([tokens_kept, newlines])).values
+    features = None
+    if merged_index:  # gathered rows, with each merging view's output tokens in their slots
+        features = image.features[indices].clone()
+        slots = torch.searchsorted(indices, torch.cat(merged_index))
+        features[slots] = torch.cat(merged_features).to(device=features.device, dtype=features.dtype)
+    group_list = None
+    if groups:
+        group_list = tuple(groups.get(index, torch.tensor([index], device=device)) for index in indices.tolist())
+    selection = Selection(indices=indices, features=features, groups=group_list,
+                          scores=None if bool(scores.isnan().all()) else scores)
+    selection.validate(layout.num_tokens, expected=k + int(newlines.numel()), who="select_views")
+    return MultiViewSelection(selection=selection, budget=k, view_budgets=budgets, view_selections=view_selections)
