@@ -84,3 +84,34 @@ def reduce_by_hand(level: torch.Tensor, selection, merge: str = "mean") -> torch
             target = level[index].float()
             merged.append(target + level[others].float().mean(dim=0) if others.numel() else target)
     return torch.stack(merged).to(level.dtype)
+
+
+# -- the README's support matrix is generated from these tests (python -m vtc.eval.support_matrix) ----------------
+
+_support_outcomes: dict[tuple[str, str, str], list[bool]] = {}
+
+
+def pytest_addoption(parser):
+    parser.addoption("--support-matrix", metavar="PATH", default=None,
+                     help="write the family x compressor support matrix (markdown) from this run's results")
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    from vtc.eval.support_matrix import SUPPORT_TESTS
+
+    column = SUPPORT_TESTS.get(getattr(item, "originalname", ""))
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    if column and "family" in params and "compressor" in params and (report.when == "call" or report.failed):
+        _support_outcomes.setdefault((params["family"], params["compressor"], column), []).append(report.passed)
+    return report
+
+
+def pytest_sessionfinish(session):
+    path = session.config.getoption("--support-matrix")
+    if path:
+        from vtc.eval.support_matrix import render
+
+        with open(path, "w") as fh:
+            fh.write(render(_support_outcomes))

@@ -1,0 +1,81 @@
+"""The README's support matrix (family x compressor x image / multi-image), generated from the test results.
+
+    python -m vtc.eval.support_matrix [--readme README.md]
+
+Runs the generated registry x family equality tests (keep-all == unwrapped, compressed == hand-built prompt,
+batch of 2 == singles, forward path; and the multi-image prompt test) and rewrites the block between the
+``support-matrix`` markers of the README. A cell is "yes" only when every one of its tests passed in that run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import re
+import sys
+import tempfile
+
+#: generated registry x family tests (tests/test_cut.py) that make up a matrix cell, by column
+SUPPORT_TESTS = {
+    "test_keep_all_generate_equals_unwrapped": "image",
+    "test_compressed_generate_equals_hand_built_prompt": "image",
+    "test_batch_of_two_equals_single_runs": "image",
+    "test_forward_path_equals_hand_built_and_shrinks_labels": "image",
+    "test_multi_image_prompt_each_image_gets_its_budget": "multi-image",
+}
+START, END = "<!-- support-matrix:start -->", "<!-- support-matrix:end -->"
+COLUMNS = ("image", "multi-image")
+
+
+def render(outcomes: dict[tuple[str, str, str], list[bool]]) -> str:
+    """Markdown table: one row per family, one column per compressor, ``image / multi-image`` per cell."""
+    families = sorted({f for f, _, _ in outcomes})
+    compressors = sorted({c for _, c, _ in outcomes})
+
+    def cell(family, compressor):
+        marks = []
+        for column in COLUMNS:
+            runs = outcomes.get((family, compressor, column))
+            marks.append("–" if not runs else ("yes" if all(runs) else "**FAIL**"))
+        return " / ".join(marks)
+
+    lines = ["| family | " + " | ".join(f"`{c}`" for c in compressors) + " |",
+             "|---|" + "---|" * len(compressors)]
+    for family in families:
+        lines.append(f"| `{family}` | " + " | ".join(cell(family, c) for c in compressors) + " |")
+    total = sum(len(v) for v in outcomes.values())
+    lines.append("")
+    lines.append(f"Cells read *image / multi-image*; generated from {total} test results "
+                 "(`python -m vtc.eval.support_matrix`).")
+    return "\n".join(lines) + "\n"
+
+
+def update_readme(readme: pathlib.Path, table: str) -> None:
+    text = readme.read_text()
+    if START not in text or END not in text:
+        raise SystemExit(f"error: {readme} has no {START} ... {END} block to fill; add the two markers first")
+    block = f"{START}\n{table}{END}"
+    readme.write_text(re.sub(re.escape(START) + ".*?" + re.escape(END), lambda _: block, text, flags=re.S))
+
+
+def main(argv=None) -> int:
+    import pytest
+
+    parser = argparse.ArgumentParser(prog="python -m vtc.eval.support_matrix", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--readme", default="README.md")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = pathlib.Path(tmp) / "matrix.md"
+        code = pytest.main(["-q", "-p", "no:cacheprovider", "tests/test_cut.py", "-k", " or ".join(SUPPORT_TESTS),
+                            "--support-matrix", str(out)])
+        if code not in (0, 1) or not out.exists():
+            print(f"error: the support tests did not run (pytest exit {code})", file=sys.stderr)
+            return 1
+        table = out.read_text()
+    update_readme(pathlib.Path(args.readme), table)
+    print(table)
+    return int(code)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
