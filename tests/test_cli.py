@@ -6,9 +6,11 @@ from vtc.cli import main
 def test_main_job_runs_on_the_default_model(capsys):
     assert main(["run", "--budget", "4", "--compressor", "fastervlm", "--compressor", "pool"]) == 0
     out = capsys.readouterr().out
-    assert "tiny random-weight llava" in out  # says it is not a trained model
+    assert "embedded default" in out and "synthetic test image #0" in out and "expected answer" in out
     lines = [line.split() for line in out.splitlines() if line.startswith(("fastervlm ", "pool "))]
-    assert [(row[0], row[1], row[2]) for row in lines] == [("fastervlm", "36", "4"), ("pool", "36", "4")]
+    assert [(row[0], row[1], row[2]) for row in lines] == [("fastervlm", "196", "4"), ("pool", "196", "4")]
+    full = next(line for line in out.splitlines() if line.startswith("none (all tokens)"))
+    assert full.split()[3:5] == ["196", "196"] and full.rstrip().endswith(("(right)", "(wrong)"))
 
 
 def test_main_job_rejects_a_bad_budget(capsys):

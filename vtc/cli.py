@@ -1,9 +1,9 @@
 """`vtc` command line: `vtc run` (the main job) and `vtc list`.
 
 `vtc run` answers one question about one image with the full visual-token set and with every requested
-compressor at the budget, and shows what each kept. Without ``--model`` it uses the embedded default; until the
-trained default model ships, that is a tiny random-weight LLaVA built on the fly (answers are then arbitrary tokens:
-the run shows the mechanics -- token counts, kept grid, timing -- not quality).
+compressor at the budget, and shows what each kept. Without ``--model`` it uses the embedded default model (a small
+LLaVA trained on synthetic shapes, shipped with the package) and, without ``--image``, a held-out test image of the
+data it was trained on, so the expected answer is known and printed next to each compressor's.
 """
 
 from __future__ import annotations
@@ -13,13 +13,13 @@ import sys
 import time
 
 
-def _load(model_ref: str | None, family: str):
-    from .integrations.transformers import tiny
+def _load(model_ref: str | None):
+    import vtc
 
     if model_ref is None:
-        print(f"model: no trained default model is shipped yet -> building a tiny random-weight {family} "
-              "model on the fly (answers are arbitrary; the run demonstrates the mechanics)")
-        return tiny.build_tiny(family), f"tiny-{family} (random weights)"
+        from .integrations.transformers.default import DEFAULT_MODEL_NAME
+
+        return vtc.load_default(), DEFAULT_MODEL_NAME
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     try:
@@ -32,17 +32,25 @@ def _load(model_ref: str | None, family: str):
     return (model, processor), model_ref
 
 
-def _image(path: str | None, family: str):
+def _image_and_question(path: str | None, question: str | None, sample_index: int):
+    """The user's image, or a held-out synthetic test image; the question and (when known) its answer."""
     from PIL import Image
 
-    from .integrations.transformers import tiny
-
     if path is None:
-        return tiny.random_image(96, 96, seed=0) if family != "llava" else tiny.random_image(48, 48, seed=0)
+        from .eval import synthetic
+
+        sample = synthetic.make_image_sample("test", sample_index)
+        if question is None:
+            spatial = [q for q in sample.questions if q.kind in ("color_at", "shape_at")]
+            chosen = spatial[0] if spatial else sample.questions[0]
+            return sample.image, chosen.text, chosen.answer, f"synthetic test image #{sample_index}"
+        known = {q.text: q.answer for q in sample.questions}
+        return sample.image, question, known.get(question), f"synthetic test image #{sample_index}"
     try:
-        return Image.open(path).convert("RGB")
+        image = Image.open(path).convert("RGB")
     except (OSError, ValueError) as exc:
         raise SystemExit(f"error: cannot read image {path!r}: {exc}. Pass a PNG/JPEG file.") from exc
+    return image, question or "what color is the shape at the center ?", None, path
 
 
 def _grid_picture(record) -> str:
@@ -59,16 +67,16 @@ def cmd_run(args) -> int:
     import torch
 
     import vtc
-    from .integrations.transformers import tiny
 
     budget = vtc.parse_budget(args.budget)
-    (model, processor), label = _load(args.model, args.family)
-    image = _image(args.image, args.family)
-    prompt = tiny.build_prompt(processor, args.question) if args.model is None else _chat_prompt(processor, args.question)
-    inputs = processor(images=[image], text=[prompt], return_tensors="pt")
+    (model, processor), label = _load(args.model)
+    image, question, expected, image_label = _image_and_question(args.image, args.question, args.sample)
+    inputs = processor(images=[image], text=[_chat_prompt(processor, question)], return_tensors="pt")
     prompt_len = inputs["input_ids"].shape[1]
     names = args.compressor or vtc.list_compressors()
-    print(f"model: {label}\nquestion: {args.question!r}\nbudget: {budget!r} visual tokens per image\n")
+    print(f"model: {label}\nimage: {image_label}\nquestion: {question!r}"
+          + (f" (expected answer: {expected!r})" if expected is not None else "")
+          + f"\nbudget: {budget!r} visual tokens per image\n")
     rows = []
 
     def run_once(name):
@@ -97,7 +105,8 @@ def cmd_run(args) -> int:
     print()
     print(f"{'compressor':<20} {'tokens in':>9} {'tokens out':>10} {'generate s':>10}  answer")
     for name, n_in, n_out, secs, answer in rows:
-        print(f"{name:<20} {n_in:>9} {n_out:>10} {secs:>10.3f}  {answer!r}")
+        verdict = "" if expected is None else ("  (right)" if answer.split()[:1] == [expected] else "  (wrong)")
+        print(f"{name:<20} {n_in:>9} {n_out:>10} {secs:>10.3f}  {answer!r}{verdict}")
     return 0
 
 
@@ -120,13 +129,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command")
     run = sub.add_parser("run", help="answer a question about an image with and without compression (default)")
     run.add_argument("--model", help="local save_pretrained folder or hub id (default: the embedded model)")
-    run.add_argument("--family", default="llava", choices=["llava", "qwen2_5_vl"],
-                     help="family of the on-the-fly default model")
-    run.add_argument("--image", help="image file (default: a bundled synthetic image)")
-    run.add_argument("--question", default="what is the color of the shape ?")
+    run.add_argument("--image", help="image file (default: a held-out synthetic test image)")
+    run.add_argument("--sample", type=int, default=0, help="which synthetic test image (default 0)")
+    run.add_argument("--question", help="question (default: a spatial question about the synthetic image)")
     run.add_argument("--compressor", action="append", help="compressor name (repeatable; default: all registered)")
     run.add_argument("--budget", default="0.25", help="int tokens per image or float ratio in (0, 1] (default 0.25)")
-    run.add_argument("--max-new-tokens", type=int, default=8)
+    run.add_argument("--max-new-tokens", type=int, default=4)
     run.add_argument("--no-grid", dest="show_grid", action="store_false", help="do not draw the kept-token grids")
     run.set_defaults(func=cmd_run)
     listing = sub.add_parser("list", help="list compressors and supported model families")
