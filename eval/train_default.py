@@ -1,6 +1,6 @@
 """Train the embedded default model (``vtc.load_default()``) from scratch on the synthetic data, on a CPU.
 
-    python -m vtc.eval.train_default --out /tmp/vtc-default        # ~1 hour on 2 CPU cores
+    python -m vtc.eval.train_default --out my-default-model        # ~80 min on 2 CPU cores
 
 The model is a real ``LlavaForConditionalGeneration`` -- a CLIP vision tower *with a CLS token* (224 px, patch 16:
 196 visual tokens per image), a 2-layer MLP projector and a small Llama LM over a word-level vocabulary -- so every
