@@ -75,20 +75,9 @@ LM = dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_atten
 
 
 def build_tokenizer():
-    import transformers
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    from vtc.integrations.transformers.tiny import word_level_tokenizer
 
-    vocab: dict[str, int] = {}
-    for word in SPECIALS + CHAT_WORDS + tuple(syn.vocabulary()):
-        vocab.setdefault(word, len(vocab))
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
-    tok.decoder = decoders.WordPiece(prefix="##")
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIALS])
-    tok.add_tokens([AddedToken("\n", special=False, normalized=False)])
-    return transformers.PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", bos_token="<s>", eos_token="</s>",
-        padding_side="left", chat_template=CHAT_TEMPLATE)
+    return word_level_tokenizer(SPECIALS, CHAT_WORDS + tuple(syn.vocabulary()), CHAT_TEMPLATE)
 
 
 def build_model(seed: int = 0):

@@ -155,20 +155,20 @@ def _check_family(family: str) -> None:
         raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
 
 
-def build_tokenizer(family: str) -> transformers.PreTrainedTokenizerFast:
-    """Word-level tokenizer built in memory (no downloads).
+def word_level_tokenizer(specials, words, chat_template: str) -> transformers.PreTrainedTokenizerFast:
+    """Word-level tokenizer built in memory (no downloads) over ``specials`` then ``words``.
 
     Special tokens are added as non-normalized AddedTokens so image
     placeholders tokenize as single ids even when glued to text (as processors
     expand them, e.g. ``<|image_pad|><|image_pad|>...``). "\\n" is an added
     (non-special) token so chat templates keep their line structure; plain
     whitespace is dropped. The WordPiece decoder makes ``decode`` join tokens
-    with spaces. Left padding is what batched generation needs.
+    with spaces. Left padding is what batched generation needs. ``specials``
+    must include ``<pad> <unk> <s> </s>``.
     """
-    _check_family(family)
-    specials = _BASE_SPECIALS + _FAMILY_SPECIALS[family]
+    specials = tuple(specials)
     vocab: dict[str, int] = {}
-    for tok in specials + _WORDS + _DIGITS + _PUNCT:
+    for tok in specials + tuple(words):
         vocab.setdefault(tok, len(vocab))
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Sequence(
@@ -184,8 +184,15 @@ def build_tokenizer(family: str) -> transformers.PreTrainedTokenizerFast:
         bos_token="<s>",
         eos_token="</s>",
         padding_side="left",
-        chat_template=_TEMPLATES[family],
+        chat_template=chat_template,
     )
+
+
+def build_tokenizer(family: str) -> transformers.PreTrainedTokenizerFast:
+    """The tiny models' tokenizer: test words, digits and punctuation (see ``word_level_tokenizer``)."""
+    _check_family(family)
+    return word_level_tokenizer(_BASE_SPECIALS + _FAMILY_SPECIALS[family], _WORDS + _DIGITS + _PUNCT,
+                                _TEMPLATES[family])
 
 
 def _build_llava(tok):
