@@ -71,6 +71,9 @@ DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
 SPLITS = {"train": 0, "validation": 1, "test": 2}
 MAX_OBJECTS = 5
 MAX_VIDEO_OBJECTS = 4
+#: Side of a shape as a fraction of the image side (images, videos): large enough to span 3-4 patches of 16 px.
+IMAGE_SIDES = (0.14, 0.25)
+VIDEO_SIDES = (0.14, 0.22)
 
 
 @dataclass(frozen=True)
@@ -222,7 +225,7 @@ def make_image_sample(split: str, index: int, *, size: int = IMAGE_SIZE, glyph_p
     cells = rng.permutation(9)[: count + int(has_glyph)]
     objects: list[SceneObject] = []
     for (color, shape), cell in zip(_pick_objects(rng, count), cells[:count]):
-        side = int(rng.integers(int(size * 0.14), int(size * 0.25) + 1))
+        side = int(rng.integers(int(size * IMAGE_SIDES[0]), int(size * IMAGE_SIDES[1]) + 1))
         objects.append(SceneObject(color, shape, int(cell), _cell_box(rng, int(cell), size, side)))
     if has_glyph:
         letter = LETTERS[int(rng.integers(len(LETTERS)))]
@@ -296,7 +299,7 @@ def make_video_sample(split: str, index: int, *, num_frames: int = 8, size: int 
     cells = rng.permutation(9)[:count]
     objects: list[SceneObject] = []
     for (color, shape), cell in zip(_pick_objects(rng, count), cells):
-        side = int(rng.integers(int(size * 0.14), int(size * 0.22) + 1))
+        side = int(rng.integers(int(size * VIDEO_SIDES[0]), int(size * VIDEO_SIDES[1]) + 1))
         box = _cell_box(rng, int(cell), size, side)
         # lifetime: at least a quarter of the video; some from the start, some to the end
         length = int(rng.integers(max(2, num_frames // 4), num_frames + 1))

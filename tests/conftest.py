@@ -76,8 +76,10 @@ def reduce_by_hand(level: torch.Tensor, selection, merge: str = "mean") -> torch
     if selection.features is None:
         return level[selection.indices]
     merged = []
-    for index, group in zip(selection.indices.tolist(), selection.groups):
-        if merge == "mean":
+    for i, (index, group) in enumerate(zip(selection.indices.tolist(), selection.groups)):
+        if selection.weights is not None:  # the merge states its coefficients (bilinear resize, running means)
+            merged.append(selection.weights[i].float() @ level[group].float())
+        elif merge == "mean":
             merged.append(level[group].float().mean(dim=0))
         else:  # visionzip "target_plus_mean": the target (the slot's own token) plus the mean of the other members
             others = group[group != index]

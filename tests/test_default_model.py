@@ -135,3 +135,26 @@ def test_cls_attention_lands_on_objects(default_model):
     stats = cls_attention_on_objects(model, processor, num_images=10)
     assert stats["attention_on_objects"] > 2 * stats["object_area"]
     assert not vtc.is_applied(model)
+
+
+def test_folding_the_feature_scale_keeps_attention_and_cls_output():
+    """The stage-1 -> stage-2 rescale changes only the size of the visual tokens, not what the tower attends to."""
+    model, processor = train_default.build_model(seed=1)
+    tower = model.model.vision_tower
+    pixels = train_default.pixel_tensor(processor, [syn.make_image_sample("train", i).image for i in range(2)])
+    tower.config._attn_implementation = "eager"
+    with torch.no_grad():
+        before = tower(pixel_values=pixels, output_attentions=True, output_hidden_states=True)
+        factor = train_default.fold_feature_scale(tower, pixels, target_norm=3.0)
+        after = tower(pixel_values=pixels, output_attentions=True, output_hidden_states=True)
+    assert factor > 0 and factor != 1.0
+    tokens = after.hidden_states[-1][:, 1:]
+    assert tokens.norm(dim=-1).mean().item() == pytest.approx(3.0, rel=1e-4)
+
+    def relative_error(a, b):  # equal up to the LayerNorm epsilon, which does not scale with the stream
+        return float((a - b).norm() / b.norm())
+
+    assert relative_error(tokens / factor, before.hidden_states[-1][:, 1:]) < 1e-3
+    for a, b in zip(after.attentions, before.attentions):
+        assert relative_error(a, b) < 1e-3
+    assert relative_error(after.pooler_output, before.pooler_output) < 1e-3

@@ -11,7 +11,7 @@ The core (this package) is pure tensor code; model knowledge lives in ``vtc.inte
 
 from __future__ import annotations
 
-from . import allocation, layout  # noqa: F401  (vtc.allocation.HiRED(...), vtc.layout.PackedLayout)
+from . import allocation, layout, video  # noqa: F401  (vtc.allocation.HiRED(...), vtc.layout.PackedLayout)
 from . import compressors as _builtin_compressors  # noqa: F401  (registers the built-in compressors)
 from .budget import Budget, parse_budget, resolve_budget, validate_budget
 from .compressor import (
@@ -59,6 +59,14 @@ def last_selection(model) -> list[ImageSelection]:
     return _last(model)
 
 
+def last_video_selection(model):
+    """Per video of the last wrapped call: each frame's budget, score and kept / merged tokens
+    (``vtc.video.VideoRecord``; empty before any call with videos)."""
+    from .integrations.transformers import last_video_selection as _last_video
+
+    return _last_video(model)
+
+
 def load_default(path=None, *, dtype=None):
     """``(model, processor)`` of the embedded default model: a small LLaVA trained on synthetic shapes (no download).
 
@@ -89,6 +97,7 @@ __all__ = [
     "get_compressor_class",
     "is_applied",
     "last_selection",
+    "last_video_selection",
     "list_compressors",
     "load_default",
     "parse_budget",

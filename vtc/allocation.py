@@ -110,6 +110,65 @@ def split_budget(total: int, weights: Sequence[float] | torch.Tensor, caps: Sequ
     return budgets
 
 
+def water_fill(total: int, weights: Sequence[float] | torch.Tensor, caps: Sequence[int], floor: int = 0) -> list[int]:
+    """Frame budgets ``b_t = clip(kappa * w_t, floor, cap_t)``, integers summing exactly to ``min(total, sum(caps))``.
+
+    This is the video allocation of the QuoTA design (spec video §6(a) step 5): ``kappa`` is found by bisection so the
+    continuous budgets sum to the total, then they are rounded with the largest-remainder method (ties to the lower
+    frame). A frame never gets more than its cap (its native token count: no up-sampling, unlike QuoTA v1) nor less
+    than ``floor`` (capped at the frame's size). With ``floor = 0`` a frame of weight 0 gets 0 tokens and is dropped,
+    as in QuoTA. If ``floor * T`` exceeds the total, the floor is lowered to ``total // T`` so the sum stays exact.
+    All-zero weights share evenly.
+    """
+    caps = [max(0, int(c)) for c in caps]
+    weights = [float(w) for w in (weights.tolist() if isinstance(weights, torch.Tensor) else weights)]
+    if len(weights) != len(caps):
+        raise ValueError(f"got {len(weights)} weights for {len(caps)} frames")
+    if any(not math.isfinite(w) or w < 0 for w in weights):
+        raise ValueError(f"frame weights must be finite and >= 0, got {weights}")
+    if isinstance(floor, bool) or not isinstance(floor, int) or floor < 0:
+        raise ValueError(f"floor must be an int >= 0 (tokens per frame), got {floor!r}")
+    total = max(0, min(int(total), sum(caps)))
+    if not caps or total == 0:
+        return [0] * len(caps)
+    if sum(min(floor, c) for c in caps) > total:
+        floor = total // len(caps)
+    if sum(weights) == 0:
+        weights = [1.0] * len(caps)
+    lows = [min(floor, c) for c in caps]
+
+    def filled(kappa: float) -> list[float]:
+        return [min(float(c), max(float(lo), kappa * w)) for w, c, lo in zip(weights, caps, lows)]
+
+    lo_k, hi_k = 0.0, 1.0
+    while sum(filled(hi_k)) < total:
+        hi_k *= 2.0
+        if hi_k > 1e300:  # only frames of weight 0 are left below their cap: fill them evenly
+            break
+    for _ in range(200):
+        mid = (lo_k + hi_k) / 2
+        if sum(filled(mid)) < total:
+            lo_k = mid
+        else:
+            hi_k = mid
+    shares = filled(hi_k)
+    budgets = [min(c, max(lo, math.floor(s + 1e-9))) for s, c, lo in zip(shares, caps, lows)]
+    left = total - sum(budgets)
+    order = sorted(range(len(caps)), key=lambda i: (-(shares[i] - budgets[i]), i))
+    while left != 0:  # exact sum despite float rounding: hand out (or take back) one token at a time
+        step = 1 if left > 0 else -1
+        for i in order if step > 0 else reversed(order):
+            if left == 0:
+                break
+            if (step > 0 and budgets[i] < caps[i] and (weights[i] > 0 or budgets[i] < lows[i] or
+                                                       all(w == 0 or b == c for w, b, c in
+                                                           zip(weights, budgets, caps)))) or \
+                    (step < 0 and budgets[i] > lows[i]):
+                budgets[i] += step
+                left -= step
+    return budgets
+
+
 def even_budgets(total: int, sizes: Sequence[int]) -> list[int]:
     """The same budget for every non-empty view, the remainder to the first views, capped and redistributed."""
     return split_budget(total, [1.0] * len(sizes), sizes)

@@ -20,6 +20,10 @@ class Selection:
     features: torch.Tensor | None = None  # [K, D] replacement features (merging compressors); None = gather
     groups: tuple[torch.Tensor, ...] | None = None  # per output token: original indices it absorbed
     scores: torch.Tensor | None = None  # [N] the per-token score the compressor ranked by, for display
+    #: per output token: the coefficients of its merge over ``groups[i]`` (``features[i] == weights[i] @
+    #: X[groups[i]]``). A merge stated this way is replayed exactly on other feature sets of the same tokens
+    #: (Qwen3-VL deepstack levels) even when the groups themselves were chosen from the features.
+    weights: tuple[torch.Tensor, ...] | None = None
 
     @property
     def num_kept(self) -> int:
@@ -45,6 +49,11 @@ class Selection:
             raise RuntimeError(f"{who} returned {self.features.shape[0]} merged features for {idx.numel()} indices")
         if self.groups is not None and len(self.groups) != idx.numel():
             raise RuntimeError(f"{who} returned {len(self.groups)} groups for {idx.numel()} indices")
+        if self.weights is not None:
+            if self.groups is None or len(self.weights) != len(self.groups):
+                raise RuntimeError(f"{who} returned merge weights without one group per weight vector")
+            if any(w.numel() != g.numel() for w, g in zip(self.weights, self.groups)):
+                raise RuntimeError(f"{who} returned merge weights whose sizes differ from their groups")
         return self
 
 

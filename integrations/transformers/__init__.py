@@ -11,12 +11,13 @@ from vtc.allocation import create_allocation
 from vtc.budget import Budget, validate_budget
 from vtc.compressor import create_compressor
 from vtc.selection import ImageSelection
+from vtc.video import VideoRecord
 
 from .adapter import FamilyAdapter, adapter_for, supported_families
 from .cut import CutState, wrap_forward, wrap_generate
 
 _STATE_ATTR = "_vtc_state"
-_INTEGRATION_OPTIONS = ("positions", "allocation")
+_INTEGRATION_OPTIONS = ("positions", "allocation", "video_budget", "processor", "decouple_query", "images_as_video")
 
 
 def apply(model, compressor="cls_attention", budget: Budget = 64, **options):
@@ -24,9 +25,30 @@ def apply(model, compressor="cls_attention", budget: Budget = 64, **options):
 
     Integration options: ``positions`` (the family's position policy) and, for AnyRes families (LLaVA-NeXT,
     LLaVA-OneVision), ``allocation`` -- how an image's budget is split over its views: ``"even"`` (default),
-    ``"hired"``, ``"globalcom2"`` or a ``vtc.allocation.Allocation`` instance (see ``vtc.allocation``).
+    ``"hired"``, ``"globalcom2"`` or a ``vtc.allocation.Allocation`` instance (see ``vtc.allocation``);
+    ``video_budget`` -- the budget of each video over all its frames (int tokens or float fraction; default: the same
+    value as ``budget``); ``processor`` -- the model's processor (or tokenizer), needed by QuoTA's ``scorer="self"``
+    (the wrapped model rates each frame's relevance, ``frame_scorer``), with ``decouple_query=True`` to first ask it
+    which objects the question is about; ``images_as_video=True`` -- the images of each prompt are the frames of
+    one video sharing ``video_budget`` (for models that see a video as an image sequence, e.g. LLaVA-1.5 and vtc's
+    embedded default model).
     """
     budget = validate_budget(budget)
+    video_budget = options.pop("video_budget", None)
+    if video_budget is not None:
+        video_budget = validate_budget(video_budget)
+    processor = options.pop("processor", None)
+    decouple_query = options.pop("decouple_query", False)
+    frame_scorer = None
+    if processor is not None:
+        from .frame_scorer import SelfFrameScorer
+
+        frame_scorer = SelfFrameScorer(processor, decouple=bool(decouple_query))
+    elif decouple_query:
+        raise ValueError("decouple_query=True asks the model a question in words, which needs processor=processor")
+    images_as_video = options.pop("images_as_video", False)
+    if not isinstance(images_as_video, bool):
+        raise TypeError(f"images_as_video must be True or False, got {images_as_video!r}")
     adapter = adapter_for(model)
     positions = options.pop("positions", None) or adapter.position_modes[0]
     if positions not in adapter.position_modes:
@@ -54,6 +76,9 @@ def apply(model, compressor="cls_attention", budget: Budget = 64, **options):
         original_generate=model.generate,
         original_forward=model.forward,
         allocation=allocation,
+        video_budget=video_budget,
+        frame_scorer=frame_scorer,
+        images_as_video=images_as_video,
     )
     setattr(model, _STATE_ATTR, state)
     model.generate = wrap_generate(state)
@@ -82,6 +107,10 @@ def last_selection(model) -> list[ImageSelection]:
     return list(state.records)
 
 
+def last_video_selection(model) -> list[VideoRecord]:
+    return list(get_state(model).video_records)
+
+
 def get_state(model) -> CutState:
     state = getattr(model, "__dict__", {}).get(_STATE_ATTR)
     if state is None:
@@ -89,4 +118,5 @@ def get_state(model) -> CutState:
     return state
 
 
-__all__ = ["FamilyAdapter", "apply", "get_state", "is_applied", "last_selection", "remove", "supported_families"]
+__all__ = ["FamilyAdapter", "apply", "get_state", "is_applied", "last_selection", "last_video_selection", "remove",
+           "supported_families"]

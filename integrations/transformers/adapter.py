@@ -46,6 +46,27 @@ class EncodedImages:
     views: list[list[dict[Signal, torch.Tensor]] | None] = field(default_factory=list)
 
 
+@dataclass
+class EncodedVideos:
+    """The videos of a call, encoded by the family's own ``get_video_features``, split into frames.
+
+    A *frame* is one grid of visual tokens as the LLM receives them: a sampled frame (LLaVA-OneVision) or a temporal
+    step of two fused frames (Qwen-VL, ``temporal_patch_size = 2``). Every video's placeholder run is its frames'
+    tokens in order followed by ``suffix[v]`` layout tokens (OneVision's one newline per video), which are always
+    kept.
+    """
+
+    output: Any  # the model's own video output (what ``shrink_video_output`` copies)
+    frames: list[list[torch.Tensor]]  # per video: per frame [n_t, D]
+    grids: list[list[tuple[int, int]]]  # per video: per frame (rows, cols)
+    signals: list[list[dict[Signal, torch.Tensor]]]  # per video: per frame, laid out like the frame's tokens
+    suffix: list[torch.Tensor] = field(default_factory=list)  # per video: [S, D] trailing layout tokens (kept)
+    #: per video: further feature sets read at the video's placeholders (Qwen3-VL deepstack), each [N_video, D]
+    levels: list[list[torch.Tensor]] = field(default_factory=list)
+    #: seconds of each frame where the inputs say (Qwen: temporal step * seconds per step), else None
+    timestamps: list[list[float] | None] = field(default_factory=list)
+
+
 class FamilyAdapter:
     """Base class of the per-family adapters in ``families/``."""
 
@@ -77,6 +98,29 @@ class FamilyAdapter:
 
     def image_token_id(self) -> int:
         return int(self.model.config.image_token_id)
+
+    def video_token_id(self) -> int | None:
+        """The placeholder id of video tokens (``None``: the family has no video input)."""
+        config = self.model.config
+        value = getattr(config, "video_token_id", None)
+        if value is None:
+            value = getattr(config, "video_token_index", None)
+        return None if value is None else int(value)
+
+    def position_inputs(self, inputs: dict) -> dict:
+        """What ``original_positions`` needs from the call's inputs besides ids and mask (Qwen: the grids)."""
+        return {}
+
+    def encode_videos(self, inputs: dict, signals: tuple[Signal, ...]) -> EncodedVideos:
+        """Encode the call's videos with the model's own ``get_video_features``, capturing ``signals`` per frame."""
+        raise NotImplementedError(
+            f"vtc cannot compress the videos of {self.family} models yet; pass the frames as images instead"
+        )
+
+    def shrink_video_output(self, encoded: EncodedVideos, kept: list[torch.Tensor],
+                            kept_levels: list[list[torch.Tensor]]) -> Any:
+        """A copy of the video output holding, per video, only its kept (or merged) tokens and its suffix."""
+        return type(encoded.output)(pooler_output=tuple(kept))
 
     def encoder_kwargs(self, inputs: dict) -> dict:
         """The entries of ``inputs`` that ``get_image_features`` takes (as generate itself selects them)."""

@@ -11,7 +11,10 @@ levels read at the image positions (Qwen3-VL deepstack), the same selection of e
 model is patched: the placeholder count, ``get_placeholder_mask`` and ``masked_scatter`` stay consistent by
 construction, and the KV cache, masks and decode positions of ``generate`` simply see a shorter prompt.
 
-Calls without ``pixel_values`` (text-only prompts, and generate's own inner forward calls) pass straight through.
+Videos (``pixel_values_videos``) go the same way: the family's ``get_video_features`` split into frames, one budget
+per video shared by its frames (``vtc.video``), unkept video placeholders dropped, positions from the original
+sequence. Calls without ``pixel_values`` or ``pixel_values_videos`` (text-only prompts, and generate's own inner
+forward calls) pass straight through.
 """
 
 from __future__ import annotations
@@ -28,8 +31,9 @@ from vtc.budget import Budget
 from vtc.compressor import Compressor, VisualTokens, run_compressor
 from vtc.multiview import MultiViewTokens, select_views
 from vtc.selection import ImageSelection, Selection
+from vtc.video import VideoRecord, VideoTokens, run_video_compressor
 
-from .adapter import EncodedImages, FamilyAdapter
+from .adapter import EncodedImages, EncodedVideos, FamilyAdapter
 
 
 @dataclass
@@ -45,6 +49,14 @@ class CutState:
     records: list[ImageSelection] = field(default_factory=list)
     #: how an AnyRes image's budget is split over its views (multi-view families only)
     allocation: Allocation = field(default_factory=Even)
+    #: the budget of each video (all its frames); ``None``: the same as ``budget``
+    video_budget: Budget | None = None
+    video_records: list[VideoRecord] = field(default_factory=list)
+    #: QuoTA's "self" scorer (``frame_scorer.SelfFrameScorer``), set when a processor is passed to ``apply``
+    frame_scorer: Any = None
+    #: treat the images of each prompt as the frames of one video (models without a video input, e.g. LLaVA-1.5,
+    #: which see a video as a sequence of images): one ``video_budget`` per prompt, shared by its images
+    images_as_video: bool = False
 
 
 @dataclass
@@ -54,13 +66,15 @@ class ShrunkInputs:
     new_length: int
 
 
-def _embed_query(model, input_ids: torch.Tensor, mask: torch.Tensor, image_token_id: int) -> list[torch.Tensor]:
+def _embed_query(model, input_ids: torch.Tensor, mask: torch.Tensor, placeholder_ids) -> list[torch.Tensor]:
     """Per batch row: embeddings of its text tokens (for query-aware compressors)."""
     embeddings = model.get_input_embeddings()
     out = []
     for row, row_mask in zip(input_ids, mask):
-        text = row[(row_mask != 0) & (row != image_token_id)]
-        out.append(embeddings(text).detach())
+        text_mask = row_mask != 0
+        for token_id in placeholder_ids:
+            text_mask &= row != token_id
+        out.append(embeddings(row[text_mask]).detach())
     return out
 
 
@@ -68,13 +82,18 @@ def reduce_level(compressor: Compressor, tokens: VisualTokens, selection: Select
                  level: torch.Tensor) -> torch.Tensor:
     """``selection`` applied to another feature set of the same tokens (a Qwen3-VL deepstack level, ``[N, D]``).
 
-    Kept tokens take their own rows. Merged tokens get the same merge: the compressor is run again on the level's
+    Kept tokens take their own rows. A merge stated as coefficients (``Selection.weights``) is replayed on the level.
+    Otherwise merged tokens get the same merge: the compressor is run again on the level's
     features with the same signals, query and budget. Every built-in merging compressor (pool, visionzip) forms
     its groups from the grid and the captured signals only, so the re-run reproduces the groups and merges the
     level's rows with the compressor's own rule; a compressor whose groups depend on the features is refused.
     """
     if selection.features is None:
         return level[selection.indices.to(level.device)]
+    if selection.weights is not None:  # the merge is stated as coefficients: replay it on this level
+        rows = [w.to(level.device, torch.float32) @ level[g.to(level.device)].float()
+                for g, w in zip(selection.groups, selection.weights)]
+        return torch.stack(rows).to(level.dtype)
     again = compressor.select(dataclasses.replace(tokens, features=level), selection.num_kept)
     same = again.features is not None and torch.equal(again.indices.cpu(), selection.indices.cpu())
     if same and selection.groups is not None:
@@ -164,22 +183,123 @@ def select_images(state: CutState, encoded: EncodedImages, image_rows: list[int]
     return records
 
 
+def reduce_video_level(compressor: Compressor, video: VideoTokens, selection: Selection, level: torch.Tensor,
+                       budget: Budget) -> torch.Tensor:
+    """A video's flat ``selection`` applied to another feature set of its tokens (Qwen3-VL deepstack, ``[N, D]``):
+    kept rows, a merge stated as coefficients replayed, or else the compressor re-run on the level (refused if its
+    groups then differ, as ``reduce_level``)."""
+    if selection.features is None:
+        return level[selection.indices.to(level.device)]
+    if selection.weights is not None:
+        rows = [w.to(level.device, torch.float32) @ level[g.to(level.device)].float()
+                for g, w in zip(selection.groups, selection.weights)]
+        return torch.stack(rows).to(level.dtype)
+    parts = torch.split(level, video.frame_sizes)
+    frames = [dataclasses.replace(f, features=p) for f, p in zip(video.frames, parts)]
+    again = run_video_compressor(compressor, dataclasses.replace(video, frames=frames), budget).flat(video)
+    same = again.features is not None and torch.equal(again.indices.cpu(), selection.indices.cpu()) and all(
+        torch.equal(a.cpu(), b.cpu()) for a, b in zip(again.groups or (), selection.groups or ()))
+    if not same:
+        raise RuntimeError(
+            f"compressor {compressor.name!r} merges video tokens into groups that depend on the features, so its "
+            "merge cannot be applied to this model's extra feature levels (Qwen3-VL deepstack); use a pruning "
+            "compressor or one that states its merge weights"
+        )
+    return again.features.to(level.dtype)
+
+
+def frame_scores(state: CutState, frames: list[torch.Tensor], text_ids: torch.Tensor) -> torch.Tensor:
+    """Per-frame relevance from the wrapped model itself (QuoTA's "self" scorer), for compressors that ask."""
+    scorer = state.frame_scorer
+    if scorer is None:
+        raise ValueError(
+            f"compressor {state.compressor.name!r} scores frames with the wrapped model, which needs its tokenizer: "
+            f"vtc.apply(model, {state.compressor.name!r}, ..., processor=processor)"
+        )
+    model = state.adapter.model
+    return scorer.score(model, frames, scorer.prompt(model, scorer.question(text_ids)))
+
+
+def select_videos(state: CutState, videos: EncodedVideos, video_rows: list[int], queries, tower,
+                  text_ids: list[torch.Tensor] | None = None
+                  ) -> tuple[list[VideoRecord], list[Selection], list[list[torch.Tensor]]]:
+    """Run the compressor on every video of the call: per video its record, its flat selection over the frames'
+    tokens, and the selection applied to its extra feature levels."""
+    budget = state.video_budget if state.video_budget is not None else state.budget
+    records, flats, kept_levels = [], [], []
+    for v, (frames, grids, signals) in enumerate(zip(videos.frames, videos.grids, videos.signals)):
+        query = queries[video_rows[v]] if queries is not None else None
+        tokens = [VisualTokens(features=f, grid=g, signals=sig, query=query)
+                  for f, g, sig in zip(frames, grids, signals)]
+        stamps = videos.timestamps[v] if videos.timestamps else None
+        scores = None
+        if getattr(state.compressor, "needs_frame_scores", False) and len(frames) > 1:
+            scores = frame_scores(state, frames, text_ids[video_rows[v]])
+        video = VideoTokens(frames=tokens, timestamps=stamps, query=query, frame_scores=scores)
+        result = run_video_compressor(state.compressor, video, budget)
+        flat = result.flat(video)
+        levels = videos.levels[v] if videos.levels else []
+        kept_levels.append([reduce_video_level(state.compressor, video, flat, level, budget) for level in levels])
+        flats.append(_detached(flat))
+        records.append(VideoRecord(video_index=v, batch_index=video_rows[v], grids=list(grids), selection=result,
+                                   compressor=state.compressor.name, timestamps=stamps,
+                                   num_suffix_tokens=int(videos.suffix[v].shape[0]) if videos.suffix else 0))
+    return records, flats, kept_levels
+
+
+def select_image_sequences(state: CutState, encoded: EncodedImages, image_rows: list[int], queries,
+                           text_ids: list[torch.Tensor] | None) -> tuple[list[ImageSelection], list[VideoRecord]]:
+    """``images_as_video``: the images of each prompt are the frames of one video, selected by the video path; each
+    image keeps its frame's selection, so the rest of the cut is the image cut."""
+    budget = state.video_budget if state.video_budget is not None else state.budget
+    by_row: dict[int, list[int]] = {}
+    for i, row in enumerate(image_rows):
+        by_row.setdefault(row, []).append(i)
+    records: list[ImageSelection | None] = [None] * len(encoded.features)
+    videos = []
+    for v, (row, members) in enumerate(sorted(by_row.items())):
+        if any(encoded.layouts[i].packed is not None for i in members):
+            raise ValueError(
+                "images_as_video treats each image as one frame, but these images are AnyRes (several views); "
+                "pass the frames as a video (pixel_values_videos) or use images_as_video=False"
+            )
+        query = queries[row] if queries is not None else None
+        frames = [VisualTokens(features=encoded.features[i], grid=encoded.layouts[i].grid, signals=encoded.signals[i],
+                               query=query, num_prefix_tokens=encoded.layouts[i].num_prefix_tokens) for i in members]
+        scores = None
+        if getattr(state.compressor, "needs_frame_scores", False) and len(frames) > 1:
+            scores = frame_scores(state, [f.features for f in frames], text_ids[row])
+        video = VideoTokens(frames=frames, query=query, frame_scores=scores)
+        result = run_video_compressor(state.compressor, video, budget)
+        for frame, (i, record) in enumerate(zip(members, result.frames)):
+            records[i] = ImageSelection(
+                image_index=i, batch_index=row, num_tokens=frames[frame].num_tokens, grid=frames[frame].grid,
+                budget=record.budget, selection=_detached(record.selection), compressor=state.compressor.name,
+                num_prefix_tokens=frames[frame].num_prefix_tokens, extra={"video": v, "frame": frame})
+        videos.append(VideoRecord(video_index=v, batch_index=row, grids=[f.grid for f in frames], selection=result,
+                                  compressor=state.compressor.name))
+    encoded.kept_levels = [[] for _ in encoded.features]
+    return records, videos
+
+
 def _detached(selection: Selection) -> Selection:
     return Selection(
         indices=selection.indices.detach(),
         features=None if selection.features is None else selection.features.detach(),
         groups=selection.groups,
         scores=None if selection.scores is None else selection.scores.detach(),
+        weights=None if selection.weights is None else tuple(w.detach() for w in selection.weights),
     )
 
 
-def _image_slots(input_ids: torch.Tensor, image_token_id: int, counts: list[int]) -> tuple[torch.Tensor, list[int]]:
-    """Flat (row-major) positions of every image placeholder, and the batch row each image sits in."""
+def _image_slots(input_ids: torch.Tensor, image_token_id: int, counts: list[int],
+                 what: str = "image") -> tuple[torch.Tensor, list[int]]:
+    """Flat (row-major) positions of every image (video) placeholder, and the batch row each one sits in."""
     flat = (input_ids == image_token_id).flatten().nonzero().squeeze(-1)
     if flat.numel() != sum(counts):
         raise ValueError(
-            f"the prompt has {flat.numel()} image placeholder tokens but the images give {sum(counts)} visual "
-            "tokens; build inputs with the model's processor so each image placeholder is expanded"
+            f"the prompt has {flat.numel()} {what} placeholder tokens but the {what}s give {sum(counts)} visual "
+            f"tokens; build inputs with the model's processor so each {what} placeholder is expanded"
         )
     starts = torch.tensor([0] + counts[:-1]).cumsum(0).tolist()
     rows = [int(flat[s]) // input_ids.shape[1] if c else 0 for s, c in zip(starts, counts)]
@@ -205,7 +325,15 @@ def shrink(state: CutState, inputs: dict, with_labels: bool) -> ShrunkInputs:
     labels = inputs.pop("labels", None) if with_labels else None
 
     tower = adapter.tower_info(inputs)
-    encoded = adapter.encode(inputs, declared_signals(state, tower))
+    signals = declared_signals(state, tower)
+    has_images = inputs.get("pixel_values") is not None
+    has_videos = inputs.get("pixel_values_videos") is not None
+    if has_images:
+        encoded = adapter.encode(inputs, signals)
+    else:
+        encoded = EncodedImages(output=None, features=[], layouts=[], signals=[])
+    videos = adapter.encode_videos(inputs, signals) if has_videos else None
+    encoded.position_inputs.update(adapter.position_inputs(inputs))
     if mm_token_type_ids is not None:
         encoded.position_inputs["mm_token_type_ids"] = mm_token_type_ids
     for key in adapter.encoder_kwargs(inputs):
@@ -213,23 +341,54 @@ def shrink(state: CutState, inputs: dict, with_labels: bool) -> ShrunkInputs:
     for key in adapter.consumed_keys:
         inputs.pop(key, None)
 
-    image_token_id = adapter.image_token_id()
-    counts = [int(f.shape[0]) for f in encoded.features]
-    flat_slots, image_rows = _image_slots(input_ids, image_token_id, counts)
+    image_token_id, video_token_id = adapter.image_token_id(), adapter.video_token_id()
     queries = (
-        _embed_query(model, input_ids, attention_mask, image_token_id) if state.compressor.uses_query else None
+        _embed_query(model, input_ids, attention_mask, (image_token_id, video_token_id))
+        if state.compressor.uses_query else None
     )
-    records = select_images(state, encoded, image_rows, queries, tower)
-
-    # keep-mask over the original sequence: text always, image tokens as selected
     keep = torch.ones(input_ids.numel(), dtype=torch.bool, device=input_ids.device)
-    keep[flat_slots] = False
-    kept_features, offset = [], 0
-    for record, feats in zip(records, encoded.features):
-        sel = record.selection
-        keep[flat_slots[offset + sel.indices.to(flat_slots.device)]] = True
-        offset += record.num_tokens
-        kept_features.append(feats[sel.indices.to(feats.device)] if sel.features is None else sel.features.to(feats.dtype))
+    records, kept_features, image_videos = [], [], []
+    if has_images:
+        counts = [int(f.shape[0]) for f in encoded.features]
+        flat_slots, image_rows = _image_slots(input_ids, image_token_id, counts)
+        if state.images_as_video:
+            text_ids = None
+            if getattr(state.compressor, "needs_frame_scores", False):
+                text_ids = [row[(m != 0) & (row != image_token_id)] for row, m in zip(input_ids, attention_mask)]
+            records, image_videos = select_image_sequences(state, encoded, image_rows, queries, text_ids)
+        else:
+            records, image_videos = select_images(state, encoded, image_rows, queries, tower), []
+        # keep-mask over the original sequence: text always, image tokens as selected
+        keep[flat_slots] = False
+        offset = 0
+        for record, feats in zip(records, encoded.features):
+            sel = record.selection
+            keep[flat_slots[offset + sel.indices.to(flat_slots.device)]] = True
+            offset += record.num_tokens
+            kept_features.append(
+                feats[sel.indices.to(feats.device)] if sel.features is None else sel.features.to(feats.dtype))
+    video_records, kept_videos, kept_video_levels = [], [], []
+    if videos is not None:
+        sizes = [sum(int(f.shape[0]) for f in frames) for frames in videos.frames]
+        suffix = [int(x.shape[0]) for x in videos.suffix] if videos.suffix else [0] * len(sizes)
+        video_slots, video_rows = _image_slots(input_ids, video_token_id, [n + k for n, k in zip(sizes, suffix)],
+                                               what="video")
+        text_ids = None
+        if getattr(state.compressor, "needs_frame_scores", False):
+            text_ids = [row[(m != 0) & (row != image_token_id) & (row != video_token_id)]
+                        for row, m in zip(input_ids, attention_mask)]
+        video_records, flats, kept_video_levels = select_videos(state, videos, video_rows, queries, tower, text_ids)
+        keep[video_slots] = False
+        offset = 0
+        for v, (flat, n, k) in enumerate(zip(flats, sizes, suffix)):
+            keep[video_slots[offset + flat.indices.to(video_slots.device)]] = True
+            keep[video_slots[offset + n: offset + n + k]] = True  # layout tokens after the frames
+            frames = torch.cat(videos.frames[v])
+            kept = frames[flat.indices.to(frames.device)] if flat.features is None else flat.features.to(frames.dtype)
+            if k:
+                kept = torch.cat([kept, videos.suffix[v].to(kept.dtype)])
+            kept_videos.append(kept)
+            offset += n + k
     keep = keep.view_as(input_ids)
 
     if user_positions is not None:
@@ -263,10 +422,13 @@ def shrink(state: CutState, inputs: dict, with_labels: bool) -> ShrunkInputs:
         out["labels"] = repack(labels, -100)
     if positions is not None:
         out["position_ids"] = adapter.position_ids(repack(positions, 1), new_mask)
-    mm_outputs = {"image": adapter.shrink_output(encoded, kept_features, records)}
+    mm_outputs = {"image": adapter.shrink_output(encoded, kept_features, records)} if has_images else {}
     mm_outputs.update(encoded.extra_outputs)
+    if videos is not None:
+        mm_outputs["video"] = adapter.shrink_video_output(videos, kept_videos, kept_video_levels)
     out["mm_encoder_outputs"] = mm_outputs
     state.records = records
+    state.video_records = image_videos + video_records
     inputs.update(out)
     return ShrunkInputs(kwargs=inputs, original_input_ids=input_ids, new_length=new_length)
 
@@ -293,14 +455,18 @@ def _bind(original, args: tuple, kwargs: dict) -> dict:
     return merged
 
 
+def _has_visual_inputs(inputs: dict) -> bool:
+    return inputs.get("pixel_values") is not None or inputs.get("pixel_values_videos") is not None
+
+
 def wrap_generate(state: CutState):
     original = state.original_generate
 
     @functools.wraps(original)
     def generate(*args, **kwargs):
         inputs = _bind(original, args, kwargs)
-        if inputs.get("pixel_values") is None:
-            state.records = []
+        if not _has_visual_inputs(inputs):
+            state.records, state.video_records = [], []
             return original(**inputs)
         shrunk = shrink(state, inputs, with_labels=False)
         output = original(**shrunk.kwargs)
@@ -324,7 +490,7 @@ def wrap_forward(state: CutState):
     @functools.wraps(original)
     def forward(*args, **kwargs):
         inputs = _bind(original, args, kwargs)
-        if inputs.get("pixel_values") is None:
+        if not _has_visual_inputs(inputs):
             return original(**inputs)
         shrunk = shrink(state, inputs, with_labels=True)
         return original(**shrunk.kwargs)

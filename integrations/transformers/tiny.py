@@ -44,6 +44,7 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 __all__ = [
     "FAMILIES",
     "QWEN_FAMILIES",
+    "VIDEO_FAMILIES",
     "ANYRES_FAMILIES",
     "LLAVA_FAMILIES",
     "build_tokenizer",
@@ -56,6 +57,7 @@ __all__ = [
 
 FAMILIES = ("llava", "llava_next", "llava_onevision", "qwen2_5_vl", "qwen2_vl", "qwen3_vl")
 QWEN_FAMILIES = ("qwen2_5_vl", "qwen2_vl", "qwen3_vl")
+VIDEO_FAMILIES = ("llava_onevision", "qwen2_5_vl", "qwen2_vl", "qwen3_vl")
 #: AnyRes families: an image is a base view plus crops, packed with image_newline tokens
 ANYRES_FAMILIES = ("llava_next", "llava_onevision")
 #: every LLaVA-style family (1-D positions, ``<image>`` placeholders, ``model.model.vision_tower``)

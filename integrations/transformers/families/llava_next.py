@@ -195,13 +195,8 @@ class AnyResAdapter(LlavaAdapter):
             per_view.append(signal_views)
             image_layouts.append(ImageLayout(grid=layout.base, packed=layout))
             offset += n
-        encoded = EncodedImages(output=output, features=features, layouts=image_layouts,
-                                signals=[{} for _ in features], views=per_view)
-        self.encode_other(inputs, encoded)
-        return encoded
-
-    def encode_other(self, inputs: dict, encoded: EncodedImages) -> None:
-        """Other modalities of the call, encoded untouched (OneVision videos)."""
+        return EncodedImages(output=output, features=features, layouts=image_layouts,
+                             signals=[{} for _ in features], views=per_view)
 
 
 @register_adapter

@@ -18,17 +18,20 @@ over all queries of its view -- instead of CLS attention; HiRED's allocation doe
 log of it in place of CLS logits, see ``vtc.allocation``). The "full" feature strategy (the checkpoints' setting)
 keeps every patch.
 
-Videos in the same call are encoded with the model's own ``get_video_features`` and passed through untouched.
+Videos (``encode_videos``): each sampled frame is one frame of the video's budget (its 2x2-pooled grid); the single
+newline the model appends after a video's frames (``mm_newline_position="one_token"``) is layout and always kept.
 Positions: 1-D, as LLaVA-1.5: ``"reindex"`` (default) or ``"keep"``.
 """
 
 from __future__ import annotations
 
 import inspect
+import math
 
 import torch
 
-from ..adapter import EncodedImages, register_adapter
+from ..adapter import EncodedVideos, register_adapter
+from ..capture import ProjectionCapture
 from .llava_next import AnyResAdapter
 
 
@@ -64,10 +67,59 @@ class LlavaOnevisionAdapter(AnyResAdapter):
         except ValueError:
             raise ValueError(f"vision_aspect_ratio must look like 'anyres_max_9', got {setting!r}") from None
 
-    def encode_other(self, inputs: dict, encoded: EncodedImages) -> None:
-        if inputs.get("pixel_values_videos") is None:
-            return
+    def encode_videos(self, inputs: dict, signals) -> EncodedVideos:
+        """Every sampled frame is one frame of the video's budget: the tower's patch grid, projected and bilinearly
+        pooled to ``ceil(side / 2)`` per axis by the model (``apply_pooling``); its signals are pooled the same way
+        (bilinear, as the features), so a frame's scores line up with its tokens. The one ``image_newline`` the
+        model appends after each video is layout, always kept."""
+        pixel_values = inputs.get("pixel_values_videos")
+        if not isinstance(pixel_values, torch.Tensor) or pixel_values.dim() != 5:
+            shape = tuple(pixel_values.shape) if isinstance(pixel_values, torch.Tensor) else type(pixel_values).__name__
+            raise ValueError(
+                f"{self.display_name} expects pixel_values_videos of shape [num_videos, frames, 3, H, W], got "
+                f"{shape}; build inputs with the model's own processor"
+            )
+        drop = self._check_strategy(inputs)
         get_video = self.model.model.get_video_features
         params = inspect.signature(get_video).parameters
         kwargs = {key: inputs[key] for key in params if key != "kwargs" and inputs.get(key) is not None}
-        encoded.extra_outputs["video"] = get_video(**kwargs, return_dict=True)
+        heads = self.vision.config.num_attention_heads
+        capture = ProjectionCapture(self.layers, signals, heads, cls_index=0 if self.has_cls() else None)
+        with capture:
+            output = get_video(**kwargs, return_dict=True)
+        num_videos, num_frames = pixel_values.shape[:2]
+        side = self.vision.config.image_size // self.vision.config.patch_size
+        pooled = (math.ceil(side / 2), math.ceil(side / 2))
+        n = pooled[0] * pooled[1]
+        packed = output.pooler_output  # [videos, frames * n + 1, D]
+        if packed.shape[1] != num_frames * n + 1:
+            raise NotImplementedError(
+                f"{self.display_name} returned {packed.shape[1]} tokens per video for {num_frames} frames; vtc expects "
+                f"{num_frames} x {n} pooled tokens plus one newline from this transformers version's get_video_features"
+            )
+        pooled_signals = {sig: _pool_like_features(value[:, drop:], side, pooled)
+                          for sig, value in capture.results.items()}
+        capture.results.clear()
+        frames, grids, frame_signals, suffix = [], [], [], []
+        for v in range(num_videos):
+            frames.append(list(torch.split(packed[v, : num_frames * n], [n] * num_frames)))
+            grids.append([pooled] * num_frames)
+            frame_signals.append([{sig: val[v * num_frames + t] for sig, val in pooled_signals.items()}
+                                  for t in range(num_frames)])
+            suffix.append(packed[v, num_frames * n:])
+        return EncodedVideos(output=output, frames=frames, grids=grids, signals=frame_signals, suffix=suffix,
+                             timestamps=[None] * num_videos)
+
+    def shrink_video_output(self, encoded: EncodedVideos, kept, kept_levels):
+        # the model flattens [videos, tokens, D] itself; kept counts differ per video, so hand one row of all of them
+        return type(encoded.output)(pooler_output=torch.cat(list(kept), dim=0)[None])
+
+
+def _pool_like_features(value: torch.Tensor, side: int, size: tuple[int, int]) -> torch.Tensor:
+    """``[frames, side*side(, d)]`` per-patch values -> ``[frames, h*w(, d)]``, bilinear like ``apply_pooling``."""
+    frames = value.shape[0]
+    extra = value.shape[2:]
+    grid = value.reshape(frames, side, side, -1).permute(0, 3, 1, 2).float()
+    out = torch.nn.functional.interpolate(grid, size=size, mode="bilinear")
+    out = out.permute(0, 2, 3, 1).reshape(frames, size[0] * size[1], *extra)
+    return out

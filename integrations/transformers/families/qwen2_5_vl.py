@@ -9,7 +9,9 @@ Positions: kept tokens keep their original M-RoPE ``(t, h, w)`` ids (as every Qw
 row 0, the text row transformers uses for masks, is renumbered contiguously. There is no "reindex" for Qwen: a
 partial grid has no M-RoPE numbering of its own.
 
-Videos in the same call are encoded with the model's own ``get_video_features`` and passed through untouched.
+Videos: each temporal step (``temporal_patch_size = 2`` fused frames) is one frame of the video's budget
+(``encode_videos``); kept video tokens keep their original M-RoPE ids too (Qwen2.5-VL's are time-aligned through
+``second_per_grid_ts``), so a dropped frame leaves a gap in time, never a renumbering.
 
 ``QwenVLAdapter`` holds what Qwen2-VL (``qwen2_vl.py``), Qwen2.5-VL and Qwen3-VL (``qwen3_vl.py``) share; a family
 names its classes and tower, and Qwen2.5-VL adds the window permutation.
@@ -24,7 +26,7 @@ import torch
 
 from vtc.signals import Signal, TowerInfo
 
-from ..adapter import EncodedImages, FamilyAdapter, ImageLayout, register_adapter
+from ..adapter import EncodedImages, EncodedVideos, FamilyAdapter, ImageLayout, register_adapter
 from ..capture import QwenBlockCapture
 
 VIDEO_KEYS = ("pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
@@ -61,24 +63,26 @@ class QwenVLAdapter(FamilyAdapter):
         """Permutation from the ViT's merge-unit order to merged-token raster order (``None``: already in order)."""
         return None
 
-    def _check_inputs(self, pixel_values, grid_thw) -> None:
+    def _check_inputs(self, pixel_values, grid_thw, what: str = "image") -> None:
         name = self.display_name
+        pv, grid_name = ("pixel_values", "image_grid_thw") if what == "image" else ("pixel_values_videos",
+                                                                                  "video_grid_thw")
         if grid_thw is None:
-            raise ValueError(f"{name} needs image_grid_thw next to pixel_values (the processor returns both)")
+            raise ValueError(f"{name} needs {grid_name} next to {pv} (the processor returns both)")
         if not isinstance(pixel_values, torch.Tensor) or pixel_values.dim() != 2:
             shape = tuple(pixel_values.shape) if isinstance(pixel_values, torch.Tensor) else type(pixel_values).__name__
             raise ValueError(
-                f"{name} expects pixel_values as flattened patches [num_patches, C*T*P*P] (what its processor "
+                f"{name} expects {pv} as flattened patches [num_patches, C*T*P*P] (what its processor "
                 f"returns), got {shape}; build inputs with the model's own processor"
             )
         if not isinstance(grid_thw, torch.Tensor) or grid_thw.dim() != 2 or grid_thw.shape[-1] != 3:
             shape = tuple(grid_thw.shape) if isinstance(grid_thw, torch.Tensor) else type(grid_thw).__name__
-            raise ValueError(f"image_grid_thw must be a [num_images, 3] tensor (t, h, w in patches), got {shape}")
+            raise ValueError(f"{grid_name} must be a [num_{what}s, 3] tensor (t, h, w in patches), got {shape}")
         cfg = self.visual.config
         width = cfg.in_channels * cfg.temporal_patch_size * cfg.patch_size**2
         if pixel_values.shape[1] != width:
             raise ValueError(
-                f"pixel_values rows have {pixel_values.shape[1]} values but this {name} tower takes patches of "
+                f"{pv} rows have {pixel_values.shape[1]} values but this {name} tower takes patches of "
                 f"{cfg.in_channels}x{cfg.temporal_patch_size}x{cfg.patch_size}x{cfg.patch_size} = {width}; use the "
                 "processor saved with this model (patch_size / temporal_patch_size must match the model)"
             )
@@ -86,12 +90,12 @@ class QwenVLAdapter(FamilyAdapter):
         patches = int(grid_thw.prod(-1).sum())
         if patches != pixel_values.shape[0]:
             raise ValueError(
-                f"image_grid_thw describes {patches} patches but pixel_values has {pixel_values.shape[0]} rows; "
-                "pass the pixel_values and image_grid_thw of the same processor call"
+                f"{grid_name} describes {patches} patches but {pv} has {pixel_values.shape[0]} rows; "
+                f"pass the {pv} and {grid_name} of the same processor call"
             )
         if bool(((grid_thw[:, 1:] % merge) != 0).any()):
             raise ValueError(
-                f"image_grid_thw {grid_thw.tolist()} has sides not divisible by the spatial merge size {merge}; "
+                f"{grid_name} {grid_thw.tolist()} has sides not divisible by the spatial merge size {merge}; "
                 "build inputs with the model's own processor (it rounds image sides to patch * merge)"
             )
 
@@ -104,28 +108,52 @@ class QwenVLAdapter(FamilyAdapter):
             output = self.model.model.get_image_features(**enc_kwargs, return_dict=True)
         features = list(output.pooler_output)
         merge = self.visual.spatial_merge_size
-        unit = merge * merge
         layouts = [ImageLayout(grid=(int(t) * int(h) // merge, int(w) // merge)) for t, h, w in grid_thw.tolist()]
-        per_image: list[dict] = [{} for _ in features]
-        if capture.results:
-            restore = self._restore_order(grid_thw)
-            sizes = [f.shape[0] for f in features]
-            for signal, value in capture.results.items():
-                merged = value.reshape(value.shape[0] // unit, unit, *value.shape[1:]).mean(dim=1)
-                if restore is not None:
-                    merged = merged[restore.to(merged.device)]
-                for i, part in enumerate(torch.split(merged, sizes)):
-                    per_image[i][signal] = part
-            capture.results.clear()
-        extra, position_inputs = {}, {"image_grid_thw": grid_thw}
-        if inputs.get("pixel_values_videos") is not None:
-            video_kwargs = {k: inputs[k] for k in ("pixel_values_videos", "video_grid_thw") if k in inputs}
-            extra["video"] = self.model.model.get_video_features(**video_kwargs, return_dict=True)
-        for key in ("video_grid_thw", "second_per_grid_ts"):
-            if inputs.get(key) is not None:
-                position_inputs[key] = inputs[key]
-        return EncodedImages(output=output, features=features, layouts=layouts, signals=per_image,
-                             extra_outputs=extra, position_inputs=position_inputs)
+        per_image = self._merged_signals(capture.results, grid_thw, [f.shape[0] for f in features])
+        return EncodedImages(output=output, features=features, layouts=layouts, signals=per_image)
+
+    def position_inputs(self, inputs: dict) -> dict:
+        keys = ("image_grid_thw", "video_grid_thw", "second_per_grid_ts")
+        return {key: inputs[key] for key in keys if inputs.get(key) is not None}
+
+    def _merged_signals(self, results: dict, grid_thw: torch.Tensor, sizes: list[int]) -> list[dict]:
+        """Captured per-patch signals -> per merged token, raster order, split by ``sizes``."""
+        unit = self.visual.spatial_merge_size ** 2
+        out: list[dict] = [{} for _ in sizes]
+        restore = self._restore_order(grid_thw) if results else None
+        for signal, value in results.items():
+            merged = value.reshape(value.shape[0] // unit, unit, *value.shape[1:]).mean(dim=1)
+            if restore is not None:
+                merged = merged[restore.to(merged.device)]
+            for i, part in enumerate(torch.split(merged, sizes)):
+                out[i][signal] = part
+        results.clear()
+        return out
+
+    def encode_videos(self, inputs: dict, signals: tuple[Signal, ...]) -> EncodedVideos:
+        """Each temporal step of a video (``temporal_patch_size`` fused frames) is one frame of ``(h/2) x (w/2)``
+        merged tokens; the ViT attends within each step (one ``cu_seqlens`` span), so signals are per frame."""
+        pixel_values, grid_thw = inputs.get("pixel_values_videos"), inputs.get("video_grid_thw")
+        self._check_inputs(pixel_values, grid_thw, what="video")
+        capture = QwenBlockCapture(self.visual.blocks, signals, self._rotary())
+        with capture:
+            output = self.model.model.get_video_features(pixel_values_videos=pixel_values, video_grid_thw=grid_thw,
+                                                         return_dict=True)
+        merge = self.visual.spatial_merge_size
+        videos = [f for f in output.pooler_output]
+        per_video = self._merged_signals(capture.results, grid_thw, [v.shape[0] for v in videos])
+        seconds = inputs.get("second_per_grid_ts")
+        frames, grids, frame_signals, stamps = [], [], [], []
+        for v, ((t, h, w), feats) in enumerate(zip(grid_thw.tolist(), videos)):
+            n = (h // merge) * (w // merge)
+            frames.append(list(torch.split(feats, [n] * t)))
+            grids.append([(h // merge, w // merge)] * t)
+            frame_signals.append([{sig: val[k * n:(k + 1) * n] for sig, val in per_video[v].items()}
+                                  for k in range(t)])
+            step = float(seconds[v]) if seconds is not None else None
+            stamps.append([k * step for k in range(t)] if step is not None else None)
+        return EncodedVideos(output=output, frames=frames, grids=grids, signals=frame_signals,
+                             suffix=[feats[:0] for feats in videos], timestamps=stamps)
 
     def original_positions(self, input_ids, attention_mask, encoded: EncodedImages) -> torch.Tensor:
         mm_token_type_ids = encoded.position_inputs.get("mm_token_type_ids")

@@ -12,12 +12,12 @@ states at the image placeholder positions after decoder layer ``j``. Every level
 the main features -- the kept rows, or for merging compressors the same merge (the cut re-runs the compressor on
 each level; see ``cut.reduce_level``) -- so the injected features stay aligned with the kept tokens.
 
-Videos in the same call pass through untouched (with their own deepstack features).
+Videos (``encode_videos``): every deepstack level of a video gets the video's selection, like images.
 """
 
 from __future__ import annotations
 
-from ..adapter import EncodedImages, register_adapter
+from ..adapter import EncodedImages, EncodedVideos, register_adapter
 from .qwen2_5_vl import QwenVLAdapter
 
 
@@ -53,3 +53,22 @@ class Qwen3VLAdapter(QwenVLAdapter):
         num_levels = len(encoded.levels[0]) if encoded.levels else 0
         deepstack = [tuple(kept[j] for kept in encoded.kept_levels) for j in range(num_levels)]
         return type(encoded.output)(pooler_output=tuple(kept_features), deepstack_features=deepstack)
+
+    def encode_videos(self, inputs, signals) -> EncodedVideos:
+        encoded = super().encode_videos(inputs, signals)
+        levels = list(getattr(encoded.output, "deepstack_features", None) or [])
+        sizes = [sum(f.shape[0] for f in frames) for frames in encoded.frames]
+        for j, level in enumerate(levels):
+            if [f.shape[0] for f in level] != sizes:
+                raise RuntimeError(
+                    f"Qwen3-VL deepstack level {j} of the videos has {[f.shape[0] for f in level]} rows per video but "
+                    f"the videos have {sizes} visual tokens; this transformers version lays deepstack features out "
+                    "differently from what the qwen3_vl adapter supports"
+                )
+        encoded.levels = [[level[v] for level in levels] for v in range(len(encoded.frames))]
+        return encoded
+
+    def shrink_video_output(self, encoded: EncodedVideos, kept, kept_levels):
+        num_levels = len(encoded.levels[0]) if encoded.levels else 0
+        deepstack = [tuple(levels[j] for levels in kept_levels) for j in range(num_levels)]
+        return type(encoded.output)(pooler_output=tuple(kept), deepstack_features=deepstack)

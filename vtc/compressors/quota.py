@@ -1,0 +1,385 @@
+"""QuoTA, hardened: query-oriented frame budgeting for video (arXiv 2503.08689; spec video §1 and §6(a)).
+
+A video's budget is shared by its frames in proportion to how relevant each frame is to the question, then every
+frame is reduced to its share on its own grid:
+
+1. **Score** every frame ``s_t`` in [0, 1] (``scorer``):
+
+   * ``"self"`` -- QuoTA's rule: the probability that a VLM answers "yes" to a per-frame relevance question. The
+     integration computes it with the wrapped VLM and hands it in as ``VideoTokens.frame_scores``; the core never
+     runs a model.
+   * ``"similarity"`` (default, cheap, no extra forward pass) -- from the cosine similarity between the frame's
+     visual tokens and the prompt's text embeddings ``VideoTokens.query`` (both in the LLM input space)::
+
+         r_t = mean_q  max_i  cos(query_q, frame_t token_i)      # per query token: its best match in the frame
+         s_t = exp((r_t - max_u r_u) / temperature)              # in (0, 1]; the best frame scores 1
+
+     *Max over the frame's tokens* because a frame is relevant when it *contains* what a query word names, however
+     small. *Mean over query tokens* so every word counts (template tokens such as the chat markup match every
+     frame about equally, so they add a near-constant that the next step removes). *Why the exponential*: raw
+     cross-modal cosines are small and share a large common offset (anisotropy, the modality gap), so an affine
+     map such as ``(1 + r) / 2`` would leave the weights nearly uniform, while min-max scaling would give the
+     least relevant frame exactly 0 and drop it in every video. ``exp((r - max r) / temperature)`` depends only
+     on the *differences* between frames, is 1 for the best frame, and with QuoTA's ``s ** gamma`` weights turns
+     into a softmax over frames with temperature ``temperature / gamma`` (spec §6(a).4 lists softmax as the
+     alternative weighting). ``temperature`` is in cosine units (vtc's choice, not tuned on benchmarks).
+   * ``"uniform"`` -- every frame scores 1: the no-scoring ablation (QuoTA's "more frames, same budget, no scoring",
+     spec §1).
+
+   A one-frame video (an image) needs no scoring: its only frame gets the whole budget, so neither a query nor
+   frame scores are required then.
+
+2. **Smooth** (optional, spec §6(a).3, not in QuoTA): ``s~_t = max(s_t, lambda * max_{|k| <= w} s_{t+k})`` so that
+   the neighbours of a relevant frame keep some context (``smooth_window = w``; 0 = off).
+
+3. **Weights** ``w_t = s~_t ** gamma / sum_u s~_u ** gamma`` -- QuoTA's code computes ``(100 s)^2`` normalised,
+   which is ``s^2`` normalised, so ``gamma = 2`` is its effective rule. All-zero scores share evenly.
+
+4. **Budgets** ``b_t = clip(kappa * w_t, floor, n_t)`` with integers summing exactly to the video budget
+   (``vtc.allocation.water_fill``). The cap is the frame's native token count ``n_t``: no up-sampling (QuoTA v1 can
+   up-sample a dominant frame, spec §6(c)). ``floor = 0`` reproduces QuoTA's frame dropping: a frame whose share
+   rounds to 0 is dropped (empty selection). A video budget smaller than the number of frames works the same way.
+
+5. **Reduce each frame to b_t** (``within``):
+
+   * ``"resize"`` -- QuoTA v1: bilinear ``F.interpolate(align_corners=False)`` of the frame's ``[rows, cols, D]``
+     grid to ``(h, w)`` with QuoTA's shape rule (``quota_shape``: ``h = w = floor(sqrt(b))``, then ``h + 1`` if
+     ``(h + 1) * w <= b``, else ``w + 1`` if ``h * (w + 1) <= b``; clamped to the frame's own grid so no axis is
+     up-sampled).
+   * ``"pool"`` -- QuoTA's v2 assigner: ``F.adaptive_avg_pool2d`` to the same ``(h, w)``. (This is *not* the
+     registered ``"pool"`` image compressor, whose layout differs.)
+   * any registered **image** compressor name (``"hiprune"``, ``"fastervlm"``, ``"random"``, ...) -- it selects
+     ``b_t`` tokens inside the frame (``run_compressor``), with ``within_options`` as its options; ``signals()``
+     then declares what that compressor needs.
+
+   *Exact budgets with resize / pool.* The shape rule keeps ``h * w <= b`` tokens (QuoTA keeps fewer tokens than
+   its budget). vtc keeps exactly ``b``: the ``b - h * w`` leftover tokens (fewer than ``h + 1``) are the frame's
+   **original** tokens that the resized grid reconstructs worst -- the largest L2 residual
+   ``|x - up(resize(x))|`` where ``up`` is the bilinear resize of the ``(h, w)`` grid back to ``(rows, cols)``
+   -- among the tokens not already used as a cell's slot (ties to the lower index). They add back the detail that
+   resampling lost most. The alternative, a shape with ``h * w == b``, degenerates for awkward budgets (a prime
+   ``b`` gives a ``1 x b`` strip).
+
+   *Positions.* Every output token takes the placeholder slot of an original token (``Selection.indices``), so
+   it keeps that token's position: a resized cell sits at the original token nearest its centre, row
+   ``floor((i + 0.5) * rows / h)`` and column ``floor((j + 0.5) * cols / w)`` -- distinct for distinct cells because
+   ``h <= rows`` and ``w <= cols``, and always inside the cell's source region. On Qwen this keeps the M-RoPE ids on
+   the original grid scale (spec §6(a).6; never recomputed on the resized grid). ``groups[i]`` lists the original
+   tokens output ``i`` was computed from: the (up to 2 x 2) bilinear taps of a resized cell, the adaptive-pooling
+   region of a pooled cell, the token itself for a leftover; ``weights[i]`` their coefficients (the product of the
+   row and column tap weights of the bilinear resize, ``1 / region size`` for pooling, ``1`` for a leftover or a
+   prefix token), so ``features[i] == weights[i] @ x[groups[i]]`` and the integration can replay the merge on
+   other feature sets of the same tokens (Qwen3-VL deepstack levels). Prefix tokens (a CLS kept by LLaVA's "full"
+   strategy) are kept first while the budget allows, as the ``pool`` baseline does. A frame whose budget covers all
+   its tokens is kept as it is (no merged features). Newline tokens (LLaVA-Video grid newlines) are layout, handled by
+   the integration.
+
+Each ``FrameRecord`` carries ``score`` (the smoothed relevance that drove the budget), ``weight`` (``w_t``) and
+``extra``: ``"raw_score"`` (before smoothing), and for resize / pool ``"shape"`` (``(h, w)``, ``(0, 0)`` for a
+dropped frame) and ``"leftover"`` (the original tokens added to reach the exact budget).
+
+Deviations from QuoTA, all deliberate: exact budgets (QuoTA floors ``N_t * w_t`` and keeps ``h * w`` of them);
+per-frame cap at the native size; optional floor and smoothing; no CoT query decoupling or second VLM in the core
+(the ``"self"`` scores come from the integration).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import numbers
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from ..allocation import water_fill
+from ..compressor import VisualTokens, create_compressor, get_compressor_class, register, run_compressor, top_k_sorted
+from ..selection import Selection
+from ..signals import Signal, TowerInfo
+from ..video import FrameRecord, VideoCompressor, VideoSelection, VideoTokens
+
+SCORERS = ("similarity", "self", "uniform")
+GRID_MODES = ("resize", "pool")
+
+
+# ==================================================================================================== pure functions
+def quota_shape(budget: int, grid: tuple[int, int] | None = None) -> tuple[int, int]:
+    """QuoTA's ``(h, w)`` for a frame budget ``b``: ``h = w = floor(sqrt(b))``, then ``h + 1`` if ``(h+1)*w <= b``,
+    else ``w + 1`` if ``h*(w+1) <= b`` (``h`` counts rows). With ``grid = (rows, cols)`` the shape is clamped so no
+    axis is up-sampled: ``h <= rows`` (then ``w = min(cols, b // h)``) and ``w <= cols`` (then
+    ``h = min(rows, b // w)``). Always ``h * w <= b``.
+    """
+    b = int(budget)
+    if b <= 0:
+        return 0, 0
+    h = w = math.isqrt(b)
+    if (h + 1) * w <= b:
+        h += 1
+    elif h * (w + 1) <= b:
+        w += 1
+    if grid is not None:
+        rows, cols = int(grid[0]), int(grid[1])
+        if rows <= 0 or cols <= 0:
+            return 0, 0
+        if h > rows:
+            h, w = rows, min(cols, b // rows)
+        if w > cols:
+            w, h = cols, min(rows, b // cols)
+    return h, w
+
+
+def smooth_scores(scores: torch.Tensor, window: int, lam: float) -> torch.Tensor:
+    """``s~_t = max(s_t, lam * max_{|k| <= window} s_{t+k})`` (frames outside the video do not exist)."""
+    scores = scores.double().reshape(-1)
+    if window <= 0 or scores.numel() == 0:
+        return scores
+    # scores are >= 0, so zero padding is the same as ignoring the frames beyond either end
+    local = F.pad(scores, (window, window)).unfold(0, 2 * window + 1, 1).max(dim=-1).values
+    return torch.maximum(scores, lam * local)
+
+
+def similarity_scores(frames: list[torch.Tensor], query: torch.Tensor, temperature: float = 0.05) -> torch.Tensor:
+    """``[T]`` relevance in (0, 1] of each frame (``[n_t, D]`` features) to ``query`` (``[Q, D]``); see the module doc:
+    ``r_t = mean_q max_i cos(q, x_ti)``, ``s_t = exp((r_t - max r) / temperature)``."""
+    q = F.normalize(query.detach().float().reshape(-1, query.shape[-1]), dim=-1)
+    raw = []
+    for features in frames:
+        x = F.normalize(features.detach().float().to(q.device), dim=-1)
+        raw.append((q @ x.T).max(dim=1).values.mean())
+    r = torch.stack(raw).double().cpu()
+    return torch.exp((r - r.max()) / temperature)
+
+
+def _slots(size: int, parts: int) -> list[int]:
+    # the original row (column) nearest the centre of each of ``parts`` cells: floor((i + 0.5) * size / parts)
+    return [((2 * i + 1) * size) // (2 * parts) for i in range(parts)]
+
+
+@functools.lru_cache(maxsize=256)
+def _linear_support(size: int, parts: int) -> tuple[tuple[tuple[int, ...], tuple[float, ...]], ...]:
+    # per output row of a 1-D linear resize (align_corners=False): the source rows with a non-zero weight and those
+    # weights; the 2-D bilinear resize of torch is the separable product of these
+    eye = torch.eye(size, dtype=torch.float64)[None]  # [1, size (channels = one-hot sources), size]
+    weights = F.interpolate(eye, size=parts, mode="linear", align_corners=False)[0]  # [source, output]
+    out = []
+    for i in range(parts):
+        rows = torch.nonzero(weights[:, i] != 0).flatten()
+        out.append((tuple(rows.tolist()), tuple(weights[rows, i].tolist())))
+    return tuple(out)
+
+
+def _pool_support(size: int, parts: int) -> list[tuple[range, tuple[float, ...]]]:
+    # adaptive pooling regions, as torch: [floor(i * n / p), ceil((i + 1) * n / p)), each source weighted uniformly
+    regions = [range((i * size) // parts, -((-(i + 1) * size) // parts)) for i in range(parts)]
+    return [(r, (1.0 / len(r),) * len(r)) for r in regions]
+
+
+def reduce_grid(tokens: VisualTokens, budget: int, mode: str = "resize") -> tuple[Selection, tuple[int, int]]:
+    """Reduce one frame to exactly ``budget`` tokens by resizing its grid (see the module doc, step 5).
+
+    Returns the selection and the ``(h, w)`` of the resized grid (``(0, 0)`` when only prefix tokens are kept).
+    """
+    if mode not in GRID_MODES:
+        raise ValueError(f"grid reduction mode must be one of {GRID_MODES}, got {mode!r}")
+    device = tokens.features.device
+    n = tokens.num_tokens
+    budget = max(0, min(int(budget), n))
+    if budget == 0:
+        return Selection(indices=torch.zeros(0, dtype=torch.long, device=device)), (0, 0)
+    rows, cols = tokens.grid
+    if budget == n:  # nothing to reduce: keep the frame as it is
+        return Selection(indices=torch.arange(n, device=device)), (rows, cols)
+    prefix = min(tokens.num_prefix_tokens, budget)
+    b_grid = budget - prefix
+    base = tokens.num_prefix_tokens
+    dtype = tokens.features.dtype
+    # built as Python ints, moved to the device once (frames can have hundreds of cells)
+    indices: list[int] = list(range(prefix))
+    members: list[list[int]] = [[i] for i in range(prefix)]
+    coefficients: list[list[float]] = [[1.0] for _ in range(prefix)]  # merge weights over ``members``
+    feats: list[torch.Tensor] = [tokens.features[:prefix]]
+    h, w = quota_shape(b_grid, (rows, cols))
+    if h * w > 0:
+        work = dtype if dtype in (torch.float32, torch.float64) else torch.float32
+        grid = tokens.features[base:base + rows * cols].to(work).reshape(rows, cols, -1).permute(2, 0, 1)[None]
+        if mode == "resize":
+            out = F.interpolate(grid, size=(h, w), mode="bilinear", align_corners=False)
+            row_sup, col_sup = _linear_support(rows, h), _linear_support(cols, w)
+        else:
+            out = F.adaptive_avg_pool2d(grid, (h, w))
+            row_sup, col_sup = _pool_support(rows, h), _pool_support(cols, w)
+        cells = out[0].permute(1, 2, 0).reshape(h * w, -1).to(dtype)
+        row_slot, col_slot = _slots(rows, h), _slots(cols, w)
+        # row-major cells have strictly increasing slots (slots increase along both axes)
+        cell_index = [base + r * cols + c for r in row_slot for c in col_slot]
+        cell_members = [[base + r * cols + c for r in row_sup[i][0] for c in col_sup[j][0]]
+                        for i in range(h) for j in range(w)]
+        # the separable taps: weight of source (r, c) in cell (i, j) is row weight x column weight
+        cell_weights = [[a * b for a in row_sup[i][1] for b in col_sup[j][1]] for i in range(h) for j in range(w)]
+        leftover = b_grid - h * w
+        extra_index: list[int] = []
+        if leftover > 0:  # the original tokens the resized grid reconstructs worst, excluding the cells' slots
+            recon = F.interpolate(out, size=(rows, cols), mode="bilinear", align_corners=False)
+            residual = (grid - recon)[0].permute(1, 2, 0).reshape(rows * cols, -1).float().norm(dim=-1)
+            residual[torch.tensor(cell_index, device=residual.device) - base] = -math.inf
+            extra_index = (top_k_sorted(residual, leftover) + base).tolist()
+        all_index = cell_index + extra_index
+        all_members = cell_members + [[i] for i in extra_index]
+        all_weights = cell_weights + [[1.0] for _ in extra_index]
+        all_feats = torch.cat([cells, tokens.features[extra_index]]) if extra_index else cells
+        order = sorted(range(len(all_index)), key=all_index.__getitem__)
+        indices += [all_index[i] for i in order]
+        members += [all_members[i] for i in order]
+        coefficients += [all_weights[i] for i in order]
+        feats.append(all_feats[torch.tensor(order, device=all_feats.device)] if extra_index else all_feats)
+    index_tensor = torch.tensor(indices, dtype=torch.long, device=device)
+    flat = torch.tensor([m for group in members for m in group], dtype=torch.long, device=device)
+    groups = torch.split(flat, [len(group) for group in members])
+    weights = torch.split(torch.tensor([c for group in coefficients for c in group], dtype=torch.float32,
+                                       device=device), [len(group) for group in members])
+    features = torch.cat([f.to(dtype) for f in feats])
+    return Selection(indices=index_tensor, features=features, groups=tuple(groups), weights=tuple(weights)), (h, w)
+
+
+# ==================================================================================================== the compressor
+def _is_number(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+@register
+@dataclass
+class Quota(VideoCompressor):
+    """QuoTA (hardened): frames share the video budget by query relevance, then each is resized to its share.
+
+    Options (QuoTA's effective defaults unless noted; see the module doc):
+      scorer: ``"similarity"`` (query-token / frame-token cosine, in the core; vtc's cheap default),
+        ``"self"`` (``VideoTokens.frame_scores`` from the wrapped VLM -- QuoTA's rule, computed by the integration)
+        or ``"uniform"`` (no scoring: the ablation).
+      gamma: weights ``s ** gamma / sum s ** gamma``; QuoTA's ``(100 s)^2`` normalised is ``gamma = 2``.
+      smooth_window, smooth_lambda: temporal smoothing ``max(s_t, lambda * max_{|k|<=w} s_{t+k})`` (spec §6(a).3,
+        not in QuoTA; window 0 = off, the spec suggests w = 1-2, lambda = 0.5).
+      floor: minimum tokens per frame; 0 (QuoTA) drops frames whose share rounds to 0. Caps: each frame's size.
+      within: ``"resize"`` (QuoTA v1, bilinear), ``"pool"`` (QuoTA v2, adaptive average pooling) or the name of a
+        registered image compressor that selects inside each frame.
+      within_options: options of that image compressor (only with a compressor name).
+      temperature: similarity scorer only: ``s_t = exp((r_t - max r) / temperature)``, cosine units (vtc's choice).
+    """
+
+    name: ClassVar[str] = "quota"
+    uses_query: ClassVar[bool] = True
+
+    scorer: str = "similarity"
+    gamma: float = 2.0
+    smooth_window: int = 0
+    smooth_lambda: float = 0.5
+    floor: int = 0
+    within: str = "resize"
+    within_options: dict | None = None
+    temperature: float = 0.05
+
+    @property
+    def needs_frame_scores(self) -> bool:
+        """``scorer="self"``: the integration rates the frames with the wrapped model (``frame_scorer``)."""
+        return self.scorer == "self"
+
+    def __post_init__(self):
+        if self.scorer not in SCORERS:
+            raise ValueError(f"quota scorer must be one of {', '.join(map(repr, SCORERS))}, got {self.scorer!r}")
+        if not _is_number(self.gamma) or not math.isfinite(self.gamma) or self.gamma <= 0:
+            raise ValueError(f"quota gamma must be a finite number > 0 (QuoTA: 2.0), got {self.gamma!r}")
+        if isinstance(self.smooth_window, bool) or not isinstance(self.smooth_window, int) or self.smooth_window < 0:
+            raise ValueError(f"quota smooth_window must be an int >= 0 (frames each side; 0 = no smoothing), "
+                             f"got {self.smooth_window!r}")
+        if not _is_number(self.smooth_lambda) or not 0 <= self.smooth_lambda <= 1:
+            raise ValueError(f"quota smooth_lambda must be a number in [0, 1] (spec: 0.5), got {self.smooth_lambda!r}")
+        if isinstance(self.floor, bool) or not isinstance(self.floor, int) or self.floor < 0:
+            raise ValueError(f"quota floor must be an int >= 0 (tokens per frame; 0 lets frames be dropped), "
+                             f"got {self.floor!r}")
+        if not _is_number(self.temperature) or not math.isfinite(self.temperature) or self.temperature <= 0:
+            raise ValueError(f"quota temperature must be a finite number > 0 (cosine units, default 0.05), "
+                             f"got {self.temperature!r}")
+        if self.within_options is not None and not isinstance(self.within_options, dict):
+            raise TypeError(f"quota within_options must be a dict of options or None, got {self.within_options!r}")
+        if not isinstance(self.within, str):
+            raise TypeError(f"quota within must be 'resize', 'pool' or a registered image compressor name, "
+                            f"got {self.within!r}")
+        if self.within in GRID_MODES:
+            if self.within_options:
+                raise ValueError(f"quota within_options only apply when within names an image compressor; "
+                                 f"within={self.within!r} takes none")
+            self._inner = None  # a plain attribute (not a dataclass field), so not an option
+            return
+        try:
+            cls = get_compressor_class(self.within)
+        except ValueError as error:
+            raise ValueError(f"quota within must be 'resize', 'pool' or a registered image compressor; {error}") \
+                from None
+        if getattr(cls, "handles_video", False):
+            raise ValueError(f"quota within={self.within!r} is a video compressor; within must be 'resize', 'pool' "
+                             f"or an image compressor that selects inside one frame")
+        self._inner = create_compressor(self.within, **(self.within_options or {}))
+
+    def signals(self, tower: TowerInfo) -> tuple[Signal, ...]:
+        return self._inner.signals(tower) if self._inner is not None else ()
+
+    # ------------------------------------------------------------------------------------------------ scoring
+    def frame_relevance(self, video: VideoTokens) -> torch.Tensor:
+        """``[T]`` raw relevance ``s_t`` in [0, 1] of every frame (float64, CPU), by ``scorer``."""
+        t = video.num_frames
+        if self.scorer == "uniform":
+            return torch.ones(t, dtype=torch.float64)
+        if self.scorer == "self":
+            scores = video.frame_scores
+            if scores is None:
+                raise ValueError("quota scorer='self' needs VideoTokens.frame_scores (per-frame relevance in [0, 1] "
+                                 "from the wrapped VLM); the integration must supply them -- or use "
+                                 "scorer='similarity' / 'uniform'")
+            scores = scores.detach().double().cpu().reshape(-1)
+            if bool(torch.isnan(scores).any()) or bool(((scores < 0) | (scores > 1)).any()):
+                raise ValueError(f"quota frame_scores must be probabilities in [0, 1] without NaN, got "
+                                 f"{scores.tolist()}; check how the integration computes them")
+            return scores
+        if video.query is None:
+            raise ValueError("quota scorer='similarity' needs the prompt's text embeddings (VideoTokens.query, [Q, D]) "
+                             "for videos of more than one frame; the integration must embed the prompt, or use "
+                             "scorer='self' / 'uniform'")
+        query = video.query
+        dim = video.frames[0].features.shape[-1]
+        if query.dim() not in (1, 2) or query.shape[-1] != dim or query.numel() == 0:
+            raise ValueError(f"quota query must be [Q, {dim}] text embeddings (the LLM input space of the visual "
+                             f"tokens), got shape {tuple(query.shape)}")
+        return similarity_scores([f.features for f in video.frames], query, self.temperature)
+
+    # ------------------------------------------------------------------------------------------------ selection
+    def select_video(self, video: VideoTokens, budget: int) -> VideoSelection:
+        sizes = video.frame_sizes
+        t = video.num_frames
+        if t == 1:  # an image / one-frame video: the only frame takes the whole budget, no scoring needed
+            raw = smoothed = torch.ones(1, dtype=torch.float64)
+            scored = False
+        else:
+            raw = self.frame_relevance(video)
+            smoothed = smooth_scores(raw, self.smooth_window, float(self.smooth_lambda))
+            scored = True
+        mass = smoothed.pow(float(self.gamma))
+        weights = mass / mass.sum() if float(mass.sum()) > 0 else torch.full((t,), 1.0 / t, dtype=torch.float64)
+        budgets = water_fill(budget, weights, sizes, floor=self.floor)
+        records = []
+        for i, (frame, b) in enumerate(zip(video.frames, budgets)):
+            extra: dict = {}
+            if scored:
+                extra["raw_score"] = float(raw[i])
+            if self._inner is None:
+                selection, shape = reduce_grid(frame, b, self.within)
+                extra["shape"] = shape
+                extra["leftover"] = b - min(b, frame.num_prefix_tokens) - shape[0] * shape[1]
+            elif b > 0:
+                selection = run_compressor(self._inner, frame, b)
+            else:
+                selection = Selection(indices=torch.zeros(0, dtype=torch.long, device=frame.features.device))
+            records.append(FrameRecord(frame=i, budget=b, selection=selection,
+                                       score=float(smoothed[i]) if scored else None,
+                                       weight=float(weights[i]), extra=extra))
+        return VideoSelection(records, budget=sum(budgets))
