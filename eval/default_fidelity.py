@@ -3,7 +3,10 @@
     python -m vtc.eval.default_fidelity [--images 200 --videos 60] [--out results.json]
 
 The first real fidelity numbers of the project: the same held-out test questions answered with all 196 tokens per
-image (frame) and with each registered compressor keeping a third / a ninth of them. Also measures where the CLS
+image (frame) and with each registered compressor keeping a third / a ninth of them. A video's 8 frames are one
+video (``images_as_video=True``): its budget is that fraction of all its frames' tokens, which image compressors
+split evenly over the frames and the video compressors (quota, progressive) allot by relevance / novelty. Also
+measures where the CLS
 attention of the tower's feature layer goes -- the share of it that lands on object patches versus the share of
 patches that are objects -- since that is what CLS-attention pruning relies on.
 """
@@ -77,7 +80,7 @@ def main(argv=None) -> int:
     for name in names:
         rows[name] = {}
         for ratio in RATIOS:
-            vtc.apply(model, name, budget=ratio)
+            vtc.apply(model, name, budget=ratio, video_budget=ratio, images_as_video=True)
             try:
                 rows[name][str(ratio)] = evaluate(model, processor, **kwargs)
             finally:

@@ -1,10 +1,11 @@
-"""The README's support matrix (family x compressor x image / multi-image), generated from the test results.
+"""The README's support matrix (family x compressor x image / multi-image / video), generated from the test results.
 
     python -m vtc.eval.support_matrix [--readme README.md]
 
 Runs the generated registry x family equality tests (keep-all == unwrapped, compressed == hand-built prompt,
-batch of 2 == singles, forward path; and the multi-image prompt test) and rewrites the block between the
-``support-matrix`` markers of the README. A cell is "yes" only when every one of its tests passed in that run.
+batch of 2 == singles, forward path; the multi-image prompt test; and for video families the video tests: keep-all,
+hand-built, image + video in one prompt, exact video budgets) and rewrites the block between the ``support-matrix``
+markers of the README. A cell is "yes" only when every one of its tests passed in that run.
 """
 
 from __future__ import annotations
@@ -22,13 +23,19 @@ SUPPORT_TESTS = {
     "test_batch_of_two_equals_single_runs": "image",
     "test_forward_path_equals_hand_built_and_shrinks_labels": "image",
     "test_multi_image_prompt_each_image_gets_its_budget": "multi-image",
+    # tests/test_video_cut.py
+    "test_keep_all_video_generate_equals_unwrapped": "video",
+    "test_compressed_video_generate_equals_hand_built_prompt": "video",
+    "test_image_and_video_each_get_their_own_budget": "video",
+    "test_video_budget_resolves_and_reaches_the_llm_exactly": "video",
 }
+TEST_FILES = ("tests/test_cut.py", "tests/test_video_cut.py")
 START, END = "<!-- support-matrix:start -->", "<!-- support-matrix:end -->"
-COLUMNS = ("image", "multi-image")
+COLUMNS = ("image", "multi-image", "video")
 
 
 def render(outcomes: dict[tuple[str, str, str], list[bool]]) -> str:
-    """Markdown table: one row per family, one column per compressor, ``image / multi-image`` per cell."""
+    """Markdown table: one row per family, one column per compressor, ``image / multi-image / video`` per cell."""
     families = sorted({f for f, _, _ in outcomes})
     compressors = sorted({c for _, c, _ in outcomes})
 
@@ -45,7 +52,8 @@ def render(outcomes: dict[tuple[str, str, str], list[bool]]) -> str:
         lines.append(f"| `{family}` | " + " | ".join(cell(family, c) for c in compressors) + " |")
     total = sum(len(v) for v in outcomes.values())
     lines.append("")
-    lines.append(f"Cells read *image / multi-image*; generated from {total} test results "
+    lines.append(f"Cells read *image / multi-image / video* (– : the family has no video input); generated from "
+                 f"{total} test results "
                  "(`python -m vtc.eval.support_matrix`).")
     return "\n".join(lines) + "\n"
 
@@ -66,7 +74,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         out = pathlib.Path(tmp) / "matrix.md"
-        code = pytest.main(["-q", "-p", "no:cacheprovider", "tests/test_cut.py", "-k", " or ".join(SUPPORT_TESTS),
+        code = pytest.main(["-q", "-p", "no:cacheprovider", *TEST_FILES, "-k", " or ".join(SUPPORT_TESTS),
                             "--support-matrix", str(out)])
         if code not in (0, 1) or not out.exists():
             print(f"error: the support tests did not run (pytest exit {code})", file=sys.stderr)

@@ -105,8 +105,9 @@ def pytest_runtest_makereport(item, call):
 
     column = SUPPORT_TESTS.get(getattr(item, "originalname", ""))
     params = getattr(getattr(item, "callspec", None), "params", {})
-    if column and "family" in params and "compressor" in params and (report.when == "call" or report.failed):
-        _support_outcomes.setdefault((params["family"], params["compressor"], column), []).append(report.passed)
+    family = params.get("family", params.get("video_family"))
+    if column and family and "compressor" in params and (report.when == "call" or report.failed):
+        _support_outcomes.setdefault((family, params["compressor"], column), []).append(report.passed)
     return report
 
 

@@ -54,6 +54,11 @@ def hand_built(model, inputs, family: str, positions: str = "reindex"):
         keep.view(-1)[slots[offset + r.indices]] = True
         offset += r.num_tokens
     assert ids.shape[0] == 1, "hand-built reference is for one prompt"
+    video = None
+    if inputs.get("pixel_values_videos") is not None:  # videos get their own recorded selection (video_budget)
+        from test_video_cut import video_reference
+
+        video = video_reference(model, inputs, keep, family)
     short = {"input_ids": ids[:, keep[0]], "attention_mask": mask[:, keep[0]]}
     if family in QWEN_FAMILIES:
         pos, _ = model.model.get_rope_index(ids, mm_token_type_ids=inputs["mm_token_type_ids"],
@@ -72,12 +77,8 @@ def hand_built(model, inputs, family: str, positions: str = "reindex"):
                      for level in full.deepstack_features]
         image = type(full)(pooler_output=tuple(feats), deepstack_features=deepstack)
     short["mm_encoder_outputs"] = {"image": image}
-    if inputs.get("pixel_values_videos") is not None:  # videos pass through untouched
-        video_args = [inputs["pixel_values_videos"]]
-        if inputs.get("video_grid_thw") is not None:  # Qwen; OneVision's videos are fixed-size frames
-            video_args.append(inputs["video_grid_thw"])
-        with torch.no_grad():
-            short["mm_encoder_outputs"]["video"] = model.model.get_video_features(*video_args, return_dict=True)
+    if video is not None:
+        short["mm_encoder_outputs"]["video"] = video
     return short, int(keep.sum())
 
 
@@ -180,8 +181,9 @@ def test_multi_image_prompt_each_image_gets_its_budget(loaded, family, compresso
 
 @pytest.mark.parametrize("family_name", QWEN_FAMILIES)
 @pytest.mark.parametrize("compressor", ["fastervlm", "pool", "visionzip"])
-def test_qwen_video_in_the_same_call_passes_through(tiny_dirs, family_name, compressor):
-    """An image and a video in one prompt: the image is compressed, the video reaches the LLM untouched."""
+def test_qwen_video_in_the_same_call_is_compressed(tiny_dirs, family_name, compressor):
+    """An image and a video in one prompt: the image gets ``budget``, the video ``video_budget`` -- compressed below
+    1.0, untouched at 1.0; either way the call equals the hand-built shortened prompt."""
     import numpy as np
 
     from vtc.integrations.transformers import tiny
@@ -194,23 +196,30 @@ def test_qwen_video_in_the_same_call_passes_through(tiny_dirs, family_name, comp
     inputs = processor(text=[text], images=[tiny.random_image(96, 64, seed=0)], videos=[video], return_tensors="pt")
     video_id = model.config.video_token_id
     num_video = int((inputs["input_ids"] == video_id).sum())
-    assert num_video > 0
+    assert num_video > 6
     baseline = greedy(model, inputs)
-    vtc.apply(model, compressor, budget=1.0)
+    vtc.apply(model, compressor, budget=1.0, video_budget=1.0)
     assert greedy(model, inputs).tolist() == baseline.tolist()
 
-    vtc.apply(model, compressor, budget=4)
-    seen = []
-    hook = model.model.register_forward_pre_hook(
-        lambda module, args, kwargs: seen.append(prompt_ids(args, kwargs)), with_kwargs=True
-    )
-    out = greedy(model, inputs)
-    hook.remove()
-    assert int((seen[0] == image_token_id(model)).sum()) == 4 and int((seen[0] == video_id).sum()) == num_video
-    short, short_len = hand_built(model, inputs, family_name)
-    vtc.remove(model)
     length = inputs["input_ids"].shape[1]
-    assert out[:, length:].tolist() == greedy(model, short)[:, short_len:].tolist()
+    for video_budget, video_kept in [(1.0, num_video), (6, 6)]:
+        vtc.apply(model, compressor, budget=4, video_budget=video_budget)
+        seen = []
+        hook = model.model.register_forward_pre_hook(
+            lambda module, args, kwargs: seen.append(prompt_ids(args, kwargs)), with_kwargs=True
+        )
+        out = greedy(model, inputs)
+        hook.remove()
+        assert int((seen[0] == image_token_id(model)).sum()) == 4
+        assert int((seen[0] == video_id).sum()) == video_kept
+        image, = vtc.last_selection(model)
+        record, = vtc.last_video_selection(model)
+        assert image.budget == image.num_kept == 4
+        assert record.num_tokens == num_video and record.budget == record.num_kept == video_kept
+        short, short_len = hand_built(model, inputs, family_name)
+        assert short_len == length - (image.num_tokens - 4) - (num_video - video_kept)
+        vtc.remove(model)
+        assert out[:, length:].tolist() == greedy(model, short)[:, short_len:].tolist()
 
 
 def test_text_only_prompt_passes_through(loaded, family):

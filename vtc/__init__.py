@@ -11,7 +11,7 @@ The core (this package) is pure tensor code; model knowledge lives in ``vtc.inte
 
 from __future__ import annotations
 
-from . import allocation, layout, video  # noqa: F401  (vtc.allocation.HiRED(...), vtc.layout.PackedLayout)
+from . import allocation, layout, video, video_io  # noqa: F401  (vtc.allocation.HiRED(...), vtc.layout.PackedLayout)
 from . import compressors as _builtin_compressors  # noqa: F401  (registers the built-in compressors)
 from .budget import Budget, parse_budget, resolve_budget, validate_budget
 from .compressor import (
