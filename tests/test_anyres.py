@@ -255,7 +255,7 @@ def test_allocation_options_at_apply(tiny_dirs):
     assert get_state(next_model).allocation == HiRED(alpha=0.25)
 
 
-def test_onevision_video_in_the_same_call_passes_through(tiny_dirs):
+def test_onevision_video_in_the_same_call_keeps_its_own_budget(tiny_dirs):
     model, processor = tiny.load_tiny(tiny_dirs["llava_onevision"])
     content = [{"type": "image"}, {"type": "video"}, {"type": "text", "text": QUESTIONS[0]}]
     text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
@@ -268,7 +268,7 @@ def test_onevision_video_in_the_same_call_passes_through(tiny_dirs):
     baseline = greedy(model, inputs)
     vtc.apply(model, "visionzip", budget=1.0)
     assert greedy(model, inputs).tolist() == baseline.tolist()
-    vtc.apply(model, "visionzip", budget=6, allocation="hired")
+    vtc.apply(model, "visionzip", budget=6, allocation="hired", video_budget=1.0)  # the video untouched
     seen = []
     hook = model.model.register_forward_pre_hook(lambda module, args, kwargs: seen.append(prompt_ids(args, kwargs)),
                                                  with_kwargs=True)
@@ -280,6 +280,14 @@ def test_onevision_video_in_the_same_call_passes_through(tiny_dirs):
     short, short_len = hand_built(model, inputs, "llava_onevision")
     vtc.remove(model)
     assert out[:, inputs["input_ids"].shape[1]:].tolist() == greedy(model, short)[:, short_len:].tolist()
+    vtc.apply(model, "visionzip", budget=6, allocation="hired", video_budget=5)  # 5 video tokens + its newline
+    seen.clear()
+    hook = model.model.register_forward_pre_hook(lambda module, args, kwargs: seen.append(prompt_ids(args, kwargs)),
+                                                 with_kwargs=True)
+    greedy(model, inputs)
+    hook.remove()
+    assert int((seen[0] == video_id).sum()) == 5 + 1 and vtc.last_video_selection(model)[0].num_kept == 5
+    vtc.remove(model)
 
 
 def test_records_describe_the_views(anyres):

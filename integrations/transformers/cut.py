@@ -226,10 +226,11 @@ def select_videos(state: CutState, videos: EncodedVideos, video_rows: list[int],
     """Run the compressor on every video of the call: per video its record, its flat selection over the frames'
     tokens, and the selection applied to its extra feature levels."""
     budget = state.video_budget if state.video_budget is not None else state.budget
+    own = set(state.compressor.signals(tower))  # not the allocation's: those are for AnyRes images
     records, flats, kept_levels = [], [], []
     for v, (frames, grids, signals) in enumerate(zip(videos.frames, videos.grids, videos.signals)):
         query = queries[video_rows[v]] if queries is not None else None
-        tokens = [VisualTokens(features=f, grid=g, signals=sig, query=query)
+        tokens = [VisualTokens(features=f, grid=g, signals={k: x for k, x in sig.items() if k in own}, query=query)
                   for f, g, sig in zip(frames, grids, signals)]
         stamps = videos.timestamps[v] if videos.timestamps else None
         scores = None
@@ -247,11 +248,12 @@ def select_videos(state: CutState, videos: EncodedVideos, video_rows: list[int],
     return records, flats, kept_levels
 
 
-def select_image_sequences(state: CutState, encoded: EncodedImages, image_rows: list[int], queries,
+def select_image_sequences(state: CutState, encoded: EncodedImages, image_rows: list[int], queries, tower,
                            text_ids: list[torch.Tensor] | None) -> tuple[list[ImageSelection], list[VideoRecord]]:
     """``images_as_video``: the images of each prompt are the frames of one video, selected by the video path; each
     image keeps its frame's selection, so the rest of the cut is the image cut."""
     budget = state.video_budget if state.video_budget is not None else state.budget
+    own = set(state.compressor.signals(tower))
     by_row: dict[int, list[int]] = {}
     for i, row in enumerate(image_rows):
         by_row.setdefault(row, []).append(i)
@@ -264,7 +266,8 @@ def select_image_sequences(state: CutState, encoded: EncodedImages, image_rows: 
                 "pass the frames as a video (pixel_values_videos) or use images_as_video=False"
             )
         query = queries[row] if queries is not None else None
-        frames = [VisualTokens(features=encoded.features[i], grid=encoded.layouts[i].grid, signals=encoded.signals[i],
+        frames = [VisualTokens(features=encoded.features[i], grid=encoded.layouts[i].grid,
+                               signals={k: x for k, x in encoded.signals[i].items() if k in own},
                                query=query, num_prefix_tokens=encoded.layouts[i].num_prefix_tokens) for i in members]
         scores = None
         if getattr(state.compressor, "needs_frame_scores", False) and len(frames) > 1:
@@ -355,7 +358,7 @@ def shrink(state: CutState, inputs: dict, with_labels: bool) -> ShrunkInputs:
             text_ids = None
             if getattr(state.compressor, "needs_frame_scores", False):
                 text_ids = [row[(m != 0) & (row != image_token_id)] for row, m in zip(input_ids, attention_mask)]
-            records, image_videos = select_image_sequences(state, encoded, image_rows, queries, text_ids)
+            records, image_videos = select_image_sequences(state, encoded, image_rows, queries, tower, text_ids)
         else:
             records, image_videos = select_images(state, encoded, image_rows, queries, tower), []
         # keep-mask over the original sequence: text always, image tokens as selected
