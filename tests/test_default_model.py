@@ -40,12 +40,13 @@ def test_architecture_is_the_documented_one(default_model):
     assert int((inputs["input_ids"] == model.config.image_token_id).sum()) == 196
 
 
-# A fixed handful of held-out test questions (test split, ground truth from the generator) of the kinds the interim
-# weights answer well (see the README card); a smoke test that the shipped weights load and reach the LM intact.
+# A fixed handful of held-out test questions (test split, ground truth from the generator) over the kinds the
+# shipped weights answer reliably (see the README card): a smoke test that the weights load and reach the LM intact.
 FIXED = [
-    ("image", 0, "count"), ("image", 1, "count"), ("image", 2, "count"), ("image", 1, "count_color"),
-    ("image", 3, "count_color"), ("image", 1, "letter_exists"), ("image", 2, "letter_exists"),
-    ("video", 0, "video_count"), ("video", 1, "video_count"),
+    ("image", 0, "color_at"), ("image", 2, "color_at"), ("image", 1, "shape_at"), ("image", 3, "shape_at"),
+    ("image", 6, "shape_at"), ("image", 1, "count"), ("image", 4, "left_of"), ("image", 3, "count_shape"),
+    ("video", 0, "disappeared_color"), ("video", 1, "appeared_last_color"), ("video", 3, "appeared_last_shape"),
+    ("video", 2, "video_count"),
 ]
 
 
