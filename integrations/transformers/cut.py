@@ -78,6 +78,13 @@ def _embed_query(model, input_ids: torch.Tensor, mask: torch.Tensor, placeholder
     return out
 
 
+def replay_merge(selection: Selection, level: torch.Tensor) -> torch.Tensor:
+    """A merge stated as coefficients (``Selection.weights``) applied to another feature set of the same tokens."""
+    rows = [w.to(level.device, torch.float32) @ level[g.to(level.device)].float()
+            for g, w in zip(selection.groups, selection.weights)]
+    return torch.stack(rows).to(level.dtype)
+
+
 def reduce_level(compressor: Compressor, tokens: VisualTokens, selection: Selection,
                  level: torch.Tensor) -> torch.Tensor:
     """``selection`` applied to another feature set of the same tokens (a Qwen3-VL deepstack level, ``[N, D]``).
@@ -91,9 +98,7 @@ def reduce_level(compressor: Compressor, tokens: VisualTokens, selection: Select
     if selection.features is None:
         return level[selection.indices.to(level.device)]
     if selection.weights is not None:  # the merge is stated as coefficients: replay it on this level
-        rows = [w.to(level.device, torch.float32) @ level[g.to(level.device)].float()
-                for g, w in zip(selection.groups, selection.weights)]
-        return torch.stack(rows).to(level.dtype)
+        return replay_merge(selection, level)
     again = compressor.select(dataclasses.replace(tokens, features=level), selection.num_kept)
     same = again.features is not None and torch.equal(again.indices.cpu(), selection.indices.cpu())
     if same and selection.groups is not None:
@@ -191,9 +196,7 @@ def reduce_video_level(compressor: Compressor, video: VideoTokens, selection: Se
     if selection.features is None:
         return level[selection.indices.to(level.device)]
     if selection.weights is not None:
-        rows = [w.to(level.device, torch.float32) @ level[g.to(level.device)].float()
-                for g, w in zip(selection.groups, selection.weights)]
-        return torch.stack(rows).to(level.dtype)
+        return replay_merge(selection, level)
     parts = torch.split(level, video.frame_sizes)
     frames = [dataclasses.replace(f, features=p) for f, p in zip(video.frames, parts)]
     again = run_video_compressor(compressor, dataclasses.replace(video, frames=frames), budget).flat(video)
@@ -349,15 +352,17 @@ def shrink(state: CutState, inputs: dict, with_labels: bool) -> ShrunkInputs:
         _embed_query(model, input_ids, attention_mask, (image_token_id, video_token_id))
         if state.compressor.uses_query else None
     )
+    text_ids = None  # per row: the prompt's text tokens, for a scorer that asks the model about the frames
+    if getattr(state.compressor, "needs_frame_scores", False):
+        placeholders = torch.tensor([i for i in (image_token_id, video_token_id) if i is not None])
+        text_ids = [row[(m != 0) & ~torch.isin(row, placeholders.to(row.device))]
+                    for row, m in zip(input_ids, attention_mask)]
     keep = torch.ones(input_ids.numel(), dtype=torch.bool, device=input_ids.device)
     records, kept_features, image_videos = [], [], []
     if has_images:
         counts = [int(f.shape[0]) for f in encoded.features]
         flat_slots, image_rows = _image_slots(input_ids, image_token_id, counts)
         if state.images_as_video:
-            text_ids = None
-            if getattr(state.compressor, "needs_frame_scores", False):
-                text_ids = [row[(m != 0) & (row != image_token_id)] for row, m in zip(input_ids, attention_mask)]
             records, image_videos = select_image_sequences(state, encoded, image_rows, queries, tower, text_ids)
         else:
             records, image_videos = select_images(state, encoded, image_rows, queries, tower), []
@@ -376,10 +381,6 @@ def shrink(state: CutState, inputs: dict, with_labels: bool) -> ShrunkInputs:
         suffix = [int(x.shape[0]) for x in videos.suffix] if videos.suffix else [0] * len(sizes)
         video_slots, video_rows = _image_slots(input_ids, video_token_id, [n + k for n, k in zip(sizes, suffix)],
                                                what="video")
-        text_ids = None
-        if getattr(state.compressor, "needs_frame_scores", False):
-            text_ids = [row[(m != 0) & (row != image_token_id) & (row != video_token_id)]
-                        for row, m in zip(input_ids, attention_mask)]
         video_records, flats, kept_video_levels = select_videos(state, videos, video_rows, queries, tower, text_ids)
         keep[video_slots] = False
         offset = 0
