@@ -67,6 +67,17 @@ def last_video_selection(model):
     return _last_video(model)
 
 
+def last_prompt_lengths(model) -> list[tuple[int, int]]:
+    """Per prompt of the last wrapped call: ``(tokens it had, tokens the LLM received)``, padding excluded.
+
+    Text is always kept, so the difference is the visual tokens pruned (or merged away); a call without images or
+    videos gives equal pairs.
+    """
+    from .integrations.transformers import last_prompt_lengths as _lengths
+
+    return _lengths(model)
+
+
 def load_default(path=None, *, dtype=None):
     """``(model, processor)`` of the embedded default model: a small LLaVA trained on synthetic shapes (no download).
 
@@ -96,6 +107,7 @@ __all__ = [
     "create_compressor",
     "get_compressor_class",
     "is_applied",
+    "last_prompt_lengths",
     "last_selection",
     "last_video_selection",
     "list_compressors",

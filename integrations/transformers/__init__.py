@@ -111,6 +111,10 @@ def last_video_selection(model) -> list[VideoRecord]:
     return list(get_state(model).video_records)
 
 
+def last_prompt_lengths(model) -> list[tuple[int, int]]:
+    return list(get_state(model).prompt_lengths)
+
+
 def get_state(model) -> CutState:
     state = getattr(model, "__dict__", {}).get(_STATE_ATTR)
     if state is None:
@@ -118,5 +122,6 @@ def get_state(model) -> CutState:
     return state
 
 
-__all__ = ["FamilyAdapter", "apply", "get_state", "is_applied", "last_selection", "last_video_selection", "remove",
+__all__ = ["FamilyAdapter", "apply", "get_state", "is_applied", "last_prompt_lengths", "last_selection",
+           "last_video_selection", "remove",
            "supported_families"]

@@ -57,6 +57,8 @@ class CutState:
     #: treat the images of each prompt as the frames of one video (models without a video input, e.g. LLaVA-1.5,
     #: which see a video as a sequence of images): one ``video_budget`` per prompt, shared by its images
     images_as_video: bool = False
+    #: per prompt of the last call: (tokens it had, tokens the LLM received), padding excluded
+    prompt_lengths: list[tuple[int, int]] = field(default_factory=list)
 
 
 @dataclass
@@ -433,6 +435,9 @@ def shrink(state: CutState, inputs: dict, with_labels: bool) -> ShrunkInputs:
     out["mm_encoder_outputs"] = mm_outputs
     state.records = records
     state.video_records = image_videos + video_records
+    real = attention_mask != 0
+    state.prompt_lengths = [(int(n), int(k)) for n, k in zip(real.sum(dim=1).tolist(),
+                                                             (keep & real).sum(dim=1).tolist())]
     inputs.update(out)
     return ShrunkInputs(kwargs=inputs, original_input_ids=input_ids, new_length=new_length)
 
@@ -463,6 +468,15 @@ def _has_visual_inputs(inputs: dict) -> bool:
     return inputs.get("pixel_values") is not None or inputs.get("pixel_values_videos") is not None
 
 
+def _unshrunk_lengths(inputs: dict) -> list[tuple[int, int]]:
+    mask = inputs.get("attention_mask")
+    ids = inputs.get("input_ids")
+    if mask is None and ids is None:
+        return []
+    lengths = mask.sum(dim=1).tolist() if mask is not None else [ids.shape[1]] * ids.shape[0]
+    return [(int(n), int(n)) for n in lengths]
+
+
 def wrap_generate(state: CutState):
     original = state.original_generate
 
@@ -471,6 +485,7 @@ def wrap_generate(state: CutState):
         inputs = _bind(original, args, kwargs)
         if not _has_visual_inputs(inputs):
             state.records, state.video_records = [], []
+            state.prompt_lengths = _unshrunk_lengths(inputs)
             return original(**inputs)
         shrunk = shrink(state, inputs, with_labels=False)
         output = original(**shrunk.kwargs)
