@@ -56,6 +56,8 @@ class SampleStats(TokenCounts):
     peak_memory_bytes: int | None = None
     peak_memory_source: str | None = None
     rank: int = 0  # the data-parallel process that served it (accelerate launch)
+    prefill_flops: int | None = None  # analytic (vtc.flops.FORMULA) at the length the LLM received
+    prefill_flops_parts: dict | None = None  # vision / projector / llm / lm_head
 
     def to_dict(self) -> dict:
         return {k: v for k, v in asdict(self).items() if v is not None}
@@ -172,6 +174,7 @@ class VtcModel(lmms):
             return
         options = dict(self.options)
         options["images_as_video"] = images_as_video
+        options.setdefault("processor", self.processor)  # for QuoTA's scorer=self (the model rates frames)
         vtc.apply(self._model, self.compressor, budget=self.budget, **options)
         self._images_as_video = images_as_video
 
@@ -245,6 +248,13 @@ class VtcModel(lmms):
 
     task_name = None
 
+    def _flops(self, inputs) -> list:
+        """Per row: the analytic prefill FLOPs of the call just made, at the length the LLM received."""
+        from vtc.integrations.transformers.flops import request_flops
+
+        lengths = vtc.last_prompt_lengths(self._model) if self.compressor != NONE else []
+        return request_flops(self._model, inputs, [kept for _, kept in lengths] or None)
+
     def _counts(self, input_ids: torch.Tensor, mask: torch.Tensor) -> list[tuple[int, int, int, int]]:
         """Per row: (prompt tokens in, out, visual in, visual out) of the call just made."""
         real = mask != 0
@@ -317,15 +327,16 @@ class VtcModel(lmms):
         texts = self.tokenizer.batch_decode(out[:, prompt_len:], skip_special_tokens=True)
         first = None if clock is None or clock.first_token_at is None else clock.first_token_at - start
         counts = self._counts(inputs["input_ids"], inputs["attention_mask"])
+        flops = self._flops(inputs)
         outputs = []
         for b, (request, text) in enumerate(zip(requests, texts)):
             for stop in until:
                 if stop:
                     text = text.split(stop)[0]
-            n_in, n_out, v_in, v_out = counts[b]
             stats = self._stats(request, "generate_until", n_images, n_videos, counts[b], first, total, peak)
-            stats.input_tokens = n_out
+            stats.input_tokens = counts[b][1]
             stats.output_tokens = int((out[b, prompt_len:] != pad).sum())
+            stats.prefill_flops, stats.prefill_flops_parts = flops[b].total, flops[b].as_dict()
             self.sample_stats.append(stats)
             outputs.append(GenerationResult(text=text, token_counts=stats))
         return outputs
@@ -368,6 +379,8 @@ class VtcModel(lmms):
             counts = self._counts(inputs["input_ids"], inputs["attention_mask"])[0]
             stats = self._stats(request, "loglikelihood", n_images, n_videos, counts, total, total, peak)
             stats.input_tokens = counts[1]
+            flops = self._flops(inputs)[0]
+            stats.prefill_flops, stats.prefill_flops_parts = flops.total, flops.as_dict()
             self.sample_stats.append(stats)
             # lmms-eval 0.7.3 turns a bare (float, bool) result into a string; GenerationResult keeps the pair
             results.append(GenerationResult(text=(float(-token_lp.mean()), greedy), token_counts=stats))

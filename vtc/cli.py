@@ -115,6 +115,52 @@ def _chat_prompt(processor, question: str) -> str:
     return processor.apply_chat_template(messages, add_generation_prompt=True)
 
 
+def cmd_eval(args) -> int:
+    """Sweep compressors x budgets x tasks through lmms-eval; see ``vtc.eval.sweep``."""
+    import json
+    import pathlib
+
+    try:
+        from tqdm import tqdm
+
+        from .eval import lmms_tasks, sweep
+    except ImportError as exc:
+        print(f"error: vtc eval needs lmms-eval, matplotlib and tqdm ({exc}); install them with "
+              "pip install 'vtc[eval]'", file=sys.stderr)
+        return 1
+    import vtc
+
+    budgets = [vtc.parse_budget(b) for b in (args.budget or [str(b) for b in sweep.DEFAULT_BUDGETS])]
+    compressors = args.compressor or vtc.list_compressors()
+    unknown = [c for c in compressors if c not in vtc.list_compressors()]
+    if unknown:
+        raise ValueError(f"unknown compressor(s) {unknown}; choose from {', '.join(vtc.list_compressors())}")
+    tasks = [t for part in (args.tasks or ",".join(sweep.DEFAULT_TASKS)).split(",") for t in [part.strip()] if t]
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    include = [pathlib.Path(p) for p in args.include_path or []]
+    if any(t.startswith(lmms_tasks.TAG) for t in tasks):
+        include.append(lmms_tasks.write_tasks(args.tasks_dir or out / "tasks", images=args.task_images,
+                                              videos=args.task_videos, questions=args.task_questions))
+    runs = 1 + len(compressors) * len(budgets)
+    try:
+        with tqdm(total=runs, desc="vtc eval", unit="run") as bar:
+            result = sweep.sweep(args.model, compressors, budgets, tasks, include, args.limit, args.device,
+                                 args.batch_size, out, progress=bar)
+        (out / "vtc_eval.json").write_text(json.dumps(result, indent=1))
+        sweep.plot(result, out / "vtc_eval.png")
+        print(sweep.table(result))
+        print(f"\nwrote {out / 'vtc_eval.json'}, {out / 'vtc_eval.png'} and per-sample logs in {out / 'samples'}")
+        sweep.check(result)
+    except sweep.EvalFailure as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except (RuntimeError, OSError) as exc:  # a model or task that cannot be loaded
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def cmd_list(args) -> int:
     import vtc
     from .integrations.transformers import supported_families
@@ -137,6 +183,25 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--max-new-tokens", type=int, default=4)
     run.add_argument("--no-grid", dest="show_grid", action="store_false", help="do not draw the kept-token grids")
     run.set_defaults(func=cmd_run)
+    ev = sub.add_parser("eval", help="sweep compressors x budgets x lmms-eval tasks: accuracy, tokens, FLOPs, "
+                                     "latency, memory (JSON + plot + table)")
+    ev.add_argument("--model", help="local save_pretrained folder or hub id (default: the embedded model)")
+    ev.add_argument("--compressor", action="append", help="repeatable (default: every registered compressor)")
+    ev.add_argument("--budget", action="append",
+                    help="repeatable; int tokens per image or float fraction in (0, 1] (default: 0.33 and 0.11)")
+    ev.add_argument("--tasks", help="comma-separated lmms-eval tasks (default: the offline vtc_shapes_image, "
+                                    "vtc_shapes_video and vtc_shapes_image_mc)")
+    ev.add_argument("--include-path", action="append", help="extra lmms-eval task folder (repeatable)")
+    ev.add_argument("--tasks-dir", help="where the offline tasks are written (default: OUT/tasks)")
+    ev.add_argument("--task-images", type=int, default=60, help="held-out images in the offline tasks")
+    ev.add_argument("--task-videos", type=int, default=15, help="held-out videos in the offline tasks")
+    ev.add_argument("--task-questions", type=int, default=2, help="questions per image / video")
+    ev.add_argument("--limit", type=int, help="at most this many documents per task")
+    ev.add_argument("--device", default="cpu", help="cpu or cuda[:i] (default cpu)")
+    ev.add_argument("--batch-size", type=int, default=1, help="prompts per generate call (default 1: latency per "
+                                                              "request)")
+    ev.add_argument("--out", default="vtc_eval", help="output folder (default ./vtc_eval)")
+    ev.set_defaults(func=cmd_eval)
     listing = sub.add_parser("list", help="list compressors and supported model families")
     listing.set_defaults(func=cmd_list)
     return parser

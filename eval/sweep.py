@@ -1,0 +1,265 @@
+"""``vtc eval``: sweep compressors x budgets x tasks through lmms-eval on one loaded model.
+
+    vtc eval                                   # the embedded model, every compressor, budgets 0.33 and 0.11,
+                                               # the offline vtc_shapes tasks
+    vtc eval --model DIR --compressor hiprune --compressor visionzip --budget 64 --budget 128 \\
+             --tasks vtc_shapes_image --limit 50 --out results/
+
+The model is loaded once; each run wraps it (``vtc.apply``), evaluates every task in-process with lmms-eval
+(``simple_evaluate``), and unwraps it. The uncompressed baseline runs first. Writes ``OUT/vtc_eval.json`` (schema:
+``RESULT_KEYS`` / ``RUN_KEYS``), ``OUT/vtc_eval.png`` (accuracy against the visual tokens the LLM received, one
+line per compressor, the baseline dashed) and lmms-eval's own per-sample logs under ``OUT/samples/``, and prints a
+table: accuracy per task, mean visual tokens in -> out, analytic prefill FLOPs, measured time to first token and
+peak memory, each relative to the baseline.
+
+It fails (exit 1, a message saying what and how to fix it) when the model cannot be loaded, a task is unknown or
+produced no samples, or any answer is empty -- lmms-eval itself would exit 0 in all these cases.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import statistics
+import time
+
+import vtc
+
+#: top-level keys of vtc_eval.json
+RESULT_KEYS = ("vtc_version", "model", "device", "tasks", "limit", "budgets", "compressors", "flops_formula",
+               "seconds", "runs")
+#: keys of each entry of ``runs`` (the baseline first: compressor "none", budget null)
+RUN_KEYS = ("compressor", "budget", "accuracy", "metrics", "samples", "empty_answers", "visual_tokens_in",
+            "visual_tokens_out", "prefill_flops", "prefill_flops_parts", "first_token_seconds", "peak_memory_bytes",
+            "peak_memory_source", "relative")
+DEFAULT_TASKS = ("vtc_shapes_image", "vtc_shapes_video", "vtc_shapes_image_mc")
+DEFAULT_BUDGETS = (0.33, 0.11)
+#: the metric that is "accuracy", by the task's output type
+PRIMARY_METRICS = ("exact_match", "acc")
+
+
+class EvalFailure(RuntimeError):
+    """A sweep that must not count as a result (message: what failed and the fix)."""
+
+
+def _primary(metrics: dict) -> tuple[str, float]:
+    for name in PRIMARY_METRICS:
+        for key, value in metrics.items():
+            if key.split(",")[0] == name and isinstance(value, (int, float)):
+                return name, float(value)
+    raise EvalFailure(f"no accuracy metric ({' / '.join(PRIMARY_METRICS)}) among {sorted(metrics)}")
+
+
+def _mean(values):
+    values = [v for v in values if v is not None]
+    return statistics.fmean(values) if values else None
+
+
+def _median(values):
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def run_one(model, processor, compressor: str, budget, tasks: list[str], task_manager, limit, device: str,
+            batch_size: int, samples_dir: pathlib.Path | None, model_name: str) -> dict:
+    """Evaluate ``tasks`` once with ``compressor`` at ``budget`` (``"none"``: baseline); returns one run entry."""
+    from lmms_eval import evaluator
+
+    from .lmms_model import VtcModel
+
+    kwargs = {} if compressor == "none" else {"budget": budget}
+    lm = VtcModel(model=model, processor=processor, pretrained=model_name, compressor=compressor, device=device,
+                  batch_size=batch_size, progress=False, **kwargs)
+    try:
+        out = evaluator.simple_evaluate(model=lm, tasks=list(tasks), task_manager=task_manager, limit=limit,
+                                        batch_size=batch_size, device=device, log_samples=True,
+                                        verbosity="WARNING")
+    finally:
+        vtc.remove(model)
+    if not out or "results" not in out:
+        raise EvalFailure(f"lmms-eval returned no results for {compressor} @ {budget} (tasks {tasks})")
+    stats = list(lm.sample_stats)
+    accuracy, metrics, samples, empty = {}, {}, {}, {}
+    for task in tasks:
+        task_metrics = out["results"].get(task)
+        task_samples = (out.get("samples") or {}).get(task) or []
+        if not task_metrics or not task_samples:
+            raise EvalFailure(f"task {task!r} produced no samples with {compressor} @ {budget}; check the task name "
+                              "and its data (vtc eval --list-tasks)")
+        name, value = _primary(task_metrics)
+        accuracy[task] = value
+        metrics[task] = {k.split(",")[0]: v for k, v in task_metrics.items()
+                         if isinstance(v, (int, float)) and not k.startswith("alias") and "stderr" not in k}
+        samples[task] = len(task_samples)
+        empty[task] = [s["doc_id"] for s in task_samples
+                       if any(isinstance(r, str) and not r.strip() for r in _flat(s.get("filtered_resps")))]
+        if samples_dir is not None:
+            samples_dir.mkdir(parents=True, exist_ok=True)
+            path = samples_dir / f"{compressor}_{budget}_{task}.jsonl"
+            with open(path, "w") as handle:
+                for sample in task_samples:
+                    handle.write(json.dumps(sample, default=str) + "\n")
+    generate = [s for s in stats if s.request == "generate_until"]
+    flops = [s.prefill_flops for s in stats if s.prefill_flops is not None]
+    parts = {}
+    if flops:
+        for key in stats[0].prefill_flops_parts or {}:
+            parts[key] = _mean([(s.prefill_flops_parts or {}).get(key) for s in stats])
+    return {
+        "compressor": compressor,
+        "budget": None if compressor == "none" else budget,
+        "accuracy": accuracy,
+        "metrics": metrics,
+        "samples": samples,
+        "empty_answers": {t: ids for t, ids in empty.items() if ids},
+        "visual_tokens_in": _mean([s.visual_tokens_in for s in stats]),
+        "visual_tokens_out": _mean([s.visual_tokens_out for s in stats]),
+        "prefill_flops": _mean(flops),
+        "prefill_flops_parts": parts,
+        "first_token_seconds": _median([s.first_token_seconds for s in generate]),
+        "peak_memory_bytes": max((s.peak_memory_bytes for s in stats if s.peak_memory_bytes is not None),
+                                 default=None),
+        "peak_memory_source": next((s.peak_memory_source for s in stats if s.peak_memory_source), None),
+        "relative": {},
+    }
+
+
+def _flat(values):
+    for value in values or []:
+        if isinstance(value, (list, tuple)):
+            yield from _flat(value)
+        else:
+            yield value
+
+
+def add_relative(runs: list[dict]) -> None:
+    """Each run's figures relative to the baseline (``runs[0]``): ratios, and accuracy as a difference."""
+    base = runs[0]
+    for run in runs:
+        rel = {"accuracy_delta": {t: run["accuracy"][t] - base["accuracy"][t] for t in run["accuracy"]}}
+        for key in ("visual_tokens_out", "prefill_flops", "first_token_seconds", "peak_memory_bytes"):
+            a, b = run[key], base[key]
+            rel[key] = None if a is None or not b else a / b
+        run["relative"] = rel
+
+
+def sweep(model_ref: str | None, compressors: list[str], budgets: list, tasks: list[str], include_path,
+          limit, device: str, batch_size: int, out_dir: pathlib.Path, progress=None) -> dict:
+    """Run the baseline and every compressor x budget; returns the JSON-ready result (also written to out_dir)."""
+    from lmms_eval.tasks import TaskManager
+
+    from .lmms_model import VtcModel
+    from .measure import make_cpu_memory_measurable
+
+    make_cpu_memory_measurable()
+    start = time.perf_counter()
+    loader = VtcModel(pretrained=model_ref, compressor="none", device=device, progress=False)  # loads or fails
+    model, processor, model_name = loader.model, loader.processor, loader.pretrained
+    task_manager = TaskManager(verbosity="WARNING", include_path=[str(p) for p in include_path])
+    known = set(task_manager.all_tasks)
+    missing = [t for t in tasks if t not in known]
+    if missing:
+        raise EvalFailure(f"unknown task(s) {missing}; the offline tasks are {list(DEFAULT_TASKS)} (written by "
+                          "vtc eval itself), others need --include-path DIR or an installed lmms-eval task")
+    plan = [("none", None)] + [(c, b) for c in compressors for b in budgets]
+    runs = []
+    for compressor, budget in plan:
+        if progress:
+            progress.set_postfix_str(f"{compressor} @ {budget}" if budget is not None else "baseline")
+        runs.append(run_one(model, processor, compressor, budget, tasks, task_manager, limit, device, batch_size,
+                            out_dir / "samples", model_name))
+        if progress:
+            progress.update(1)
+    add_relative(runs)
+    from vtc.flops import FORMULA
+
+    result = {
+        "vtc_version": vtc.__version__,
+        "model": model_name,
+        "device": str(device),
+        "tasks": list(tasks),
+        "limit": limit,
+        "budgets": list(budgets),
+        "compressors": list(compressors),
+        "flops_formula": FORMULA,
+        "seconds": round(time.perf_counter() - start, 1),
+        "runs": runs,
+    }
+    return result
+
+
+def check(result: dict) -> None:
+    """Raise ``EvalFailure`` when a run has empty answers (a green run with nothing in it is not a result)."""
+    bad = [(r["compressor"], r["budget"], t, ids) for r in result["runs"] for t, ids in r["empty_answers"].items()]
+    if bad:
+        lines = "; ".join(f"{c} @ {b} on {t}: docs {ids[:10]}{' ...' if len(ids) > 10 else ''}"
+                          for c, b, t, ids in bad)
+        raise EvalFailure(f"empty answers: {lines}. The model produced no text (check the chat template, "
+                          "max_new_tokens and the answers in OUT/samples/)")
+
+
+def _fmt_flops(value) -> str:
+    return "-" if value is None else f"{value / 1e9:.2f} G"
+
+
+def _ratio(value) -> str:
+    return "" if value is None else f" ({value:.2f}x)"
+
+
+def table(result: dict) -> str:
+    tasks = result["tasks"]
+    head = ["compressor", "budget"] + [t.replace("vtc_shapes_", "") for t in tasks] + [
+        "visual tokens", "prefill FLOPs", "first token", "peak mem"]
+    rows = []
+    for run in result["runs"]:
+        rel = run["relative"]
+        budget = "all" if run["budget"] is None else str(run["budget"])
+        accs = []
+        for t in tasks:
+            delta = rel["accuracy_delta"][t]
+            accs.append(f"{run['accuracy'][t]:.3f}" + ("" if run["budget"] is None else f" ({delta:+.3f})"))
+        tokens = f"{run['visual_tokens_in']:.0f} -> {run['visual_tokens_out']:.0f}"
+        ttft = "-" if run["first_token_seconds"] is None else f"{run['first_token_seconds'] * 1e3:.1f} ms"
+        mem = "-" if run["peak_memory_bytes"] is None else f"{run['peak_memory_bytes'] / 2**20:.1f} MB"
+        rows.append([run["compressor"], budget, *accs, tokens,
+                     _fmt_flops(run["prefill_flops"]) + _ratio(rel["prefill_flops"]),
+                     ttft + _ratio(rel["first_token_seconds"]), mem + _ratio(rel["peak_memory_bytes"])])
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
+    lines = ["  ".join(str(x).ljust(w) for x, w in zip(row, widths)) for row in [head, *rows]]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    source = next((r["peak_memory_source"] for r in result["runs"] if r["peak_memory_source"]), None)
+    notes = [f"accuracy: exact match of the first word (generate tasks), argmin loss among the choices (_mc); "
+             f"in brackets the change from the baseline",
+             "prefill FLOPs: analytic, per request (formula in vtc_eval.json 'flops_formula'); first token: median "
+             "time to first token of generate requests; peak mem: highest " +
+             ("resident-memory growth per request (CPU)" if source == "cpu_rss" else "CUDA memory allocated "
+              "above the start per request")]
+    return "\n".join(lines + [""] + notes)
+
+
+def plot(result: dict, path: pathlib.Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = result["tasks"]
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 4), squeeze=False)
+    base = result["runs"][0]
+    for ax, task in zip(axes[0], tasks):
+        ax.axhline(base["accuracy"][task], color="black", linestyle="--",
+                   label=f"all tokens ({base['visual_tokens_out']:.0f})")
+        for name in result["compressors"]:
+            runs = sorted((r for r in result["runs"] if r["compressor"] == name),
+                          key=lambda r: r["visual_tokens_out"])
+            ax.plot([r["visual_tokens_out"] for r in runs], [r["accuracy"][task] for r in runs], marker="o",
+                    label=name)
+        ax.set_title(task)
+        ax.set_xlabel("mean visual tokens the LLM received")
+        ax.set_ylabel("accuracy")
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=7, loc="lower right")
+    fig.suptitle(f"{result['model']}: accuracy vs visual-token budget")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

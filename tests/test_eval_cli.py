@@ -1,0 +1,94 @@
+"""``vtc eval``: a real (small) sweep on the embedded model -- its JSON schema, plot and table -- and the loud
+failures lmms-eval itself would exit 0 on."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from vtc import cli
+from vtc.eval import sweep
+from vtc.eval.lmms_model import VtcModel
+
+SMALL = ["--task-images", "2", "--task-videos", "1", "--task-questions", "1"]
+
+
+@pytest.fixture(scope="module")
+def tasks_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("eval_tasks")
+
+
+def test_sweep_writes_json_plot_and_table(tmp_path, tasks_dir, capsys):
+    out = tmp_path / "out"
+    rc = cli.main(["eval", "--compressor", "random", "--compressor", "fastervlm", "--budget", "0.5", "--budget", "16",
+                   *SMALL, "--tasks-dir", str(tasks_dir), "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert rc == 0
+    result = json.loads((out / "vtc_eval.json").read_text())
+    assert set(result) == set(sweep.RESULT_KEYS)
+    assert result["tasks"] == list(sweep.DEFAULT_TASKS) and result["budgets"] == [0.5, 16]
+    assert "2*h*vocab" in result["flops_formula"]
+    runs = result["runs"]
+    assert [(r["compressor"], r["budget"]) for r in runs] == [
+        ("none", None), ("random", 0.5), ("random", 16), ("fastervlm", 0.5), ("fastervlm", 16)]
+    for run in runs:
+        assert set(run) == set(sweep.RUN_KEYS)
+        assert set(run["accuracy"]) == set(sweep.DEFAULT_TASKS)
+        assert all(0.0 <= a <= 1.0 for a in run["accuracy"].values())
+        assert run["samples"] == {"vtc_shapes_image": 2, "vtc_shapes_video": 1, "vtc_shapes_image_mc": 2}
+        assert run["empty_answers"] == {}
+        assert run["prefill_flops"] == pytest.approx(sum(v for k, v in run["prefill_flops_parts"].items()
+                                                         if k != "total"))
+        assert run["first_token_seconds"] > 0 and run["peak_memory_bytes"] is not None
+    base = runs[0]
+    assert base["visual_tokens_out"] == base["visual_tokens_in"] and base["relative"]["prefill_flops"] == 1.0
+    sixteen = runs[2]
+    assert sixteen["visual_tokens_out"] == 16  # every image, and every video over all its frames, kept 16
+    assert sixteen["relative"]["prefill_flops"] < 1.0
+    assert sixteen["relative"]["visual_tokens_out"] == pytest.approx(16 / base["visual_tokens_out"])
+    assert (out / "vtc_eval.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len(list((out / "samples").glob("*.jsonl"))) == 5 * 3
+    assert "prefill FLOPs" in printed and "fastervlm" in printed
+
+
+def test_unloadable_model_fails_loudly(tmp_path, tasks_dir, capsys):
+    rc = cli.main(["eval", "--model", str(tmp_path / "missing"), "--compressor", "random", "--budget", "4", *SMALL,
+                   "--tasks-dir", str(tasks_dir), "--out", str(tmp_path / "out")])
+    assert rc == 1
+    assert "cannot load model" in capsys.readouterr().err
+
+
+def test_unknown_task_fails_loudly(tmp_path, tasks_dir, capsys):
+    rc = cli.main(["eval", "--compressor", "random", "--budget", "4", "--tasks", "no_such_task", *SMALL,
+                   "--tasks-dir", str(tasks_dir), "--out", str(tmp_path / "out")])
+    assert rc == 1
+    assert "no_such_task" in capsys.readouterr().err
+
+
+def test_unknown_compressor_is_a_usage_error(tmp_path, capsys):
+    assert cli.main(["eval", "--compressor", "nosuch", "--out", str(tmp_path)]) == 2
+    assert "nosuch" in capsys.readouterr().err
+
+
+def test_empty_answers_fail_the_run(tmp_path, tasks_dir, capsys, monkeypatch):
+    original = VtcModel._generate_batch
+
+    def silent(self, requests):
+        results = original(self, requests)
+        for result in results:
+            result.text = ""
+        return results
+
+    monkeypatch.setattr(VtcModel, "_generate_batch", silent)
+    rc = cli.main(["eval", "--compressor", "random", "--budget", "4", "--tasks", "vtc_shapes_image", *SMALL,
+                   "--tasks-dir", str(tasks_dir), "--out", str(tmp_path / "out")])
+    assert rc == 1
+    assert "empty answers" in capsys.readouterr().err
+
+
+def test_check_names_every_run_with_empty_answers():
+    result = {"runs": [{"compressor": "none", "budget": None, "empty_answers": {}},
+                       {"compressor": "hiprune", "budget": 8, "empty_answers": {"t": [3, 5]}}]}
+    with pytest.raises(sweep.EvalFailure, match=r"hiprune @ 8 on t: docs \[3, 5\]"):
+        sweep.check(result)
