@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.vtc-installed
 
-.PHONY: run test bench list clean default-model fidelity
+.PHONY: run test bench eval list clean default-model fidelity
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -23,10 +23,16 @@ test: $(STAMP)
 	@$(PY) -m pytest -q; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
-## benchmarks: signal-capture overhead and selection cost vs a CLIP-L/14-336-shaped tower (ratios from one run)
+## benchmarks: signal-capture overhead and selection cost vs a CLIP-L/14-336-shaped tower, prefill speedup vs the
+## ideal on a LLaVA-1.5-shaped model (ratios from one run each)
 bench: $(STAMP)
 	$(PY) -m vtc.eval.bench_capture
 	$(PY) -m vtc.eval.bench_selection
+	$(PY) -m vtc.eval.bench_prefill
+
+## lmms-eval sweep on the embedded model: every compressor at 33 % / 11 % on the offline tasks (./vtc_eval)
+eval: $(STAMP)
+	$(PY) -m vtc eval
 
 ## retrain the embedded default model into the package (about an hour on 2 CPU cores), then measure it
 default-model: $(STAMP)

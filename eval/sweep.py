@@ -18,9 +18,12 @@ produced no samples, or any answer is empty -- lmms-eval itself would exit 0 in 
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import pathlib
 import statistics
+import sys
 import time
 
 import vtc
@@ -70,10 +73,15 @@ def run_one(model, processor, compressor: str, budget, tasks: list[str], task_ma
     kwargs = {} if compressor == "none" else {"budget": budget}
     lm = VtcModel(model=model, processor=processor, pretrained=model_name, compressor=compressor, device=device,
                   batch_size=batch_size, progress=False, **kwargs)
+    chatter = io.StringIO()  # lmms-eval's and datasets' per-task progress bars: shown only if the run fails
     try:
-        out = evaluator.simple_evaluate(model=lm, tasks=list(tasks), task_manager=task_manager, limit=limit,
-                                        batch_size=batch_size, device=device, log_samples=True,
-                                        verbosity="WARNING")
+        with contextlib.redirect_stderr(chatter):
+            out = evaluator.simple_evaluate(model=lm, tasks=list(tasks), task_manager=task_manager, limit=limit,
+                                            batch_size=batch_size, device=device, log_samples=True,
+                                            verbosity="WARNING")
+    except Exception:
+        sys.stderr.write(chatter.getvalue()[-4000:])
+        raise
     finally:
         vtc.remove(model)
     if not out or "results" not in out:
@@ -228,8 +236,8 @@ def table(result: dict) -> str:
     lines = ["  ".join(str(x).ljust(w) for x, w in zip(row, widths)) for row in [head, *rows]]
     lines.insert(1, "  ".join("-" * w for w in widths))
     source = next((r["peak_memory_source"] for r in result["runs"] if r["peak_memory_source"]), None)
-    notes = [f"accuracy: exact match of the first word (generate tasks), argmin loss among the choices (_mc); "
-             f"in brackets the change from the baseline",
+    notes = ["accuracy: exact match of the first word (generate tasks), argmin loss among the choices (_mc); "
+             "in brackets the change from the baseline",
              "prefill FLOPs: analytic, per request (formula in vtc_eval.json 'flops_formula'); first token: median "
              "time to first token of generate requests; peak mem: highest " +
              ("resident-memory growth per request (CPU)" if source == "cpu_rss" else "CUDA memory allocated "
