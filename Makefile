@@ -18,8 +18,15 @@ $(STAMP): pyproject.toml constraints.txt
 run: $(STAMP)
 	$(PY) -m vtc run
 
+## Debian's chromium for the demo's browser test (Playwright drives it; nothing is downloaded at test time)
+CHROMIUM := /usr/bin/chromium
+$(CHROMIUM):
+	@if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	  apt-get install -y -q chromium >/dev/null || { apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null; }; \
+	else echo "warning: cannot install chromium here (needs root and apt-get); the browser test will fail" >&2; fi
+
 ## the test suite (offline, CPU); pytest's exit 5 ("no tests ran") counts as a failure
-test: $(STAMP)
+test: $(STAMP) $(CHROMIUM)
 	@$(PY) -m pytest -q; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests" >&2; exit 1; fi; exit $$rc
 

@@ -63,7 +63,9 @@ class SampleStats(TokenCounts):
         return {k: v for k, v in asdict(self).items() if v is not None}
 
 
-def _parse_budget(value, name: str):
+def _parse_budget(value):
+    """``--model_args`` values arrive typed by lmms-eval ("64" -> 64, "0.25" -> 0.25); Python callers may pass
+    strings too."""
     if value is None:
         return None
     if isinstance(value, str):
@@ -81,6 +83,7 @@ class VtcModel(lmms):
                  device: str | None = None, dtype: str = "auto", batch_size: int | str = 1,
                  max_frames_num: int = 8, max_new_tokens: int = 64, device_map: str | None = None,
                  model=None, processor=None, max_batch_size=None, progress: bool = True, **options) -> None:
+        # max_batch_size: passed by lmms-eval's CLI to every model; batches here are fixed (batch_size)
         super().__init__()
         from accelerate import Accelerator
 
@@ -103,8 +106,8 @@ class VtcModel(lmms):
         if self._device.type == "cpu":
             make_cpu_memory_measurable()  # per-request peak resident memory (see vtc.eval.measure)
         self.compressor = str(compressor).lower() if isinstance(compressor, str) else compressor
-        self.budget = _parse_budget(budget, "budget")
-        video_budget = _parse_budget(video_budget, "video_budget")
+        self.budget = _parse_budget(budget)
+        video_budget = _parse_budget(video_budget)
         if self.compressor == NONE:
             extra = {k: v for k, v in (("budget", budget), ("video_budget", video_budget)) if v is not None}
             extra.update(options)
