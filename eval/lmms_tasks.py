@@ -27,7 +27,7 @@ from . import synthetic as syn
 
 TASKS = ("vtc_shapes_image", "vtc_shapes_video", "vtc_shapes_image_mc")
 TAG = "vtc_shapes"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 _MANIFEST = "vtc_tasks.json"
 
 _COMMON = """\
@@ -64,7 +64,7 @@ metric_list:
   - metric: nonempty
     aggregation: mean
     higher_is_better: true
-include: _vtc_shapes_common.yaml
+include: _vtc_shapes_template
 """
 
 _MULTIPLE_CHOICE = """\
@@ -81,7 +81,7 @@ metric_list:
   - metric: acc
     aggregation: mean
     higher_is_better: true
-include: _vtc_shapes_common.yaml
+include: _vtc_shapes_template
 """
 
 _UTILS = '''"""Task functions of the vtc_shapes tasks (written by python -m vtc.eval.lmms_tasks)."""
@@ -189,7 +189,8 @@ def write_tasks(directory, images: int = 100, videos: int = 30, questions: int =
         with open(root / f"{name}.jsonl", "w") as handle:
             for row in rows:
                 handle.write(json.dumps(row) + "\n")
-    (root / "_vtc_shapes_common.yaml").write_text(_COMMON.format(version=FORMAT_VERSION))
+    # the shared part has no .yaml suffix: lmms-eval loads every *.yaml of the folder as a task
+    (root / "_vtc_shapes_template").write_text(_COMMON.format(version=FORMAT_VERSION))
     (root / "vtc_shapes_image.yaml").write_text(
         _GENERATE.format(task="vtc_shapes_image", tag=TAG, data=root / "image.jsonl", visual="doc_to_image"))
     (root / "vtc_shapes_video.yaml").write_text(

@@ -33,7 +33,7 @@ RESULT_KEYS = ("vtc_version", "model", "device", "tasks", "limit", "budgets", "c
                "seconds", "runs")
 #: keys of each entry of ``runs`` (the baseline first: compressor "none", budget null)
 RUN_KEYS = ("compressor", "budget", "accuracy", "metrics", "samples", "empty_answers", "visual_tokens_in",
-            "visual_tokens_out", "prefill_flops", "prefill_flops_parts", "first_token_seconds", "peak_memory_bytes",
+            "visual_tokens_out", "visual_tokens_by_task", "prefill_flops", "prefill_flops_parts", "first_token_seconds", "peak_memory_bytes",
             "peak_memory_source", "relative")
 DEFAULT_TASKS = ("vtc_shapes_image", "vtc_shapes_video", "vtc_shapes_image_mc")
 DEFAULT_BUDGETS = (0.33, 0.11)
@@ -122,6 +122,9 @@ def run_one(model, processor, compressor: str, budget, tasks: list[str], task_ma
         "empty_answers": {t: ids for t, ids in empty.items() if ids},
         "visual_tokens_in": _mean([s.visual_tokens_in for s in stats]),
         "visual_tokens_out": _mean([s.visual_tokens_out for s in stats]),
+        "visual_tokens_by_task": {t: {"in": _mean([s.visual_tokens_in for s in stats if s.task == t]),
+                                      "out": _mean([s.visual_tokens_out for s in stats if s.task == t])}
+                                  for t in tasks},
         "prefill_flops": _mean(flops),
         "prefill_flops_parts": parts,
         "first_token_seconds": _median([s.first_token_seconds for s in generate]),
@@ -255,15 +258,16 @@ def plot(result: dict, path: pathlib.Path) -> None:
     fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 4), squeeze=False)
     base = result["runs"][0]
     for ax, task in zip(axes[0], tasks):
-        ax.axhline(base["accuracy"][task], color="black", linestyle="--",
-                   label=f"all tokens ({base['visual_tokens_out']:.0f})")
+        full = base["visual_tokens_by_task"][task]["out"]
+        ax.axhline(base["accuracy"][task], color="black", linestyle="--", label="all tokens")
+        ax.plot([full], [base["accuracy"][task]], marker="s", color="black")
         for name in result["compressors"]:
             runs = sorted((r for r in result["runs"] if r["compressor"] == name),
-                          key=lambda r: r["visual_tokens_out"])
-            ax.plot([r["visual_tokens_out"] for r in runs], [r["accuracy"][task] for r in runs], marker="o",
-                    label=name)
+                          key=lambda r: r["visual_tokens_by_task"][task]["out"])
+            ax.plot([r["visual_tokens_by_task"][task]["out"] for r in runs], [r["accuracy"][task] for r in runs],
+                    marker="o", label=name)
         ax.set_title(task)
-        ax.set_xlabel("mean visual tokens the LLM received")
+        ax.set_xlabel(f"visual tokens the LLM received per request (all: {full:.0f})")
         ax.set_ylabel("accuracy")
         ax.grid(alpha=0.3)
     axes[0][-1].legend(fontsize=7, loc="lower right")

@@ -46,6 +46,10 @@ def test_sweep_writes_json_plot_and_table(tmp_path, tasks_dir, capsys):
     sixteen = runs[2]
     assert sixteen["visual_tokens_out"] == 16  # every image, and every video over all its frames, kept 16
     assert sixteen["relative"]["prefill_flops"] < 1.0
+    assert base["visual_tokens_by_task"]["vtc_shapes_image"] == {"in": 196, "out": 196}
+    assert base["visual_tokens_by_task"]["vtc_shapes_video"] == {"in": 8 * 196, "out": 8 * 196}
+    assert all(v["out"] == 16 for v in sixteen["visual_tokens_by_task"].values())
+    assert runs[1]["visual_tokens_by_task"]["vtc_shapes_video"]["out"] == 8 * 196 // 2
     assert sixteen["relative"]["visual_tokens_out"] == pytest.approx(16 / base["visual_tokens_out"])
     assert (out / "vtc_eval.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert len(list((out / "samples").glob("*.jsonl"))) == 5 * 3
