@@ -1,4 +1,4 @@
-"""`vtc` command line: `vtc run` (the main job) and `vtc list`.
+"""`vtc` command line: `vtc run` (the main job), `vtc eval`, `vtc demo` (the web demo) and `vtc list`.
 
 `vtc run` answers one question about one image with the full visual-token set and with every requested
 compressor at the budget, and shows what each kept. Without ``--model`` it uses the embedded default model (a small
@@ -161,6 +161,28 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_demo(args) -> int:
+    """Serve the Gradio demo (``vtc.demo.app``) until interrupted."""
+    try:
+        from .demo.app import launch
+        from .demo.engine import DemoError, Engine
+    except ImportError as exc:
+        print(f"error: vtc demo needs gradio ({exc}); install it with pip install 'vtc[demo]'", file=sys.stderr)
+        return 1
+    engine = Engine(args.model)
+    try:
+        engine.model()  # load the start model now: a bad --model fails here, and the first request is fast
+    except DemoError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    try:
+        launch(engine=engine, host=args.host, port=args.port, share=args.share == "yes")
+    except OSError as exc:  # the port is taken, the host cannot be bound
+        print(f"error: cannot serve the demo on {args.host}:{args.port}: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def cmd_list(args) -> int:
     import vtc
     from .integrations.transformers import supported_families
@@ -202,6 +224,16 @@ def build_parser() -> argparse.ArgumentParser:
                                                               "request)")
     ev.add_argument("--out", default="vtc_eval", help="output folder (default ./vtc_eval)")
     ev.set_defaults(func=cmd_eval)
+    demo = sub.add_parser("demo", help="web demo: see which visual tokens survive, for images and videos "
+                                        "(needs vtc[demo])")
+    demo.add_argument("--model", help="model the page starts with: local save_pretrained folder or hub id "
+                                      "(default: the embedded model); users can pick another in the page")
+    demo.add_argument("--host", default="127.0.0.1", help="address to serve on (default 127.0.0.1; 0.0.0.0 for "
+                                                         "every interface)")
+    demo.add_argument("--port", type=int, default=7860, help="port (default 7860)")
+    demo.add_argument("--share", choices=("no", "yes"), default="no",
+                      help="also open a public gradio.live link (default no)")
+    demo.set_defaults(func=cmd_demo)
     listing = sub.add_parser("list", help="list compressors and supported model families")
     listing.set_defaults(func=cmd_list)
     return parser
