@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.vtc-installed
 
-.PHONY: run test bench eval list clean default-model fidelity
+.PHONY: run test bench eval demo list clean default-model fidelity
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -49,6 +49,10 @@ default-model: $(STAMP)
 ## accuracy of the embedded model at 100 / 33 / 11 % of its visual tokens, for every compressor
 fidelity: $(STAMP)
 	$(PY) -m vtc.eval.default_fidelity
+
+## the web demo on http://127.0.0.1:7860: which visual tokens survive, for images and videos
+demo: $(STAMP)
+	$(PY) -m vtc demo
 
 list: $(STAMP)
 	$(PY) -m vtc list

@@ -96,6 +96,8 @@ _support_outcomes: dict[tuple[str, str, str], list[bool]] = {}
 def pytest_addoption(parser):
     parser.addoption("--support-matrix", metavar="PATH", default=None,
                      help="write the family x compressor support matrix (markdown) from this run's results")
+    parser.addoption("--update-screenshot", action="store_true", default=False,
+                     help="tests/test_demo_browser.py also writes its screenshot to docs/demo.png (the README's)")
 
 
 @pytest.hookimpl(wrapper=True)

@@ -1,0 +1,210 @@
+"""The Gradio front end: see which visual tokens survive, for an image or a video, with one or two compressors.
+
+Only layout and formatting live here; uploads, models, locking and drawing are ``vtc.demo.engine`` and
+``vtc.demo.render``, which are tested without a browser. Every handler turns errors into a line in the status box
+(``error: ...``): a user sees what to fix, never a stack trace (unexpected errors are logged on the server).
+
+    python -m vtc demo                      # embedded default model, http://127.0.0.1:7860
+    python -m vtc demo --model DIR_OR_HUB_ID --host 0.0.0.0 --port 8080
+"""
+
+from __future__ import annotations
+
+import logging
+import pathlib
+
+import gradio as gr
+
+import vtc
+
+from .engine import EMBEDDED, DemoError, Engine, Result, RunResult, Spec
+
+log = logging.getLogger(__name__)
+
+TITLE = "vtc: which visual tokens survive?"
+INTRO = """\
+# Which visual tokens survive?
+
+Pick a bundled example (held-out test data of the embedded model, with its known answer) or upload an image or a
+video, ask a question, and choose a compressor with a **budget**: an integer is visual tokens kept per image (for a
+video: over all its frames), a fraction in (0, 1] is the share kept (`64`, `0.25`, `25%`). Kept tokens are drawn
+bright on the model's real patch grid, pruned ones dimmed; the members of one merged token share an outline colour.
+"""
+CSS = """
+#status textarea { font-family: ui-monospace, monospace; }
+.vtc-stats p { margin: 0.15em 0; }
+"""
+
+
+def _gflops(flops: int) -> str:
+    return f"{flops / 1e9:.3g} GFLOPs"
+
+
+def _ms(seconds: float | None) -> str:
+    return "n/a" if seconds is None else f"{seconds * 1000:.1f} ms"
+
+
+def _verdict(answer: str, expected: str | None) -> str:
+    if expected is None:
+        return ""
+    return " (right)" if answer.split()[:1] == [expected] else f" (wrong; expected {expected})"
+
+
+def stats_markdown(run: RunResult, baseline: RunResult, expected: str | None) -> str:
+    """One column's numbers: answer, kept tokens, tokens in -> out, time to first token, FLOPs."""
+    lines = [f"**answer:** {run.answer or '(empty)'}{_verdict(run.answer, expected)}"]
+    if run.compressor is None:
+        lines.append(f"**all {run.visual_in} visual tokens**")
+    else:
+        budget = run.budget if isinstance(run.budget, int) else f"{run.budget:g} = {run.budget_tokens} tokens"
+        lines.append(f"**kept {run.kept} / {run.visual_in} visual tokens** (budget {budget})")
+    lines.append(f"visual tokens in → out: {run.visual_in} → {run.visual_out}")
+    speed = "" if run.compressor is None or not baseline.prefill_seconds or not run.prefill_seconds else \
+        f" ({baseline.prefill_seconds / run.prefill_seconds:.2f}× faster)"
+    lines.append(f"prefill (time to first token): {_ms(run.prefill_seconds)}{speed}")
+    share = "" if run.compressor is None else f" ({100 * run.flops / baseline.flops:.0f} % of all tokens)"
+    lines.append(f"prefill FLOPs: {_gflops(run.flops)}{share}")
+    if run.options:
+        lines.append("options: " + ", ".join(f"`{k}={v!r}`" for k, v in run.options.items()))
+    return "\n\n".join(lines)
+
+
+def table_markdown(result: Result) -> str:
+    """All runs side by side (a compact summary under the pictures)."""
+    head = ("| | answer | visual tokens in → out | time to first token | prefill FLOPs |\n"
+            "|---|---|---|---|---|")
+    rows = [head]
+    for run in result.all_runs:
+        name = "all tokens" if run.compressor is None else f"`{run.compressor}` @ {run.budget!r}"
+        rows.append(f"| {name} | {run.answer}{_verdict(run.answer, result.expected)} | {run.visual_in} → "
+                    f"{run.visual_out} | {_ms(run.prefill_seconds)} | {_gflops(run.flops)} |")
+    known = f"; known answer: **{result.expected}**" if result.expected is not None else ""
+    return (f"**{result.model_label}** · {result.kind} `{result.media_name}` · question: *{result.question}*"
+            f"{known}\n\n" + "\n".join(rows))
+
+
+def build_app(engine: Engine | None = None) -> gr.Blocks:
+    """The Blocks app on ``engine`` (default: a new ``Engine`` on the embedded model)."""
+    engine = engine or Engine()
+    examples = {e.label: e for e in engine.examples}
+    compressors = vtc.list_compressors()
+
+    def on_example(label):
+        example = examples.get(label)
+        if example is None:  # the radio was cleared by an upload
+            return gr.update(), gr.update(), gr.update()
+        return example.path, example.question, f"known answer: **{example.answer}**"
+
+    def on_file(path, question, frames):
+        if not path:
+            return None, "", ""
+        try:
+            media = engine.load_media(path, int(frames))
+        except DemoError as exc:
+            return None, f"error: {exc}", ""
+        except Exception as exc:  # noqa: BLE001 - shown as one line, logged in full
+            log.exception("reading an upload failed")
+            return None, f"error: internal error ({type(exc).__name__}: {exc}); details are in the server log", ""
+        expected = engine.expected_answer(media, question)
+        what = f"{media.image.width}×{media.image.height} image" if media.kind == "image" else \
+            f"video, {len(media.frames)} frames sampled of {media.duration:.1f} s"
+        return (engine.preview(media), f"ready: {media.name} ({what})",
+                "" if expected is None else f"known answer: **{expected}**")
+
+    def on_run(path, question, model_ref, frames, max_new_tokens, name_a, budget_a, options_a, compare, name_b,
+               budget_b, options_b):
+        failed = [None, "", None, "", None, "", ""]
+        try:
+            media = engine.load_media(path, int(frames))
+            specs = [Spec(name_a, budget_a, options_a)]
+            if compare:
+                specs.append(Spec(name_b, budget_b, options_b))
+            result = engine.run(media, question, specs, model=model_ref, max_new_tokens=int(max_new_tokens))
+        except DemoError as exc:
+            return [*failed, f"error: {exc}"]
+        except Exception as exc:  # noqa: BLE001 - shown as one line, logged in full
+            log.exception("a demo request failed")
+            return [*failed, f"error: internal error ({type(exc).__name__}: {exc}); details are in the server log"]
+        base = result.baseline
+        a = result.runs[0]
+        b = result.runs[1] if len(result.runs) > 1 else None
+        return [base.picture, stats_markdown(base, base, result.expected),
+                a.picture, stats_markdown(a, base, result.expected),
+                None if b is None else b.picture, "" if b is None else stats_markdown(b, base, result.expected),
+                table_markdown(result),
+                f"done: {len(result.runs)} compressor(s) on {result.model_label}"]
+
+    with gr.Blocks(title=TITLE, analytics_enabled=False) as demo:
+        gr.Markdown(INTRO)
+        with gr.Row():
+            with gr.Column(scale=1, min_width=320):
+                example = gr.Radio(list(examples), label="Bundled examples", elem_id="examples")
+                upload = gr.File(label="…or upload an image or a video (at most "
+                                       f"{engine.limits.max_bytes / 2**20:g} MB, "
+                                       f"{engine.limits.max_video_seconds / 60:g} min)",
+                                 type="filepath", elem_id="upload")
+                question = gr.Textbox(label="Question", elem_id="question")
+                expected = gr.Markdown(elem_id="expected")
+                model = gr.Textbox(label="Model: local folder or hub id (empty: the embedded default model)",
+                                   value=engine.default_model or "", placeholder=EMBEDDED, elem_id="model")
+                with gr.Row():
+                    frames = gr.Slider(1, engine.limits.max_frames, value=8, step=1, label="Frames per video",
+                                       elem_id="frames")
+                    max_new = gr.Slider(1, engine.limits.max_new_tokens, value=8, step=1, label="Max new tokens",
+                                        elem_id="max-new-tokens")
+                with gr.Group():
+                    name_a = gr.Dropdown(compressors, value="cls_attention", label="Compressor A",
+                                         elem_id="compressor-a")
+                    budget_a = gr.Textbox("0.25", label="Budget A (tokens, or a fraction)", elem_id="budget-a")
+                    options_a = gr.Textbox(label="Options A (key=value, ... or JSON)", placeholder="e.g. layer=5",
+                                           elem_id="options-a")
+                compare = gr.Checkbox(label="Compare with a second compressor", elem_id="compare")
+                with gr.Group(visible=False) as group_b:
+                    name_b = gr.Dropdown(compressors, value="random", label="Compressor B", elem_id="compressor-b")
+                    budget_b = gr.Textbox("0.25", label="Budget B (tokens, or a fraction)", elem_id="budget-b")
+                    options_b = gr.Textbox(label="Options B (key=value, ... or JSON)", elem_id="options-b")
+                run = gr.Button("Run", variant="primary", elem_id="run")
+                status = gr.Textbox(label="Status", interactive=False, elem_id="status")
+            with gr.Column(scale=3):
+                with gr.Row():
+                    with gr.Column(min_width=240):
+                        picture_all = gr.Image(label="All tokens", type="pil", format="png", interactive=False,
+                                               elem_id="picture-all")
+                        stats_all = gr.Markdown(elem_id="stats-all", elem_classes="vtc-stats")
+                    with gr.Column(min_width=240):
+                        picture_a = gr.Image(label="Compressor A", type="pil", format="png", interactive=False,
+                                             elem_id="picture-a")
+                        stats_a = gr.Markdown(elem_id="stats-a", elem_classes="vtc-stats")
+                    with gr.Column(visible=False, min_width=240) as column_b:
+                        picture_b = gr.Image(label="Compressor B", type="pil", format="png", interactive=False,
+                                             elem_id="picture-b")
+                        stats_b = gr.Markdown(elem_id="stats-b", elem_classes="vtc-stats")
+                table = gr.Markdown(elem_id="table")
+
+        example.change(on_example, example, [upload, question, expected])
+        upload.upload(lambda: None, None, example)  # an own file is no longer the selected example
+        upload.change(on_file, [upload, question, frames], [picture_all, status, expected])
+        compare.change(lambda on: (gr.update(visible=on), gr.update(visible=on)), compare, [group_b, column_b])
+        run.click(on_run, [upload, question, model, frames, max_new, name_a, budget_a, options_a, compare, name_b,
+                           budget_b, options_b],
+                  [picture_all, stats_all, picture_a, stats_a, picture_b, stats_b, table, status],
+                  concurrency_limit=4)  # requests on one model wait for its lock; other models run meanwhile
+    return demo
+
+
+def launch(model: str | None = None, *, host: str = "127.0.0.1", port: int | None = 7860, share: bool = False,
+           engine: Engine | None = None, prevent_thread_lock: bool = False, quiet: bool = False) -> gr.Blocks:
+    """Build and serve the app; returns the Blocks (``.close()`` stops a server started with
+    ``prevent_thread_lock=True``). Gradio's own upload limit is twice the engine's, so files in between get the
+    engine's explanation rather than a bare refusal."""
+    engine = engine or Engine(model)
+    demo = build_app(engine)
+    demo.queue()
+    folders = sorted({str(pathlib.Path(e.path).parent) for e in engine.examples})
+    demo.launch(server_name=host, server_port=port, share=share, prevent_thread_lock=prevent_thread_lock,
+                allowed_paths=folders, max_file_size=2 * engine.limits.max_bytes, show_error=False, quiet=quiet,
+                ssr_mode=False, css=CSS)
+    return demo
+
+
+__all__ = ["build_app", "launch", "stats_markdown", "table_markdown"]

@@ -1,0 +1,764 @@
+"""The demo's engine: uploads, models, one request with and without compression. Pure Python (no Gradio).
+
+Why a separate layer: everything that can go wrong for a user (a bad upload, a budget, an unknown option, a model
+that does not load) and everything that must be safe between users (one model instance, mutated in place by
+``vtc.apply``) lives here, where it is unit-tested without a browser; ``vtc.demo.app`` only lays it out.
+
+* ``load_media`` accepts an image or a video file and rejects anything else, files over ``Limits.max_bytes`` and
+  videos longer than ``Limits.max_video_seconds`` / ``max_source_frames``, with a message saying what is accepted.
+* ``Engine.model`` loads a model once and keeps the last few in an LRU; each has a lock held for the whole
+  apply -> generate -> read selection -> remove sequence, so two users' selections never cross.
+* ``Engine.run`` answers a question with all visual tokens and with one or two compressors, and returns what each
+  kept (drawn on the model's real token geometry), visual tokens in -> out, time to first token and FLOPs.
+"""
+
+from __future__ import annotations
+
+import ast
+import collections
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import pathlib
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+import vtc
+from vtc.eval import synthetic
+from vtc.eval.measure import FirstTokenClock
+from vtc.integrations.transformers.flops import request_flops
+from vtc.integrations.transformers.geometry import image_token_boxes, video_token_boxes
+
+from . import render
+
+log = logging.getLogger(__name__)
+
+MB = 2**20
+#: video containers accepted (FFmpeg demuxer names); FFmpeg also "opens" text files (tty) and images (image2)
+VIDEO_FORMATS = frozenset({"mov", "mp4", "m4a", "3gp", "3g2", "mj2", "matroska", "webm", "avi", "mpeg", "mpegts",
+                           "flv", "ogg", "asf", "h264", "hevc", "m4v", "mpegvideo", "gif"})
+VIDEO_SUFFIXES = frozenset({".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".mpg", ".mpeg", ".ts", ".flv",
+                            ".ogv", ".wmv", ".3gp"})
+EMBEDDED = "embedded default"
+STRIP_COLUMNS = 4  # frames per row of a strip: 8 frames stay readable in a third of the page
+
+
+class DemoError(Exception):
+    """Something the user can fix (upload, question, budget, option, model); the message is shown as it is."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What the demo accepts; a public server needs bounds on upload size and decoding work."""
+
+    max_bytes: int = 25 * MB
+    max_video_seconds: float = 600.0
+    max_source_frames: int = 36_000  # 10 minutes at 60 fps
+    max_frames: int = 32  # frames sampled from a video for the model
+    max_image_pixels: int = 50_000_000
+    max_new_tokens: int = 64
+
+
+@dataclass
+class Media:
+    """One validated upload: an image (one frame) or the frames sampled from a video."""
+
+    kind: str  # "image" or "video"
+    frames: list[Image.Image]
+    name: str
+    sha256: str
+    timestamps: list[float] | None = None  # video: seconds of each sampled frame
+    duration: float | None = None  # video: seconds
+
+    @property
+    def image(self) -> Image.Image:
+        return self.frames[0]
+
+
+@dataclass(frozen=True)
+class Example:
+    """A bundled held-out sample of the synthetic test split, with its known answers."""
+
+    label: str
+    kind: str
+    path: str
+    question: str
+    answer: str
+    answers: dict[str, str]  # every question of the sample -> its answer
+
+
+@dataclass(frozen=True)
+class Spec:
+    """One compressor as the user configured it: name, budget (text or value) and options (text or dict)."""
+
+    compressor: str
+    budget: str | int | float = "0.25"
+    options: str | dict = ""
+
+
+@dataclass
+class FrameInfo:
+    """One frame of a video as the LLM received it: its budget, score and kept tokens."""
+
+    frame: int
+    tokens: int
+    kept: int
+    budget: int | None = None
+    score: float | None = None
+    timestamp: float | None = None
+
+
+@dataclass
+class RunResult:
+    """One answer: with all visual tokens (``compressor is None``) or with one compressor."""
+
+    label: str
+    compressor: str | None
+    budget: int | float | None  # as the user gave it (parsed)
+    options: dict
+    answer: str
+    visual_in: int  # visual placeholder tokens of the prompt
+    visual_out: int  # visual tokens the LLM received (AnyRes: kept newlines included)
+    kept: int  # visual tokens kept, newlines excluded (== the resolved budget)
+    budget_tokens: int  # the resolved budget in tokens (visual_in for all tokens)
+    prefill_seconds: float | None  # time to first token
+    generate_seconds: float
+    flops: int  # analytic prefill FLOPs (vtc.flops)
+    picture: Image.Image  # the overlay (image) or the frame strip (video)
+    frames: list[FrameInfo] = field(default_factory=list)
+    selections: list = field(default_factory=list)  # vtc.ImageSelection records
+    videos: list = field(default_factory=list)  # vtc.video.VideoRecord records
+
+
+@dataclass
+class Result:
+    kind: str
+    media_name: str
+    question: str
+    expected: str | None  # the known answer of a bundled example, else None
+    model_label: str
+    baseline: RunResult
+    runs: list[RunResult]
+
+    @property
+    def all_runs(self) -> list[RunResult]:
+        return [self.baseline, *self.runs]
+
+
+@dataclass
+class LoadedModel:
+    key: str
+    label: str
+    model: Any
+    processor: Any
+    video_input: bool  # the family takes pixel_values_videos (else a video goes in as images_as_video)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+# ------------------------------------------------------------------------------------------------- uploads
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _open_image(path: str, name: str, limits: Limits) -> Image.Image | None:
+    """The file as an RGB image, or ``None`` when PIL does not recognise it as one."""
+    try:
+        with Image.open(path) as image:
+            if image.width * image.height > limits.max_image_pixels:
+                raise DemoError(f"{name} is {image.width}x{image.height} pixels; the demo accepts images of at most "
+                                f"{limits.max_image_pixels / 1e6:.0f} megapixels")
+            image.load()
+            return image.convert("RGB")
+    except Image.DecompressionBombError as exc:
+        raise DemoError(f"{name} is too large to decode safely ({exc})") from exc
+    except (OSError, ValueError, SyntaxError, EOFError):  # UnidentifiedImageError is an OSError
+        return None
+
+
+def _not_media(name: str) -> DemoError:
+    return DemoError(f"{name} is neither an image nor a video; upload an image (PNG, JPEG, WebP, ...) or a video "
+                     f"(MP4, WebM, MOV, MKV, AVI)")
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.3g} s" if seconds < 120 else f"{seconds / 60:.3g} min"
+
+
+def _too_long(name: str, seconds: float | None, frames: int | None, limits: Limits) -> DemoError | None:
+    if seconds is not None and seconds > limits.max_video_seconds:
+        return DemoError(f"{name} is {_duration(seconds)} long; the demo accepts videos of at most "
+                         f"{_duration(limits.max_video_seconds)}")
+    if frames is not None and frames > limits.max_source_frames:
+        return DemoError(f"{name} has {frames} frames; the demo accepts videos of at most {limits.max_source_frames} "
+                         "frames")
+    return None
+
+
+def _probe_video(path: str, name: str) -> tuple[float | None, int | None] | None:
+    """Duration and frame count from the container, without decoding (``None`` without PyAV)."""
+    try:
+        import av
+    except ImportError:
+        if pathlib.Path(name).suffix.lower() not in VIDEO_SUFFIXES:
+            raise _not_media(name) from None
+        return None
+    try:
+        with av.open(path) as container:
+            if not set(container.format.name.split(",")) & VIDEO_FORMATS or not container.streams.video:
+                raise _not_media(name)
+            stream = container.streams.video[0]
+            seconds = None
+            if stream.duration and stream.time_base:
+                seconds = float(stream.duration * stream.time_base)
+            elif container.duration:
+                seconds = container.duration / av.time_base
+            frames = int(stream.frames or 0) or None
+            if frames is None and seconds and stream.average_rate:
+                frames = round(seconds * float(stream.average_rate))
+            return seconds, frames
+    except DemoError:
+        raise
+    except Exception as exc:  # av.error.FFmpegError and its subclasses: not a container FFmpeg can read
+        raise _not_media(name) from exc
+
+
+def load_media(path, *, num_frames: int = 8, limits: Limits = Limits(), name: str | None = None) -> Media:
+    """Validate and decode an upload: an image, or ``num_frames`` frames sampled uniformly from a video.
+
+    Raises ``DemoError`` with what is accepted for a missing or empty file, a file over ``limits.max_bytes``,
+    anything that is neither an image nor a video, and videos over the duration / frame limits (checked on the
+    container before any frame is decoded, and again on what the decoder reports).
+    """
+    if not path:
+        raise DemoError("upload an image or a video, or pick one of the examples")
+    path = os.fspath(path)
+    name = name or os.path.basename(path)
+    if not os.path.isfile(path):
+        raise DemoError(f"{name}: file not found")
+    size = os.path.getsize(path)
+    if size > limits.max_bytes:
+        raise DemoError(f"{name} is {size / MB:.1f} MB; the demo accepts files of at most "
+                        f"{limits.max_bytes / MB:g} MB")
+    if size == 0:
+        raise DemoError(f"{name} is empty (0 bytes)")
+    if isinstance(num_frames, bool) or not isinstance(num_frames, int) or not 1 <= num_frames <= limits.max_frames:
+        raise DemoError(f"frames per video must be an integer from 1 to {limits.max_frames}, got {num_frames!r}")
+    digest = _sha256(path)
+    image = _open_image(path, name, limits)
+    if image is not None:
+        return Media("image", [image], name, digest)
+    probed = _probe_video(path, name)
+    if probed is not None and (error := _too_long(name, *probed, limits)):
+        raise error
+    try:
+        clip = vtc.video_io.load_video(path, num_frames=num_frames)
+    except ImportError as exc:
+        raise DemoError(f"{name}: reading videos needs a decoder; install one with `pip install av`") from exc
+    except (ValueError, OSError) as exc:
+        raise DemoError(f"{name} could not be read as a video: {exc}") from exc
+    if error := _too_long(name, clip.duration, clip.num_source_frames, limits):
+        raise error
+    return Media("video", list(clip.frames), name, digest, list(clip.timestamps), clip.duration)
+
+
+# ------------------------------------------------------------------------------------------------- examples
+
+
+def write_video(frames: Sequence[Image.Image], path, fps: float) -> None:
+    """Lossless H.264 in YUV 4:4:4 (crf 0; RGB comes back within 1), so the model sees what the data drew."""
+    import av
+
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream("libx264", rate=int(fps))
+        stream.width, stream.height = frames[0].size
+        stream.pix_fmt = "yuv444p"
+        stream.options = {"crf": "0"}
+        for frame in frames:
+            array = np.asarray(frame.convert("RGB"))
+            for packet in stream.encode(av.VideoFrame.from_ndarray(array, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+def _pick(questions, kinds: Sequence[str]):
+    for kind in kinds:
+        for q in questions:
+            if q.kind == kind:
+                return q
+    return questions[0]
+
+
+def _atomic(path: pathlib.Path, write) -> None:
+    """Write through a temporary file and rename, so concurrent starts never see half a file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}{path.suffix}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_examples(folder=None) -> list[Example]:
+    """Two held-out test images and one 8-frame test video of ``vtc.eval.synthetic``, with their known answers.
+
+    Deterministic (the test split is a pure function of the index), written to ``folder`` (default: a folder in
+    the system temp dir). The video needs PyAV; without it only the images are offered.
+    """
+    if folder is not None:
+        root = pathlib.Path(folder)
+        root.mkdir(parents=True, exist_ok=True)
+    else:
+        root = pathlib.Path(tempfile.gettempdir()) / "vtc-demo-examples"
+        try:
+            root.mkdir(exist_ok=True)
+            if not os.access(root, os.W_OK):
+                raise PermissionError(root)
+        except OSError:  # another user's folder on a shared machine: a private one instead
+            root = pathlib.Path(tempfile.mkdtemp(prefix="vtc-demo-examples-"))
+    examples = []
+    for index, kinds in ((0, ("count", "color_at")), (1, ("color_at", "count"))):
+        sample = synthetic.make_image_sample("test", index)
+        path = root / f"shapes_test_image_{index}.png"
+        _atomic(path, lambda p, s=sample: s.image.save(p, format="PNG"))
+        q = _pick(sample.questions, kinds)
+        examples.append(Example(f"image {index + 1} (held-out test image #{index})", "image", str(path), q.text,
+                                q.answer, {x.text: x.answer for x in sample.questions}))
+    if importlib.util.find_spec("av") is None:
+        log.warning("PyAV is not installed: the bundled video example is left out (pip install av)")
+        return examples
+    video = synthetic.make_video_sample("test", 0, num_frames=8)
+    path = root / "shapes_test_video_0.mp4"
+    _atomic(path, lambda p: write_video(video.frames, p, video.fps))
+    q = _pick(video.questions, ("video_count", "disappeared_color"))
+    examples.append(Example("video (held-out test video #0, 8 frames)", "video", str(path), q.text, q.answer,
+                            {x.text: x.answer for x in video.questions}))
+    return examples
+
+
+# ------------------------------------------------------------------------------------------------- options
+
+
+def _split_items(text: str) -> list[str]:
+    """Split ``a=1, b=[1, 2]`` on commas and newlines outside brackets and quotes."""
+    items, depth, quote, current = [], 0, None, []
+    for ch in text:
+        if quote:
+            quote = None if ch == quote else quote
+        elif ch in "\"'":
+            quote = ch
+        elif ch in "[({":
+            depth += 1
+        elif ch in "])}":
+            depth -= 1
+        elif ch in ",\n;" and depth == 0:
+            items.append("".join(current))
+            current = []
+            continue
+        current.append(ch)
+    items.append("".join(current))
+    return [item.strip() for item in items if item.strip()]
+
+
+def _value(text: str):
+    for parse in (json.loads, ast.literal_eval):
+        try:
+            return parse(text)
+        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+            pass
+    lowered = text.lower()
+    if lowered in ("true", "false", "none", "null"):
+        return {"true": True, "false": False}.get(lowered)
+    return text  # a bare word: a string option (mode=sample, allocation=hired)
+
+
+def parse_options(text) -> dict:
+    """Compressor / integration options from the UI: a JSON object, or ``key=value`` items separated by commas,
+    semicolons or newlines (values read as JSON, then Python literals, else as plain strings). Whether a key is a
+    valid option is for ``vtc.apply`` to say, in its own words."""
+    if isinstance(text, dict):
+        return dict(text)
+    text = (text or "").strip()
+    if not text:
+        return {}
+    if text.startswith("{"):
+        try:
+            value = json.loads(text)
+        except ValueError as exc:
+            raise DemoError(f"options are not valid JSON: {exc}") from exc
+        if not isinstance(value, dict):
+            raise DemoError("options must be a JSON object such as {\"seed\": 1}")
+        return value
+    options = {}
+    for item in _split_items(text):
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key.isidentifier():
+            raise DemoError(f"cannot read option {item!r}: write key=value (e.g. seed=1, mode=sample), or a JSON "
+                            "object")
+        options[key] = _value(value.strip())
+    return options
+
+
+@dataclass
+class _Parsed:
+    slot: str
+    compressor: str
+    budget: int | float
+    options: dict
+
+
+def _parse_spec(spec: Spec, slot: str) -> _Parsed:
+    name = (spec.compressor or "").strip()
+    if not name:
+        raise DemoError(f"compressor {slot}: choose a compressor")
+    try:
+        budget = vtc.parse_budget(spec.budget.strip()) if isinstance(spec.budget, str) else \
+            vtc.validate_budget(spec.budget)
+    except (ValueError, TypeError) as exc:
+        raise DemoError(f"budget {slot}: {exc}") from exc
+    try:
+        options = parse_options(spec.options)
+    except DemoError as exc:
+        raise DemoError(f"options {slot}: {exc}") from exc
+    if "budget" in options:
+        raise DemoError(f"options {slot}: set the budget in the budget box, not as an option")
+    return _Parsed(slot, name, budget, options)
+
+
+# ------------------------------------------------------------------------------------------------- the engine
+
+
+def _load_model(ref: str | None):
+    """``((model, processor), label)`` through ``vtc.cli._load`` (embedded default, local folder or hub id)."""
+    from vtc.cli import _load
+
+    try:
+        return _load(ref)
+    except SystemExit as exc:  # _load reports a model that does not load this way, with the fix
+        raise DemoError(str(exc).removeprefix("error: ")) from None
+
+
+class Engine:
+    """Models (an LRU of ``cache_size``, each loaded once, each with its own lock) and requests on them.
+
+    ``default_model``: the model ref used when a request names none (``None``: the embedded default model).
+    ``loader(ref) -> ((model, processor), label)`` is injectable for tests.
+    """
+
+    def __init__(self, default_model: str | None = None, *, cache_size: int = 2, limits: Limits = Limits(),
+                 examples_dir=None, loader=None):
+        if cache_size < 1:
+            raise ValueError(f"cache_size must be >= 1, got {cache_size}")
+        self.default_model = default_model or None
+        self.cache_size = cache_size
+        self.limits = limits
+        self.loads = 0  # models loaded so far (cache misses)
+        self._loader = loader or _load_model
+        self._cache: collections.OrderedDict[str, LoadedModel] = collections.OrderedDict()
+        self._cache_lock = threading.Lock()
+        self._loading: dict[str, threading.Lock] = {}
+        self.examples = write_examples(examples_dir)
+        self._example_by_hash = {_sha256(e.path): e for e in self.examples}
+
+    # -- models ---------------------------------------------------------------------------------------------
+    def _key(self, ref: str | None) -> str:
+        ref = (ref or "").strip() or self.default_model or ""
+        return EMBEDDED if ref in ("", EMBEDDED) else ref
+
+    def model(self, ref: str | None = None) -> LoadedModel:
+        """The loaded model for ``ref`` (cached; concurrent first requests load it once)."""
+        key = self._key(ref)
+        with self._cache_lock:
+            if key in self._cache:
+                self._cache.move_to_end(key)
+                return self._cache[key]
+            loading = self._loading.setdefault(key, threading.Lock())
+        with loading:
+            with self._cache_lock:
+                if key in self._cache:
+                    self._cache.move_to_end(key)
+                    return self._cache[key]
+            try:
+                entry = self._load(key)
+            except BaseException:
+                with self._cache_lock:
+                    self._loading.pop(key, None)
+                raise
+            with self._cache_lock:  # cached and no longer loading in one step: nobody starts a second load
+                self._cache[key] = entry
+                self._loading.pop(key, None)
+                self.loads += 1
+                while len(self._cache) > self.cache_size:
+                    self._cache.popitem(last=False)  # a request still holding it finishes on its own reference
+            return entry
+
+    def cached_models(self) -> list[str]:
+        with self._cache_lock:
+            return list(self._cache)
+
+    def _load(self, key: str) -> LoadedModel:
+        from vtc.integrations.transformers.adapter import FamilyAdapter, adapter_for
+
+        (model, processor), label = self._loader(None if key == EMBEDDED else key)
+        try:
+            adapter = adapter_for(model)
+        except TypeError as exc:
+            raise DemoError(f"{label}: {exc}") from None
+        video_input = adapter.video_token_id() is not None and \
+            type(adapter).encode_videos is not FamilyAdapter.encode_videos
+        entry = LoadedModel(key, label, model, processor, video_input)
+        # one throw-away answer, so the first user's time to first token is not the model's first call
+        blank = Media("image", [Image.new("RGB", (224, 224), (128, 128, 128))], "warm-up", "")
+        try:
+            _generate(entry, _build_inputs(entry, blank, "warm up"), 1)
+        except Exception:  # noqa: BLE001 - a model that cannot answer says so on the first real request
+            log.warning("warming up %s failed", label, exc_info=True)
+        return entry
+
+    # -- examples -------------------------------------------------------------------------------------------
+    def example_for(self, media: Media) -> Example | None:
+        """The bundled example this upload is (by content, so a re-uploaded example file counts)."""
+        return self._example_by_hash.get(media.sha256)
+
+    def expected_answer(self, media: Media, question: str) -> str | None:
+        example = self.example_for(media)
+        return None if example is None else example.answers.get((question or "").strip())
+
+    def load_media(self, path, num_frames: int = 8, name: str | None = None) -> Media:
+        return load_media(path, num_frames=num_frames, limits=self.limits, name=name)
+
+    def preview(self, media: Media) -> Image.Image:
+        """The input as the "all tokens" column shows it before a run."""
+        if media.kind == "image":
+            return render.plain(media.image)
+        return render.frame_strip(media.frames, [_frame_caption(t, media, None) for t in range(len(media.frames))],
+                                  columns=STRIP_COLUMNS)
+
+    # -- requests -------------------------------------------------------------------------------------------
+    def run(self, media: Media, question: str, specs: Sequence[Spec], *, model: str | None = None,
+            max_new_tokens: int = 8) -> Result:
+        """Answer ``question`` about ``media`` with all tokens and with each of ``specs`` (one or two compressors)."""
+        question = (question or "").strip()
+        if not question:
+            raise DemoError("type a question")
+        if not specs:
+            raise DemoError("choose a compressor")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or \
+                not 1 <= max_new_tokens <= self.limits.max_new_tokens:
+            raise DemoError(f"max new tokens must be an integer from 1 to {self.limits.max_new_tokens}")
+        parsed = [_parse_spec(spec, chr(ord("A") + i)) for i, spec in enumerate(specs)]
+        entry = self.model(model)
+        inputs = _build_inputs(entry, media, question)
+        with entry.lock:  # vtc.apply mutates this model instance: nobody else may use it until remove
+            vtc.remove(entry.model)
+            for p in parsed:  # vtc's own errors (unknown compressor / option, bad layer) before any generate
+                try:
+                    vtc.apply(entry.model, p.compressor, budget=p.budget, **_apply_options(entry, media, p))
+                except (ValueError, TypeError) as exc:
+                    raise DemoError(f"compressor {p.slot} ({p.compressor}): {exc}") from exc
+                finally:
+                    vtc.remove(entry.model)
+            base = _generate(entry, inputs, max_new_tokens)
+            outcomes = []
+            for p in parsed:
+                vtc.apply(entry.model, p.compressor, budget=p.budget, **_apply_options(entry, media, p))
+                try:
+                    gen = _generate(entry, inputs, max_new_tokens)
+                    records = (vtc.last_selection(entry.model), vtc.last_video_selection(entry.model),
+                               vtc.last_prompt_lengths(entry.model))
+                except (ValueError, TypeError) as exc:  # vtc explains inputs it cannot compress
+                    raise DemoError(f"compressor {p.slot} ({p.compressor}): {exc}") from exc
+                finally:
+                    vtc.remove(entry.model)
+                outcomes.append((p, gen, records))
+        # outside the lock: FLOPs and drawing read the inputs, the records and the model's config only
+        return self._result(entry, media, question, inputs, base, outcomes)
+
+    def _result(self, entry, media, question, inputs, base, outcomes) -> Result:
+        visual_in = _visual_tokens(entry, inputs)
+        boxes = _BoxCache(entry, inputs, media)
+        sizes = _frame_sizes(media, outcomes)
+        same = media.timestamps is not None and len(media.timestamps) == len(sizes)
+        base_frames = [FrameInfo(t, tokens=n, kept=n, timestamp=media.timestamps[t] if same else None)
+                       for t, n in enumerate(sizes)]
+        if media.kind == "image":
+            picture = render.plain(media.image)
+        elif len(base_frames) == len(media.frames):
+            picture = render.frame_strip(media.frames, [_frame_caption(i.frame, media, i) for i in base_frames],
+                                         columns=STRIP_COLUMNS)
+        else:  # several sampled frames per LLM frame (Qwen fuses 2): the sampled frames themselves
+            picture = self.preview(media)
+        baseline = RunResult(
+            label="all tokens", compressor=None, budget=None, options={}, answer=base[0], visual_in=visual_in,
+            visual_out=visual_in, kept=visual_in, budget_tokens=visual_in, prefill_seconds=base[1],
+            generate_seconds=base[2], flops=request_flops(entry.model, inputs)[0].total, picture=picture,
+            frames=base_frames)
+        runs = []
+        for p, (answer, first, total), (records, videos, lengths) in outcomes:
+            n_in, n_out = lengths[0]
+            real_videos = videos if media.kind == "video" and entry.video_input else []
+            kept = sum(r.num_kept_visual for r in records) + sum(v.num_kept for v in real_videos)
+            budget_tokens = sum(r.budget for r in records) + sum(v.budget for v in real_videos)
+            if media.kind == "image":
+                record = records[0]
+                picture = render.token_overlay(media.image, boxes.image(0), record.indices,
+                                               record.selection.groups)
+                frames = []
+            else:
+                picture, frames = _video_picture(media, records, videos, boxes)
+            runs.append(RunResult(
+                label=p.compressor, compressor=p.compressor, budget=p.budget, options=p.options, answer=answer,
+                visual_in=visual_in, visual_out=visual_in - (n_in - n_out), kept=kept, budget_tokens=budget_tokens,
+                prefill_seconds=first, generate_seconds=total,
+                flops=request_flops(entry.model, inputs, [n for _, n in lengths])[0].total, picture=picture,
+                frames=frames, selections=records, videos=videos))
+        example = self.example_for(media)
+        return Result(kind=media.kind, media_name=media.name, question=question,
+                      expected=None if example is None else example.answers.get(question),
+                      model_label=entry.label, baseline=baseline, runs=runs)
+
+
+def _apply_options(entry: LoadedModel, media: Media, p: _Parsed) -> dict:
+    options = dict(p.options)
+    if media.kind == "video":
+        options.setdefault("video_budget", p.budget)  # the budget of a video counts all its frames
+        if not entry.video_input:
+            options.setdefault("images_as_video", True)  # LLaVA-1.5-style models: the frames are images
+    if options.get("scorer") == "self":  # QuoTA asks the model itself, which needs the processor
+        options.setdefault("processor", entry.processor)
+    return options
+
+
+def _build_inputs(entry: LoadedModel, media: Media, question: str):
+    processor = entry.processor
+    text = {"type": "text", "text": question}
+    if media.kind == "image":
+        content, kwargs = [{"type": "image"}, text], {"images": [media.image]}
+    elif entry.video_input:
+        frames = np.stack([np.asarray(f.convert("RGB")) for f in media.frames])
+        content, kwargs = [{"type": "video"}, text], {"videos": [frames]}
+    else:
+        content, kwargs = [{"type": "image"} for _ in media.frames] + [text], {"images": [list(media.frames)]}
+    try:
+        prompt = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
+                                               tokenize=False)
+        inputs = processor(text=[prompt], return_tensors="pt", **kwargs)
+    except (ValueError, TypeError) as exc:
+        raise DemoError(f"{entry.label}: its processor cannot build this prompt ({exc})") from exc
+    return inputs.to(entry.model.device)
+
+
+def _generate(entry: LoadedModel, inputs, max_new_tokens: int) -> tuple[str, float | None, float]:
+    """Greedy answer, time to first token (``FirstTokenClock``) and total generate seconds."""
+    clock = FirstTokenClock()
+    start = time.perf_counter()
+    with torch.inference_mode():
+        out = entry.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, streamer=clock)
+    total = time.perf_counter() - start
+    answer = entry.processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0]
+    first = None if clock.first_token_at is None else clock.first_token_at - start
+    return answer.strip(), first, total
+
+
+def _visual_tokens(entry: LoadedModel, inputs) -> int:
+    from vtc.integrations.transformers.adapter import adapter_for
+
+    adapter = adapter_for(entry.model)
+    ids = inputs["input_ids"]
+    total = int((ids == adapter.image_token_id()).sum())
+    if adapter.video_token_id() is not None:
+        total += int((ids == adapter.video_token_id()).sum())
+    return total
+
+
+def _frame_sizes(media: Media, outcomes) -> list[int]:
+    """Visual tokens per frame as the LLM receives them (from the first compressed run's records)."""
+    if media.kind != "video" or not outcomes:
+        return []
+    records, videos, _ = outcomes[0][2]
+    if videos:
+        return [r * c for r, c in videos[0].grids]
+    return [r.num_visual_tokens for r in records]
+
+
+class _BoxCache:
+    """Token boxes (``vtc.integrations.transformers.geometry``) per image / video of the request, computed once and
+    shared by every compressor's picture. Read outside the model lock: they depend on the inputs and the config."""
+
+    def __init__(self, entry: LoadedModel, inputs, media: Media):
+        self.entry, self.inputs, self.media = entry, inputs, media
+        self._images: dict[int, Any] = {}
+        self._video: list | None = None
+
+    def image(self, index: int):
+        if index not in self._images:
+            frame = self.media.frames[index] if self.media.kind == "video" else self.media.image
+            self._images[index] = image_token_boxes(self.entry.model, self.entry.processor, self.inputs, index,
+                                                    frame.size)
+        return self._images[index]
+
+    def video(self) -> list:
+        """Per LLM frame of the request's one video input (the model's own video path, not images_as_video)."""
+        if self._video is None:
+            self._video = video_token_boxes(self.entry.model, self.entry.processor, self.inputs, 0,
+                                            self.media.frames[0].size)
+        return self._video
+
+
+def _frame_caption(t: int, media: Media, info: FrameInfo | None) -> str:
+    stamp = info.timestamp if info is not None else (media.timestamps[t] if media.timestamps else None)
+    head = f"frame {t}" + (f" · {stamp:.1f} s" if stamp is not None else "")
+    if info is None:
+        return head
+    if info.budget is None:
+        return f"{head}\n{info.tokens} tokens (all)"
+    if info.budget == 0:
+        return f"{head}\ndropped (budget 0)"
+    score = "n/a" if info.score is None else f"{info.score:.3f}"
+    return f"{head}\nkept {info.kept}/{info.tokens} · budget {info.budget}\nscore {score}"
+
+
+def _video_picture(media: Media, records, videos, boxes: _BoxCache) -> tuple[Image.Image, list[FrameInfo]]:
+    """The frame strip of one compressed video: each LLM frame with its kept tokens, budget and score."""
+    infos, tiles = [], []
+    if videos:  # a video record: frames of a real video input, or images_as_video
+        video = videos[0]
+        per_frame = boxes.video() if not records else None
+        n = len(video.grids)
+        for t, (frame_record, grid) in enumerate(zip(video.selection.frames, video.grids)):
+            source = min(len(media.frames) - 1, t * len(media.frames) // n)  # Qwen fuses 2 frames per LLM frame
+            frame_boxes = per_frame[t] if per_frame is not None else boxes.image(t)
+            stamp = (video.timestamps[t] if video.timestamps else
+                     media.timestamps[source] if media.timestamps else None)
+            sel = frame_record.selection
+            infos.append(FrameInfo(t, grid[0] * grid[1], sel.num_kept, frame_record.budget, frame_record.score,
+                                   stamp))
+            tiles.append(render.token_overlay(media.frames[source], frame_boxes, sel.indices, sel.groups, side=256))
+    else:  # images_as_video=False: each frame is an image with its own budget
+        for t, record in enumerate(records):
+            infos.append(FrameInfo(t, record.num_visual_tokens, record.num_kept_visual, record.budget, None,
+                                   media.timestamps[t] if media.timestamps else None))
+            tiles.append(render.token_overlay(media.frames[t], boxes.image(t), record.indices,
+                                              record.selection.groups, side=256))
+    strip = render.frame_strip(tiles, [_frame_caption(i.frame, media, i) for i in infos], columns=STRIP_COLUMNS)
+    return strip, infos
+
+
+__all__ = ["DemoError", "Engine", "Example", "FrameInfo", "Limits", "LoadedModel", "Media", "Result", "RunResult",
+           "Spec", "load_media", "parse_options", "write_examples", "write_video"]

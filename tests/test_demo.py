@@ -1,0 +1,323 @@
+"""The web demo's engine and drawing without a browser: uploads, limits, options, models, locking, pictures."""
+
+from __future__ import annotations
+
+import fractions
+import threading
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import vtc
+from vtc.demo import render
+from vtc.demo.engine import DemoError, Engine, Limits, Spec, load_media, parse_options, write_examples
+from vtc.eval import synthetic
+from vtc.integrations.transformers import tiny
+from vtc.integrations.transformers.geometry import TokenBoxes
+
+pytest.importorskip("av")  # the bundled video example and the video tests write H.264 files
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory):
+    return Engine(examples_dir=tmp_path_factory.mktemp("examples"))
+
+
+@pytest.fixture(scope="module")
+def image(engine):
+    return engine.load_media(engine.examples[0].path)
+
+
+@pytest.fixture(scope="module")
+def video(engine):
+    return engine.load_media(engine.examples[2].path)
+
+
+def _brightness(picture: Image.Image) -> np.ndarray:
+    return np.asarray(picture.convert("L"), dtype=np.float64)
+
+
+def _write_video(path, frames: int, rate, size: int = 32) -> None:
+    import av
+
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream("libx264", rate=rate)
+        stream.width = stream.height = size
+        stream.pix_fmt = "yuv420p"
+        for i in range(frames):
+            frame = av.VideoFrame.from_ndarray(np.full((size, size, 3), 10 * i % 255, np.uint8), format="rgb24")
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+# ------------------------------------------------------------------------------------------------- uploads
+
+
+def test_examples_are_the_held_out_test_split(engine, tmp_path):
+    assert [e.kind for e in engine.examples] == ["image", "image", "video"]
+    for index, example in enumerate(engine.examples[:2]):
+        sample = synthetic.make_image_sample("test", index)
+        assert np.array_equal(np.asarray(Image.open(example.path).convert("RGB")), np.asarray(sample.image))
+        assert example.answers[example.question] == example.answer
+        assert example.answers == {q.text: q.answer for q in sample.questions}
+    clip = load_media(engine.examples[2].path)
+    frames = synthetic.make_video_sample("test", 0, num_frames=8).frames
+    assert len(clip.frames) == 8
+    for a, b in zip(clip.frames, frames):  # lossless in YUV 4:4:4: RGB comes back within rounding
+        assert np.abs(np.asarray(a, dtype=np.int16) - np.asarray(b, dtype=np.int16)).max() <= 1
+    again = write_examples(tmp_path)  # deterministic: the same files and questions
+    for a, b in zip(engine.examples[:2], again[:2]):
+        assert open(a.path, "rb").read() == open(b.path, "rb").read() and a.question == b.question
+
+
+def test_rejects_files_that_are_neither_image_nor_video(tmp_path):
+    text = tmp_path / "notes.txt"
+    text.write_text("not a picture\n" * 20)
+    disguised = tmp_path / "clip.mp4"
+    disguised.write_text("not a video either\n" * 20)
+    for path in (text, disguised):
+        with pytest.raises(DemoError, match="neither an image nor a video"):
+            load_media(path)
+    empty = tmp_path / "empty.png"
+    empty.write_bytes(b"")
+    with pytest.raises(DemoError, match="empty"):
+        load_media(empty)
+    with pytest.raises(DemoError, match="upload an image or a video"):
+        load_media(None)
+
+
+def test_rejects_oversize_files_before_reading_them(tmp_path):
+    big = tmp_path / "huge.png"
+    with open(big, "wb") as handle:
+        handle.truncate(26 * 2**20)  # sparse: 26 MB without writing them
+    with pytest.raises(DemoError, match=r"26\.0 MB; the demo accepts files of at most 25 MB"):
+        load_media(big)
+    small = tmp_path / "small.png"
+    Image.new("RGB", (40, 30)).save(small)
+    with pytest.raises(DemoError, match="megapixels"):
+        load_media(small, limits=Limits(max_image_pixels=1000))
+
+
+def test_rejects_long_videos(tmp_path):
+    long = tmp_path / "long.mp4"
+    _write_video(long, frames=21, rate=fractions.Fraction(1, 30))  # one frame every 30 s: 10.5 minutes
+    with pytest.raises(DemoError, match="10.5 min long; the demo accepts videos of at most 10 min"):
+        load_media(long)
+    many = tmp_path / "many.mp4"
+    _write_video(many, frames=40, rate=10)
+    with pytest.raises(DemoError, match="has 40 frames; the demo accepts videos of at most 30 frames"):
+        load_media(many, limits=Limits(max_source_frames=30))
+    clip = load_media(many, num_frames=4)
+    assert clip.kind == "video" and len(clip.frames) == 4 and clip.duration == pytest.approx(4.0)
+    with pytest.raises(DemoError, match="frames per video"):
+        load_media(many, num_frames=0)
+
+
+def test_options_parse_key_values_and_json():
+    assert parse_options("") == {}
+    assert parse_options("seed=3, mode=sample") == {"seed": 3, "mode": "sample"}
+    assert parse_options("layers=[16, 17]; alpha=0.2\nmerge='mean'") == {"layers": [16, 17], "alpha": 0.2,
+                                                                          "merge": "mean"}
+    assert parse_options("flag=true, other=None") == {"flag": True, "other": None}
+    assert parse_options('{"start_layer": 2}') == {"start_layer": 2}
+    for bad in ("seed", "1x=2", "{not json", "[1, 2]"):
+        with pytest.raises(DemoError):
+            parse_options(bad)
+
+
+# ------------------------------------------------------------------------------------------------- requests
+
+
+def test_image_run_keeps_the_budget_and_draws_it(engine, image):
+    example = engine.examples[0]
+    result = engine.run(image, example.question, [Spec("cls_attention", "49")])
+    base, run = result.baseline, result.runs[0]
+    assert result.expected == example.answer and result.kind == "image"
+    assert (base.visual_in, base.visual_out, base.kept) == (196, 196, 196)
+    assert (run.visual_in, run.visual_out, run.kept, run.budget_tokens) == (196, 49, 49, 49)
+    assert run.selections[0].compressor == "cls_attention" and run.selections[0].num_kept == 49
+    assert 0 < run.prefill_seconds <= run.generate_seconds and 0 < base.prefill_seconds
+    assert 0 < run.flops < base.flops
+    assert run.answer and base.answer
+    # the overlay is the input at the same size with the pruned 3/4 dimmed
+    assert run.picture.size == base.picture.size == render.plain(image.image).size
+    plain, overlay = _brightness(base.picture), _brightness(run.picture)
+    assert np.abs(plain - overlay).mean() > 20 and overlay.mean() < plain.mean()
+    assert not vtc.is_applied(engine.model().model)
+
+
+def test_compare_mode_runs_two_compressors_on_one_input(engine, image):
+    result = engine.run(image, "how many shapes are there ?",
+                        [Spec("visionzip", "0.25"), Spec("random", 20, "seed=1")])
+    a, b = result.runs
+    assert (a.compressor, a.kept, a.visual_out) == ("visionzip", 49, 49)
+    assert (b.compressor, b.kept, b.options) == ("random", 20, {"seed": 1})
+    assert a.selections[0].selection.groups is not None  # visionzip merges: its groups are drawn
+    assert b.flops < a.flops < result.baseline.flops
+    assert np.abs(_brightness(a.picture) - _brightness(b.picture)).mean() > 5
+
+
+def test_vtc_errors_are_shown_in_vtcs_own_words(engine, image):
+    model = engine.model().model
+    with pytest.raises(TypeError) as direct:
+        vtc.apply(model, "random", budget=4, not_an_option=1)
+    assert not vtc.is_applied(model)
+    with pytest.raises(DemoError) as shown:
+        engine.run(image, "how many shapes are there ?", [Spec("random", "4", "not_an_option=1")])
+    assert str(direct.value) in str(shown.value) and str(shown.value).startswith("compressor A (random): ")
+    with pytest.raises(DemoError, match="compressor B"):
+        engine.run(image, "q ?", [Spec("random", "4"), Spec("no_such_compressor", "4")])
+    for budget, message in (("0", "budget A"), ("1.5", "budget A"), ("many", "budget A")):
+        with pytest.raises(DemoError, match=message):
+            engine.run(image, "q ?", [Spec("random", budget)])
+    with pytest.raises(DemoError, match="type a question"):
+        engine.run(image, "  ", [Spec("random", "4")])
+    assert not vtc.is_applied(model)
+
+
+def test_video_strip_shows_each_frames_budget_and_score(engine, video):
+    example = engine.examples[2]
+    result = engine.run(video, example.question, [Spec("quota", "0.25"), Spec("cls_attention", "0.25")])
+    assert result.expected == example.answer and result.kind == "video"
+    assert result.baseline.visual_in == 8 * 196 and [f.tokens for f in result.baseline.frames] == [196] * 8
+    for run in result.runs:
+        record = run.videos[0]  # the default model has no video input: the frames went in as images_as_video
+        assert run.kept == run.budget_tokens == round(0.25 * 8 * 196) == sum(f.kept for f in run.frames)
+        assert [f.budget for f in run.frames] == record.frame_budgets == [f.kept for f in run.frames]
+        assert [f.score for f in run.frames] == [r.score for r in record.selection.frames]
+        assert run.picture.width > run.picture.height and run.picture.width >= 4 * 176  # 2 rows of 4 frames
+    quota = result.runs[0]
+    assert all(f.score is not None for f in quota.frames)  # quota scores the frames' relevance
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "llava_next"])
+def test_other_families_real_video_input_and_anyres_panels(engine, video, image, tmp_path, family):
+    folder = tiny.save_tiny(family, tmp_path / family)
+    if family == "qwen2_vl":  # a model with a video input: LLM frames are temporal steps of 2 sampled frames
+        result = engine.run(video, "how many shapes ?", [Spec("cls_attention", "0.25")], model=str(folder),
+                            max_new_tokens=2)
+        run = result.runs[0]
+        assert len(run.frames) == len(run.videos[0].grids) == 4 and not run.selections
+        assert run.kept == run.budget_tokens == run.videos[0].budget
+    else:  # AnyRes: base view and crops are drawn as two panels
+        result = engine.run(image, "how many shapes ?", [Spec("cls_attention", 20)], model=str(folder),
+                            max_new_tokens=2)
+        run = result.runs[0]
+        assert run.kept == 20 and run.visual_out > 20  # kept newlines are layout, not budget
+        assert run.picture.width > 1.8 * run.picture.height
+
+
+# ------------------------------------------------------------------------------------------------- models
+
+
+def test_concurrent_users_get_their_own_selections(engine, image):
+    """vtc.apply mutates the shared model: without the per-model lock these two would read each other's records."""
+    jobs = {"fastervlm": 30, "divprune": 12, "pool": 0.5, "random": 7}
+    results, errors = {}, []
+    barrier = threading.Barrier(len(jobs))
+
+    def user(name, budget):
+        try:
+            barrier.wait()
+            for _ in range(2):
+                result = engine.run(image, "how many shapes are there ?", [Spec(name, budget)], max_new_tokens=2)
+                results.setdefault(name, []).append(result.runs[0])
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=user, args=item) for item in jobs.items()]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not errors
+    for name, budget in jobs.items():
+        want = budget if isinstance(budget, int) else 98
+        for run in results[name]:
+            assert (run.compressor, run.kept, run.visual_out) == (name, want, want)
+            assert {r.compressor for r in run.selections} == {name}
+    assert not vtc.is_applied(engine.model().model)
+
+
+def test_models_load_once_and_are_cached_lru(tmp_path):
+    folder = tiny.save_tiny("llava", tmp_path / "llava")
+    calls = []
+
+    def loader(ref):
+        from vtc.demo.engine import _load_model
+
+        calls.append(ref)
+        return _load_model(ref)
+
+    engine = Engine(cache_size=1, examples_dir=tmp_path / "examples", loader=loader)
+    entries = []
+    threads = [threading.Thread(target=lambda: entries.append(engine.model(str(folder)))) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert calls == [str(folder)] and engine.loads == 1 and len({id(e) for e in entries}) == 1
+    assert engine.model(f"  {folder} ") is entries[0]
+    default = engine.model()  # the embedded model evicts the tiny one (cache of one)
+    assert default.label.startswith("vtc-shapes") and engine.cached_models() == ["embedded default"]
+    assert engine.model("") is default and engine.loads == 2
+    engine.model(str(folder))
+    assert calls == [str(folder), None, str(folder)]
+    with pytest.raises(DemoError, match="cannot load model"):
+        engine.model(str(tmp_path / "missing"))
+
+
+# ------------------------------------------------------------------------------------------------- drawing
+
+
+def _grid(rows: int, cols: int, cell: int, views: list[int] | None = None) -> TokenBoxes:
+    boxes = torch.tensor([[c * cell, r * cell, (c + 1) * cell, (r + 1) * cell]
+                          for r in range(rows) for c in range(cols)], dtype=torch.float32)
+    view = torch.tensor(views if views is not None else [0] * (rows * cols))
+    return TokenBoxes(boxes, view, (1, 1))
+
+
+def test_overlay_dims_pruned_tokens_and_outlines_merges():
+    picture = Image.new("RGB", (64, 64), (200, 200, 200))
+    boxes = _grid(4, 4, 16)
+    out = render.token_overlay(picture, boxes, torch.tensor([0, 5]), side=64)
+    pixels = _brightness(out)
+    assert out.size == (64, 64)
+    assert pixels[4:12, 4:12].mean() == pytest.approx(200, abs=3)  # token 0 kept: untouched inside
+    assert pixels[52:60, 52:60].mean() < 0.5 * 200  # token 15 pruned: dimmed
+    merged = render.token_overlay(picture, boxes, [0, 10], groups=[torch.tensor([0, 1, 4]), torch.tensor([10])],
+                                  side=64)
+    rgb = np.asarray(merged)
+    assert tuple(rgb[0, 20]) == render.GROUP_COLOURS[0]  # member 1 outlined in its group's colour
+    assert tuple(rgb[32, 32]) == render.KEPT_COLOUR  # token 10 kept alone
+    shade = _brightness(merged)
+    kept, member, pruned = shade[4:12, 4:12].mean(), shade[20:28, 4:12].mean(), shade[20:28, 20:28].mean()
+    assert pruned < member < kept  # token 4 was merged into token 0: shown, but less than a kept token
+    with pytest.raises(ValueError, match="outside"):
+        render.token_overlay(picture, boxes, [16])
+
+
+def test_anyres_overlay_has_a_base_and_a_crops_panel():
+    picture = Image.new("RGB", (64, 64), (180, 180, 180))
+    base = _grid(2, 2, 32, [0] * 4)
+    crops = _grid(4, 4, 16, [1 + (r // 2) * 2 + (c // 2) for r in range(4) for c in range(4)])
+    nan = torch.full((1, 4), float("nan"))  # a newline token: no pixels
+    boxes = TokenBoxes(torch.cat([base.boxes, nan, crops.boxes]),
+                       torch.cat([base.views, torch.tensor([-1]), crops.views]), (1, 1))
+    out = render.token_overlay(picture, boxes, [0, 4, 5, 20], side=64)
+    assert out.width == 2 * 64 + 8 and out.height > 64
+    strip = render.frame_strip([out, out, out], ["a", "b\nc", "d"], tile=50, columns=2)
+    assert strip.size[0] == 2 * 50 + 6 and strip.size[1] > 2 * 50
+
+
+def test_vtc_demo_command_line(tmp_path, capsys):
+    from vtc.cli import build_parser, cmd_demo, main
+
+    args = build_parser().parse_args(["demo", "--host", "0.0.0.0", "--port", "8123", "--share", "no"])
+    assert (args.func, args.model, args.host, args.port, args.share) == (cmd_demo, None, "0.0.0.0", 8123, "no")
+    assert main(["demo", "--model", str(tmp_path / "missing")]) == 1  # fails before serving anything
+    assert "cannot load model" in capsys.readouterr().err

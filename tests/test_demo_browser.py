@@ -1,0 +1,167 @@
+"""The web demo as a person uses it: a real headless Chromium drives the Gradio page served on localhost.
+
+Needs Debian's chromium (``apt-get install chromium``) and the Playwright Python client (no browser download):
+a missing browser FAILS the test -- a demo nobody checked in a browser is not tested. ``--update-screenshot``
+also writes the screenshot to docs/demo.png for the README.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import pathlib
+import re
+import shutil
+import socket
+
+import numpy as np
+import pytest
+from PIL import Image
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+ARTIFACT = ROOT / "tests" / "artifacts" / "demo.png"
+README_SHOT = ROOT / "docs" / "demo.png"
+RUN_TIMEOUT_MS = 120_000
+pytestmark = pytest.mark.filterwarnings("ignore:::gradio.queueing")  # gradio's own pandas deprecations
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+try:
+    from playwright.sync_api import expect, sync_playwright
+except ImportError as exc:  # pragma: no cover - the environment is incomplete
+    raise RuntimeError(f"the browser tests need the Playwright Python client ({exc}): pip install -e '.[demo,dev]'")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    from vtc.demo.app import launch
+    from vtc.demo.engine import Engine
+
+    engine = Engine(examples_dir=tmp_path_factory.mktemp("demo-examples"))
+    engine.model()  # loaded before the page asks, as `vtc demo` does
+    port = _free_port()
+    demo = launch(engine=engine, host="127.0.0.1", port=port, prevent_thread_lock=True, quiet=True)
+    try:
+        yield engine, f"http://127.0.0.1:{port}/"
+    finally:
+        demo.close()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not (os.path.isfile(CHROMIUM) and os.access(CHROMIUM, os.X_OK)):
+        pytest.fail(f"the browser tests need Debian's chromium at {CHROMIUM}: run `apt-get install chromium` "
+                    "(the tests never download a browser)", pytrace=False)
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            yield chromium
+        finally:
+            chromium.close()
+
+
+@pytest.fixture
+def page(browser, server):
+    context = browser.new_context(viewport={"width": 1400, "height": 1000})
+    page = context.new_page()
+    page.goto(server[1])
+    expect(page.locator("#run")).to_be_visible(timeout=30_000)
+    try:
+        yield page
+    finally:
+        context.close()
+
+
+def _status(page):
+    return page.locator("#status textarea")
+
+
+def _picture(page, server_url: str, elem_id: str) -> Image.Image:
+    """The image the browser shows in ``#elem_id``, fetched from the URL the page uses."""
+    src = page.locator(f"#{elem_id} img").get_attribute("src")
+    assert src, f"#{elem_id} shows no image"
+    response = page.request.get(src if src.startswith("http") else server_url.rstrip("/") + src)
+    assert response.ok, f"fetching {src}: HTTP {response.status}"
+    return Image.open(io.BytesIO(response.body())).convert("RGB")
+
+
+def test_upload_an_example_compress_and_see_the_kept_tokens(page, server, request):
+    engine, url = server
+    example = engine.examples[0]
+    page.get_by_label("Question").fill(example.question)
+    page.locator("#upload input[type=file]").set_input_files(example.path)  # the user's own upload of the file
+    expect(_status(page)).to_have_value(re.compile(r"^ready: .*224×224 image"), timeout=30_000)
+    expect(page.locator("#expected")).to_contain_text(f"known answer: {example.answer}")
+    page.get_by_label("Budget A (tokens, or a fraction)").fill("49")
+    page.locator("#run").click()
+    expect(_status(page)).to_have_value(re.compile(r"^done"), timeout=RUN_TIMEOUT_MS)
+
+    stats = page.locator("#stats-a").inner_text()
+    kept = re.search(r"kept (\d+) / (\d+) visual tokens", stats)
+    assert kept, stats
+    assert (int(kept[1]), int(kept[2])) == (49, 196)  # the count shown equals the budget
+    assert "visual tokens in → out: 196 → 49" in stats
+    assert re.search(r"prefill \(time to first token\): [\d.]+ ms", stats)
+    assert re.search(r"prefill FLOPs: [\d.]+ GFLOPs \(\d+ % of all tokens\)", stats)
+    assert "all 196 visual tokens" in page.locator("#stats-all").inner_text()
+    assert "cls_attention" in page.locator("#table").inner_text()
+
+    overlay = _picture(page, url, "picture-a")
+    original = Image.open(example.path).convert("RGB")
+    shown_input = _picture(page, url, "picture-all")
+    assert overlay.size == shown_input.size
+    resized = np.asarray(original.resize(overlay.size, Image.Resampling.BICUBIC), dtype=np.float64)
+    assert np.abs(np.asarray(overlay, dtype=np.float64) - resized).mean() > 20  # pruned tokens are dimmed
+    assert np.abs(np.asarray(overlay, dtype=np.float64) - np.asarray(shown_input, dtype=np.float64)).mean() > 20
+
+    ARTIFACT.parent.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(ARTIFACT), full_page=True)
+    if request.config.getoption("--update-screenshot"):
+        README_SHOT.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(ARTIFACT, README_SHOT)
+
+
+def test_compare_two_compressors_on_the_bundled_video(page, server):
+    engine, url = server
+    video = next(e for e in engine.examples if e.kind == "video")
+    page.get_by_label(video.label).check()
+    expect(_status(page)).to_have_value(re.compile(r"^ready: .*video, 8 frames"), timeout=30_000)
+    expect(page.get_by_label("Question")).to_have_value(video.question)
+    page.get_by_label("Compare with a second compressor").check()
+    page.get_by_label("Budget A (tokens, or a fraction)").fill("0.25")
+    page.get_by_label("Budget B (tokens, or a fraction)").fill("64")
+    page.get_by_label("Options B (key=value, ... or JSON)").fill("seed=3")
+    page.locator("#run").click()
+    expect(_status(page)).to_have_value(re.compile(r"^done: 2 compressor"), timeout=RUN_TIMEOUT_MS)
+    assert re.search(r"kept 392 / 1568 visual tokens", page.locator("#stats-a").inner_text())
+    assert re.search(r"kept 64 / 1568 visual tokens", page.locator("#stats-b").inner_text())
+    strip_a, strip_b = _picture(page, url, "picture-a"), _picture(page, url, "picture-b")
+    assert strip_a.width > strip_a.height and strip_a.size == strip_b.size  # 8 frames in rows of 4
+    assert np.abs(np.asarray(strip_a, dtype=np.float64) - np.asarray(strip_b, dtype=np.float64)).mean() > 5
+
+
+def test_bad_uploads_and_options_show_a_message_not_a_traceback(page, server, tmp_path):
+    engine, _ = server
+    notes = tmp_path / "notes.txt"
+    notes.write_text("shopping list\n" * 50)
+    page.locator("#upload input[type=file]").set_input_files(str(notes))
+    expect(_status(page)).to_have_value(re.compile(r"^error: notes\.txt is neither an image nor a video"),
+                                        timeout=30_000)
+    page.locator("#run").click()
+    expect(_status(page)).to_have_value(re.compile(r"^error: notes\.txt is neither"), timeout=RUN_TIMEOUT_MS)
+
+    page.get_by_label(engine.examples[1].label).check()
+    expect(_status(page)).to_have_value(re.compile(r"^ready"), timeout=30_000)
+    page.get_by_label("Options A (key=value, ... or JSON)").fill("no_such_option=1")
+    page.locator("#run").click()
+    expect(_status(page)).to_have_value(re.compile(r"^error: compressor A \(cls_attention\): .*no_such_option"),
+                                        timeout=RUN_TIMEOUT_MS)
+    assert "Traceback" not in page.content()
