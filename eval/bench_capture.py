@@ -34,7 +34,9 @@ import time
 
 import torch
 
-from vtc.eval.benchmarking import NUM_HEADS, NUM_LAYERS, build_clip_l_tower, report_cpu_share, time_once
+from vtc.eval.benchmarking import (
+    NUM_HEADS, NUM_LAYERS, build_clip_l_tower, environment, finish, run_summary, time_once,
+)
 
 TARGET_RATIO = 1.03
 FEATURE_LAYER = 22  # LLaVA reads hidden_states[-2]: the output of layer 22
@@ -175,16 +177,11 @@ def main(argv=None) -> int:
         ratio = medians[name] / base
         print(f"  {name:<14} {ratio:.3f}x  {'within' if ratio <= TARGET_RATIO else 'ABOVE'} target")
     print(check)
-    if args.device == "cpu":
-        report_cpu_share(share)
-    wall = time.perf_counter() - wall_start
-    print(f"total wall time {wall:.1f} s")
+    wall = finish(args.device, share, wall_start)
 
     if args.json:
         report = {
-            "torch": torch.__version__,
-            "threads": torch.get_num_threads(),
-            "device": device_name,
+            **environment(device_name),
             "dtype": args.dtype,
             "batch": args.batch,
             "warmup": args.warmup,
@@ -203,8 +200,7 @@ def main(argv=None) -> int:
                 for name in names
             },
             "sanity": check,
-            "cpu_share": share if args.device == "cpu" else None,
-            "wall_s": wall,
+            **run_summary(args.device, share, wall),
         }
         with open(args.json, "w") as handle:
             json.dump(report, handle, indent=2)

@@ -60,7 +60,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from vtc.eval.benchmarking import report_cpu_share, time_once
+from vtc.eval.benchmarking import environment, finish, run_summary, time_once
 
 TARGET_RATIO = 0.9
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -455,16 +455,11 @@ def main(argv=None) -> int:
           + ", ".join(f"{name} vs the LLM on its kept tokens: {diffs[name]:.2e}" for name in diffs
                       if name.startswith("vtc@")))
     print(f"sanity: LLM input lengths {'as expected' if lengths_ok else 'NOT as expected (see above)'}")
-    if args.device == "cpu":
-        report_cpu_share(share)
-    wall = time.perf_counter() - wall_start
-    print(f"total wall time {wall:.1f} s")
+    wall = finish(args.device, share, wall_start)
 
     if args.json:
         report = {
-            "torch": torch.__version__,
-            "threads": torch.get_num_threads(),
-            "device": device_name,
+            **environment(device_name),
             "dtype": args.dtype,
             "seed": args.seed,
             "warmup": max(1, args.warmup),
@@ -506,8 +501,7 @@ def main(argv=None) -> int:
             "speedups": speedups,
             "parts": parts,
             "sanity": {"llm_lengths_ok": lengths_ok, "max_abs_logit_diff": diffs},
-            "cpu_share": share if args.device == "cpu" else None,
-            "wall_s": wall,
+            **run_summary(args.device, share, wall),
         }
         with open(args.json, "w") as handle:
             json.dump(report, handle, indent=2)

@@ -36,7 +36,9 @@ import zlib
 
 import torch
 
-from vtc.eval.benchmarking import NUM_LAYERS, build_clip_l_tower, report_cpu_share, time_once
+from vtc.eval.benchmarking import (
+    NUM_LAYERS, build_clip_l_tower, environment, finish, run_summary, time_once,
+)
 
 TARGET_PERCENT = 2.0
 TARGET_N = 576
@@ -207,16 +209,11 @@ def main(argv=None) -> int:
             + ", ".join(f"{key} (warm-up {warm[key] / 1e3:.1f} s)" for key in slow_cells)
         )
     print("note: % tower at N != 576 compares with the same 577-token tower forward (a scaling figure)")
-    if device == "cpu":
-        report_cpu_share(share)
-    wall = time.perf_counter() - wall_start
-    print(f"total wall time {wall:.1f} s")
+    wall = finish(device, share, wall_start)
 
     if args.json:
         report = {
-            "torch": torch.__version__,
-            "threads": torch.get_num_threads(),
-            "device": device_name,
+            **environment(device_name),
             "budget": budget,
             "feature_dim": FEATURE_DIM,
             "warmup": max(1, args.warmup),
@@ -249,8 +246,7 @@ def main(argv=None) -> int:
                 }
                 for key, (name, n, grid, _, _) in cells.items()
             ],
-            "cpu_share": share if device == "cpu" else None,
-            "wall_s": wall,
+            **run_summary(device, share, wall),
         }
         with open(args.json, "w") as handle:
             json.dump(report, handle, indent=2)

@@ -70,7 +70,7 @@ from dataclasses import dataclass, field
 import torch
 
 from vtc.budget import parse_budget, resolve_budget
-from vtc.eval.benchmarking import report_cpu_share, sync, time_once
+from vtc.eval.benchmarking import environment, finish, run_summary, sync, time_once
 
 TARGET_EXTRA_PERCENT = 5.0
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -527,16 +527,11 @@ def main(argv=None) -> int:
         verdict = "no N x N map outlives its layer" if kept_after < map_span else "a hook keeps >= one N x N map"
         print(f"N x N: largest score block {_mib(biggest)} MiB (one map of the largest span {_mib(map_span)} MiB); "
               f"most a hook left allocated {kept_after / 1024:.1f} KiB -> {verdict}")
-    if args.device == "cpu":
-        report_cpu_share(share)
-    wall = time.perf_counter() - wall_start
-    print(f"total wall time {wall:.1f} s")
+    wall = finish(args.device, share, wall_start)
 
     if args.json:
         report = {
-            "torch": torch.__version__,
-            "threads": torch.get_num_threads(),
-            "device": device_name,
+            **environment(device_name),
             "dtype": args.dtype,
             "seed": args.seed,
             "warmup": args.warmup,
@@ -555,8 +550,7 @@ def main(argv=None) -> int:
             "tower_peak_bytes": tower_peak,
             "nxn_map_bytes": {"largest_span": span, "span_map": map_span, "video_map": map_video},
             "variants": {},
-            "cpu_share": share if args.device == "cpu" else None,
-            "wall_s": wall,
+            **run_summary(args.device, share, wall),
         }
         for name in names:
             v, m = variants[name], memory[name]

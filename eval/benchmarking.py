@@ -51,3 +51,22 @@ def report_cpu_share(share: float) -> None:
     print(f"CPU share while timing: {share:.0%} of {torch.get_num_threads()} threads x wall time")
     if share < 0.85:
         print("warning: other processes shared the CPUs while timing; the figures are unreliable -- rerun idle")
+
+
+def finish(device: str, share: float, wall_start: float) -> float:
+    """End of a benchmark's printout: the CPU share (CPU runs) and the total wall time; returns the wall seconds."""
+    if device == "cpu":
+        report_cpu_share(share)
+    wall = time.perf_counter() - wall_start
+    print(f"total wall time {wall:.1f} s")
+    return wall
+
+
+def environment(device_name: str) -> dict:
+    """The ``--json`` fields every benchmark opens with: what ran it."""
+    return {"torch": torch.__version__, "threads": torch.get_num_threads(), "device": device_name}
+
+
+def run_summary(device: str, share: float, wall: float) -> dict:
+    """The ``--json`` fields every benchmark closes with: how much CPU it got (CPU runs) and how long it took."""
+    return {"cpu_share": share if device == "cpu" else None, "wall_s": wall}

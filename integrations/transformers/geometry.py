@@ -164,26 +164,24 @@ def _check_image_index(index, count: int, key: str) -> int:
     return index
 
 
-def _image_processor(processor):
-    ip = getattr(processor, "image_processor", None)
-    ip = processor if ip is None else ip
-    if not hasattr(ip, "do_resize"):
+def _sub_processor(processor, attribute: str, what: str):
+    """The processor's image / video processor (or ``processor`` itself when it is one)."""
+    part = getattr(processor, attribute, None)
+    part = processor if part is None else part
+    if not hasattr(part, "do_resize"):
         raise TypeError(
-            f"expected the model's processor (or its image processor), got {type(processor).__name__}; pass the "
+            f"expected the model's processor (or its {what} processor), got {type(processor).__name__}; pass the "
             "AutoProcessor that built the inputs"
         )
-    return ip
+    return part
+
+
+def _image_processor(processor):
+    return _sub_processor(processor, "image_processor", "image")
 
 
 def _video_processor(processor):
-    vp = getattr(processor, "video_processor", None)
-    vp = processor if vp is None else vp
-    if not hasattr(vp, "do_resize"):
-        raise TypeError(
-            f"expected the model's processor (or its video processor), got {type(processor).__name__}; pass the "
-            "AutoProcessor that built the inputs"
-        )
-    return vp
+    return _sub_processor(processor, "video_processor", "video")
 
 
 # ------------------------------------------------------------------------------------------------------------ maps
