@@ -78,6 +78,7 @@ class VtcModel(lmms):
     loaded model); otherwise ``pretrained`` is loaded."""
 
     is_simple = True
+    task_name = None  # the task of the request being served (error messages)
 
     def __init__(self, pretrained: str | None = None, compressor: str = NONE, budget=None, video_budget=None,
                  device: str | None = None, dtype: str = "auto", batch_size: int | str = 1,
@@ -247,9 +248,8 @@ class VtcModel(lmms):
             if getattr(getattr(self.processor, "video_processor", None), "do_sample_frames", None) is not None:
                 kwargs["do_sample_frames"] = False  # the frames are already sampled: no fps resampling
         inputs = self.processor(**kwargs)
-        return inputs.to(self._device), n_images, n_videos, as_video
-
-    task_name = None
+        # floating tensors (pixels) in the model's dtype, as the HF wrappers of lmms-eval pass them
+        return inputs.to(self._device, dtype=self._model.dtype), n_images, n_videos, as_video
 
     def _flops(self, inputs) -> list:
         """Per row: the analytic prefill FLOPs of the call just made, at the length the LLM received."""

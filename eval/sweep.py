@@ -154,6 +154,17 @@ def add_relative(runs: list[dict]) -> None:
         run["relative"] = rel
 
 
+def _quiet_lmms_eval() -> None:
+    """lmms-eval logs through loguru at DEBUG by default (a line for every file of its task folders it cannot read
+    as a task); ``vtc eval`` is a command of its own, so it shows lmms-eval's warnings and errors only."""
+    try:
+        from loguru import logger
+    except ImportError:  # pragma: no cover - lmms-eval depends on loguru
+        return
+    logger.remove()
+    logger.add(sys.stderr, level="WARNING")
+
+
 def sweep(model_ref: str | None, compressors: list[str], budgets: list, tasks: list[str], include_path,
           limit, device: str, batch_size: int, out_dir: pathlib.Path, progress=None) -> dict:
     """Run the baseline and every compressor x budget; returns the JSON-ready result (also written to out_dir)."""
@@ -163,6 +174,7 @@ def sweep(model_ref: str | None, compressors: list[str], budgets: list, tasks: l
     from .measure import make_cpu_memory_measurable
 
     make_cpu_memory_measurable()
+    _quiet_lmms_eval()
     start = time.perf_counter()
     loader = VtcModel(pretrained=model_ref, compressor="none", device=device, progress=False)  # loads or fails
     model, processor, model_name = loader.model, loader.processor, loader.pretrained
@@ -262,7 +274,8 @@ def plot(result: dict, path: pathlib.Path) -> None:
         ax.axhline(base["accuracy"][task], color="black", linestyle="--", label="all tokens")
         ax.plot([full], [base["accuracy"][task]], marker="s", color="black")
         for name in result["compressors"]:
-            runs = sorted((r for r in result["runs"] if r["compressor"] == name),
+            # each compressor's curve starts at the baseline: at every token, pruning is the identity
+            runs = sorted([base, *(r for r in result["runs"] if r["compressor"] == name)],
                           key=lambda r: r["visual_tokens_by_task"][task]["out"])
             ax.plot([r["visual_tokens_by_task"][task]["out"] for r in runs], [r["accuracy"][task] for r in runs],
                     marker="o", label=name)
