@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import platform
 import statistics
 import sys
@@ -35,7 +34,8 @@ import time
 import torch
 
 from vtc.eval.benchmarking import (
-    NUM_HEADS, NUM_LAYERS, build_clip_l_tower, environment, finish, run_summary, time_once,
+    NUM_HEADS, NUM_LAYERS, CpuShare, build_clip_l_tower, environment, finish, rotating_rounds, run_summary, time_once,
+    write_report,
 )
 
 TARGET_RATIO = 1.03
@@ -148,16 +148,12 @@ def main(argv=None) -> int:
 
     times: dict[str, list[float]] = {name: [] for name in names}
     with torch.inference_mode():
-        cpu_start, timing_start = time.process_time(), time.perf_counter()
-        for _ in range(args.warmup):
-            for name in names:
-                time_once(variants[name], args.device)
-        for round_index in range(args.repeats):
-            shift = round_index % len(names)
-            for name in names[shift:] + names[:shift]:
-                times[name].append(time_once(variants[name], args.device))
-        # CPU time this process got / what its threads could have had: well below 1 means CPU contention
-        share = (time.process_time() - cpu_start) / ((time.perf_counter() - timing_start) * torch.get_num_threads())
+        with CpuShare() as cpu:
+            for _ in range(args.warmup):
+                for name in names:
+                    time_once(variants[name], args.device)
+            rotating_rounds(variants, args.repeats, args.device, times)
+        share = cpu.share
         check = sanity(sdpa, eager, pixel_values, last_results)
 
     medians = {name: statistics.median(values) for name, values in times.items()}
@@ -202,9 +198,7 @@ def main(argv=None) -> int:
             "sanity": check,
             **run_summary(args.device, share, wall),
         }
-        with open(args.json, "w") as handle:
-            json.dump(report, handle, indent=2)
-        print(f"wrote {args.json}")
+        write_report(args.json, report)
     return 0
 
 

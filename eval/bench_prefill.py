@@ -51,7 +51,6 @@ skews CPU timings). No assertions -- it prints figures (and ``--json`` writes th
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import sys
@@ -60,7 +59,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from vtc.eval.benchmarking import environment, finish, run_summary, time_once
+from vtc.eval.benchmarking import CpuShare, environment, finish, rotating_rounds, run_summary, time_once, write_report
 
 TARGET_RATIO = 0.9
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -374,15 +373,9 @@ def main(argv=None) -> int:
         for _ in range(max(0, args.warmup - 1)):
             for name in names:
                 time_once(variants[name].run, args.device)
-        cpu_start, timing_start = time.process_time(), time.perf_counter()
-        for round_index in range(args.rounds):
-            shift = round_index % len(names)
-            for name in names[shift:] + names[:shift]:
-                times[name].append(time_once(variants[name].run, args.device))
-            done = ", ".join(f"{name} {times[name][-1]:.0f}" for name in names)
-            print(f"  round {round_index + 1}/{args.rounds} (ms): {done}", flush=True)
-        # CPU time this process got / what its threads could have had: well below 1 means CPU contention
-        share = (time.process_time() - cpu_start) / ((time.perf_counter() - timing_start) * torch.get_num_threads())
+        with CpuShare() as cpu:
+            rotating_rounds({name: variants[name].run for name in names}, args.rounds, args.device, times, log=True)
+        share = cpu.share
 
     expected = {name: (text + v.visual_tokens if v.visual_tokens is not None else None)
                 for name, v in variants.items()}
@@ -503,9 +496,7 @@ def main(argv=None) -> int:
             "sanity": {"llm_lengths_ok": lengths_ok, "max_abs_logit_diff": diffs},
             **run_summary(args.device, share, wall),
         }
-        with open(args.json, "w") as handle:
-            json.dump(report, handle, indent=2)
-        print(f"wrote {args.json}")
+        write_report(args.json, report)
     return 0
 
 

@@ -26,7 +26,6 @@ on the machine skews the figures. No assertions -- it prints figures (and ``--js
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import platform
 import statistics
@@ -37,7 +36,8 @@ import zlib
 import torch
 
 from vtc.eval.benchmarking import (
-    NUM_LAYERS, build_clip_l_tower, environment, finish, run_summary, time_once,
+    NUM_LAYERS, CpuShare, build_clip_l_tower, environment, finish, rotating_rounds, run_summary, time_once,
+    write_report,
 )
 
 TARGET_PERCENT = 2.0
@@ -160,20 +160,15 @@ def main(argv=None) -> int:
     warm: dict[str, float] = {}
     repeats: dict[str, int] = {}
     with torch.inference_mode():
-        cpu_start, timing_start = time.process_time(), time.perf_counter()
-        for _ in range(max(1, args.warmup)):
-            for key, fn in jobs.items():
-                warm[key] = time_once(fn, device)  # the last warm-up call decides whether a cell is slow
-        for key in jobs:
-            slow = key != "tower" and warm[key] > args.slow_seconds * 1e3
-            repeats[key] = min(args.repeats, args.slow_repeats) if slow else args.repeats
-        keys = list(jobs)
-        for round_index in range(args.repeats):
-            shift = round_index % len(keys)
-            for key in keys[shift:] + keys[:shift]:
-                if len(times[key]) < repeats[key]:
-                    times[key].append(time_once(jobs[key], device))
-        share = (time.process_time() - cpu_start) / ((time.perf_counter() - timing_start) * torch.get_num_threads())
+        with CpuShare() as cpu:
+            for _ in range(max(1, args.warmup)):
+                for key, fn in jobs.items():
+                    warm[key] = time_once(fn, device)  # the last warm-up call decides whether a cell is slow
+            for key in jobs:
+                slow = key != "tower" and warm[key] > args.slow_seconds * 1e3
+                repeats[key] = min(args.repeats, args.slow_repeats) if slow else args.repeats
+            rotating_rounds(jobs, args.repeats, device, times, limits=repeats)
+        share = cpu.share
 
     medians = {key: statistics.median(values) for key, values in times.items()}
     base = medians["tower"]
@@ -248,9 +243,7 @@ def main(argv=None) -> int:
             ],
             **run_summary(device, share, wall),
         }
-        with open(args.json, "w") as handle:
-            json.dump(report, handle, indent=2)
-        print(f"wrote {args.json}")
+        write_report(args.json, report)
     return 0
 
 

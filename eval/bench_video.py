@@ -60,7 +60,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
-import json
 import platform
 import statistics
 import sys
@@ -70,7 +69,8 @@ from dataclasses import dataclass, field
 import torch
 
 from vtc.budget import parse_budget, resolve_budget
-from vtc.eval.benchmarking import environment, finish, run_summary, sync, time_once
+from vtc.eval.benchmarking import (CpuShare, environment, finish, rotating_rounds, run_summary, sync, time_once,
+                                   write_report)
 
 TARGET_EXTRA_PERCENT = 5.0
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -465,19 +465,14 @@ def main(argv=None) -> int:
 
     times: dict[str, list[float]] = {name: [] for name in names}
     with torch.inference_mode():
-        cpu_start, timing_start = time.process_time(), time.perf_counter()
-        for _ in range(args.warmup):
+        with CpuShare() as cpu:
+            for _ in range(args.warmup):
+                for name in names:
+                    time_once(variants[name].run, args.device)
             for name in names:
-                time_once(variants[name].run, args.device)
-        for name in names:
-            variants[name].selection_ms.clear()
-        for round_index in range(args.repeats):
-            shift = round_index % len(names)
-            for name in names[shift:] + names[:shift]:
-                times[name].append(time_once(variants[name].run, args.device))
-            done = ", ".join(f"{name} {times[name][-1]:.0f}" for name in names)
-            print(f"  round {round_index + 1}/{args.repeats} (ms): {done}", flush=True)
-        share = (time.process_time() - cpu_start) / ((time.perf_counter() - timing_start) * torch.get_num_threads())
+                variants[name].selection_ms.clear()
+            rotating_rounds({name: variants[name].run for name in names}, args.repeats, args.device, times, log=True)
+        share = cpu.share
         memory = {name: measure_memory(variants[name], model, args.device) for name in names}
 
     medians = {name: statistics.median(values) for name, values in times.items()}
@@ -573,9 +568,7 @@ def main(argv=None) -> int:
                 "phase_peaks_bytes": m["phase_peaks_bytes"],
                 "capture": {str(layer): c for layer, c in m["capture"].items()},
             }
-        with open(args.json, "w") as handle:
-            json.dump(report, handle, indent=2)
-        print(f"wrote {args.json}")
+        write_report(args.json, report)
     return 0
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import time
+from typing import Callable
 
 import torch
 
@@ -70,3 +72,42 @@ def environment(device_name: str) -> dict:
 def run_summary(device: str, share: float, wall: float) -> dict:
     """The ``--json`` fields every benchmark closes with: how much CPU it got (CPU runs) and how long it took."""
     return {"cpu_share": share if device == "cpu" else None, "wall_s": wall}
+
+
+class CpuShare:
+    """``with CpuShare() as cpu: ...`` then ``cpu.share``: CPU time this process got over what its threads could
+    have had in that wall time. Well below 1 means other processes took the CPUs and the timings are skewed."""
+
+    def __enter__(self):
+        self._cpu, self._wall = time.process_time(), time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        wall = (time.perf_counter() - self._wall) * torch.get_num_threads()
+        self.share = (time.process_time() - self._cpu) / wall if wall > 0 else 1.0
+        return False
+
+
+def rotating_rounds(runs: dict[str, Callable], rounds: int, device: str, times: dict | None = None,
+                    limits: dict[str, int] | None = None, log: bool = False) -> dict[str, list[float]]:
+    """Time every variant once per round, each round starting one variant later, so no variant always runs first
+    (caches, clocks). Appends milliseconds to ``times`` (a new dict by default) and returns it; ``limits`` caps the
+    samples of slow variants; ``log`` prints each round."""
+    names = list(runs)
+    times = {name: [] for name in names} if times is None else times
+    for round_index in range(rounds):
+        shift = round_index % len(names)
+        for name in names[shift:] + names[:shift]:
+            if limits is None or len(times[name]) < limits[name]:
+                times[name].append(time_once(runs[name], device))
+        if log:
+            done = ", ".join(f"{name} {times[name][-1]:.0f}" for name in names if times[name])
+            print(f"  round {round_index + 1}/{rounds} (ms): {done}", flush=True)
+    return times
+
+
+def write_report(path, report: dict) -> None:
+    """``--json``: write the report and say where."""
+    with open(path, "w") as handle:
+        json.dump(report, handle, indent=2)
+    print(f"wrote {path}")
