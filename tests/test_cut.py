@@ -161,7 +161,8 @@ def test_llm_receives_exactly_the_budget(loaded, family):
     prefill = seen[0]
     per_row = (prefill == image_token_id(model)).sum(dim=1).tolist()
     assert per_row == expected
-    original_text = (inputs["input_ids"] != image_token_id(model)).sum(dim=1)
+    # every text token, nothing else: the batch's old padding goes too (rows re-padded to the longest kept prompt)
+    original_text = ((inputs["input_ids"] != image_token_id(model)) & inputs["attention_mask"].bool()).sum(dim=1)
     assert prefill.shape[1] == int((original_text + torch.tensor(expected)).max())
 
 

@@ -395,7 +395,9 @@ def shrink(state: CutState, inputs: dict, with_labels: bool) -> ShrunkInputs:
                 kept = torch.cat([kept, videos.suffix[v].to(kept.dtype)])
             kept_videos.append(kept)
             offset += n + k
-    keep = keep.view_as(input_ids)
+    real = attention_mask != 0
+    # the batch's old padding goes too: rows are re-padded to the longest kept prompt, not to the old length
+    keep = keep.view_as(input_ids) & real
 
     if user_positions is not None:
         positions = user_positions if user_positions.dim() == 3 else user_positions[None]
@@ -435,9 +437,7 @@ def shrink(state: CutState, inputs: dict, with_labels: bool) -> ShrunkInputs:
     out["mm_encoder_outputs"] = mm_outputs
     state.records = records
     state.video_records = image_videos + video_records
-    real = attention_mask != 0
-    state.prompt_lengths = [(int(n), int(k)) for n, k in zip(real.sum(dim=1).tolist(),
-                                                             (keep & real).sum(dim=1).tolist())]
+    state.prompt_lengths = [(int(n), int(k)) for n, k in zip(real.sum(dim=1).tolist(), keep.sum(dim=1).tolist())]
     inputs.update(out)
     return ShrunkInputs(kwargs=inputs, original_input_ids=input_ids, new_length=new_length)
 
