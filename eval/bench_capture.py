@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import platform
 import statistics
 import sys
 import time
@@ -34,8 +33,8 @@ import time
 import torch
 
 from vtc.eval.benchmarking import (
-    NUM_HEADS, NUM_LAYERS, CpuShare, build_clip_l_tower, environment, finish, rotating_rounds, run_summary, time_once,
-    write_report,
+    NUM_HEADS, NUM_LAYERS, CpuShare, build_clip_l_tower, describe_device, environment, finish, rotating_rounds,
+    run_summary, time_once, write_report,
 )
 
 TARGET_RATIO = 1.03
@@ -135,11 +134,7 @@ def main(argv=None) -> int:
     variants, descriptions, last_results = make_variants(sdpa, eager, pixel_values)
     names = list(variants)
 
-    device_name = args.device
-    if args.device.startswith("cuda"):
-        device_name += f" ({torch.cuda.get_device_name(torch.device(args.device))})"
-    else:
-        device_name += f" ({platform.processor() or platform.machine()})"
+    device_name = describe_device(args.device)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, device {device_name}, dtype {args.dtype}")
     print(
         f"CLIP ViT-L/14-336 (random weights, seed {args.seed}), batch {args.batch}, "

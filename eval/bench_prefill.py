@@ -51,7 +51,6 @@ skews CPU timings). No assertions -- it prints figures (and ``--json`` writes th
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import sys
 import time
@@ -59,7 +58,9 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from vtc.eval.benchmarking import CpuShare, environment, finish, rotating_rounds, run_summary, time_once, write_report
+from vtc.eval.benchmarking import (
+    CpuShare, describe_device, environment, finish, rotating_rounds, run_summary, time_once, write_report,
+)
 
 TARGET_RATIO = 0.9
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -345,11 +346,7 @@ def main(argv=None) -> int:
     prompt = build_prompt(shape, args.text_before, args.text_after, args.seed, args.device, dtype)
     text, image_tokens = prompt.text_tokens, shape.image_tokens
 
-    device_name = args.device
-    if args.device.startswith("cuda"):
-        device_name += f" ({torch.cuda.get_device_name(torch.device(args.device))})"
-    else:
-        device_name += f" ({platform.processor() or platform.machine()})"
+    device_name = describe_device(args.device)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, device {device_name}, dtype {args.dtype}")
     print(f"LlavaForConditionalGeneration (random weights, seed {args.seed}, {parameters / 1e9:.2f} B parameters, "
           f"built in {build_s:.1f} s), attn_implementation={model.config.text_config._attn_implementation}")

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import platform
 import statistics
 import sys
 import time
@@ -36,8 +35,8 @@ import zlib
 import torch
 
 from vtc.eval.benchmarking import (
-    NUM_LAYERS, CpuShare, build_clip_l_tower, environment, finish, rotating_rounds, run_summary, time_once,
-    write_report,
+    NUM_LAYERS, CpuShare, build_clip_l_tower, describe_device, environment, finish, rotating_rounds, run_summary,
+    time_once, write_report,
 )
 
 TARGET_PERCENT = 2.0
@@ -141,11 +140,7 @@ def main(argv=None) -> int:
     jobs = {"tower": tower_forward, **{key: selection(key) for key in cells}}
     kept = {key: vtc.resolve_budget(budget, n) for key, (_, n, _, _, _) in cells.items()}
 
-    device_name = device
-    if device.startswith("cuda"):
-        device_name += f" ({torch.cuda.get_device_name(torch.device(device))})"
-    else:
-        device_name += f" ({platform.processor() or platform.machine()})"
+    device_name = describe_device(device)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, device {device_name}, fp32")
     print(
         f"tower: CLIP ViT-L/14-336 (random weights, seed {args.seed}), 1 image, output_hidden_states=True, "

@@ -60,7 +60,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
-import platform
 import statistics
 import sys
 import time
@@ -69,8 +68,9 @@ from dataclasses import dataclass, field
 import torch
 
 from vtc.budget import parse_budget, resolve_budget
-from vtc.eval.benchmarking import (CpuShare, environment, finish, rotating_rounds, run_summary, sync, time_once,
-                                   write_report)
+from vtc.eval.benchmarking import (
+    CpuShare, describe_device, environment, finish, rotating_rounds, run_summary, sync, time_once, write_report,
+)
 
 TARGET_EXTRA_PERCENT = 5.0
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -448,11 +448,7 @@ def main(argv=None) -> int:
     patches = t * h * w
     tokens = patches // vision.spatial_merge_size**2
     kept = resolve_budget(budget, tokens)
-    device_name = args.device
-    if args.device.startswith("cuda"):
-        device_name += f" ({torch.cuda.get_device_name(torch.device(args.device))})"
-    else:
-        device_name += f" ({platform.processor() or platform.machine()})"
+    device_name = describe_device(args.device)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, device {device_name}, dtype {args.dtype}")
     print(f"Qwen2.5-VL-7B vision tower (random weights, seed {args.seed}): depth {vision.depth}, width "
           f"{vision.hidden_size}, {vision.num_heads} heads, MLP {vision.intermediate_size}, "

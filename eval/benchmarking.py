@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import platform
 import time
 from typing import Callable
 
@@ -111,3 +112,10 @@ def write_report(path, report: dict) -> None:
     with open(path, "w") as handle:
         json.dump(report, handle, indent=2)
     print(f"wrote {path}")
+
+
+def describe_device(device: str) -> str:
+    """``device`` with what it is: the GPU's name, or the CPU's processor (the header line and ``--json``)."""
+    if str(device).startswith("cuda"):
+        return f"{device} ({torch.cuda.get_device_name(torch.device(device))})"
+    return f"{device} ({platform.processor() or platform.machine()})"
