@@ -30,7 +30,16 @@ def cls_logits_row(q_cls: torch.Tensor, k: torch.Tensor, scale: float) -> torch.
 def received_attention(
     q: torch.Tensor, k: torch.Tensor, scale: float, segments: Segments = None, chunk_size: int = 512
 ) -> torch.Tensor:
-    """Head-mean attention each token receives, averaged over the queries of its span -> ``[S]``.
+    """Head-mean attention each token receives, **summed** over the queries of its span -> ``[S]``.
+
+    ``out[j] = (1/H) sum_h sum_{i in span(j)} softmax_span(q_i k^T * scale)[h, i, j]`` -- HiPrune's "global
+    attention" (paper Eq. 2, and its Qwen code). Every query gives out a total of 1 over its span, so the tokens of a
+    span of ``w`` tokens share exactly ``w``: they average 1 **whatever the span's size**. That is why the sum is used
+    and not the column mean: the mean averages ``1 / w``, which ranks the tokens of small spans (Qwen2.5-VL's partial
+    edge windows) above the rest of the image regardless of content, and weighs a full-attention block (``1 / N``)
+    far below a windowed one (``1 / 64``) when layers are summed. With one span (CLIP/SigLIP) the sum is ``S`` times
+    the mean, so rankings are unchanged there. A uniform map gives exactly 1 everywhere; values above 1 mean "more
+    than the span's average token".
 
     Queries are processed ``chunk_size`` at a time, so peak extra memory is ``H * chunk_size * span`` floats
     instead of ``H * S * S``.
@@ -44,7 +53,7 @@ def received_attention(
             c1 = min(end, c0 + chunk_size)
             probs = (torch.einsum("hqd,hkd->hqk", q[:, c0:c1].float(), keys) * scale).softmax(dim=-1)
             acc += probs.sum(dim=(0, 1))
-        out[start:end] = acc / (heads * (end - start))
+        out[start:end] = acc / heads
     return out
 
 
@@ -60,7 +69,7 @@ def cls_logits_row_reference(q: torch.Tensor, k: torch.Tensor, scale: float) -> 
 
 
 def received_attention_reference(q: torch.Tensor, k: torch.Tensor, scale: float, segments: Segments = None) -> torch.Tensor:
-    """Full-map reference: a block-diagonal mask over ``segments``, then column means over queries and heads."""
+    """Full-map reference: a block-diagonal mask over ``segments``, then column sums over queries, mean over heads."""
     heads, total, _ = q.shape
     logits = torch.einsum("hqd,hkd->hqk", q.double(), k.double()) * scale
     if segments is not None:
@@ -69,7 +78,4 @@ def received_attention_reference(q: torch.Tensor, k: torch.Tensor, scale: float,
             allowed[start:end, start:end] = True
         logits = logits.masked_fill(~allowed, float("-inf"))
     attn = logits.softmax(dim=-1)
-    lengths = torch.empty(total, dtype=torch.float64)
-    for start, end in segments if segments is not None else [(0, total)]:
-        lengths[start:end] = end - start
-    return (attn.sum(dim=1).mean(dim=0) / lengths).float()
+    return attn.sum(dim=1).mean(dim=0).float()

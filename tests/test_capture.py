@@ -33,7 +33,7 @@ def test_clip_signals_equal_eager_attentions(tiny_dirs):
         for layer in layers:
             attn = out.attentions[layer][i].double()  # [H, S, S] with the CLS token first
             cls = attn[:, 0, 1:].mean(0)  # "default" strategy: patch tokens only
-            received = attn.mean(dim=(0, 1))[1:]
+            received = attn.mean(dim=0).sum(dim=0)[1:]  # head mean, sum over the queries
             got_cls = per_image[Signal(SignalKind.CLS_ATTENTION, layer)]
             got_received = per_image[Signal(SignalKind.RECEIVED_ATTENTION, layer)]
             assert torch.allclose(got_cls.double(), cls, atol=1e-5)
@@ -79,7 +79,7 @@ def test_qwen_signals_equal_recorded_eager_attention(tiny_dirs, family):
             visual.blocks[layer].attn._vtc_test_record = True
             reference.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])
             visual.blocks[layer].attn._vtc_test_record = False
-            chunks = [w.double().mean(dim=(0, 1)) for w in recorded]  # per chunk: column mean over queries, heads
+            chunks = [w.double().mean(dim=0).sum(dim=0) for w in recorded]  # per chunk: head mean, column sum
             if windowed and layer == first_layer:
                 assert len(chunks) > len(sizes)  # several windows per image
             else:
@@ -145,7 +145,7 @@ def test_anyres_signals_equal_eager_attentions(tiny_dirs, family, images_per_pro
     for layer in layers:
         attn = out.attentions[layer].double()  # [T, H, S, S]
         expected = {
-            SignalKind.RECEIVED_ATTENTION: attn.mean(dim=(1, 2))[:, drop:, None],
+            SignalKind.RECEIVED_ATTENTION: attn.mean(dim=1).sum(dim=1)[:, drop:, None],  # head mean, query sum
         }
         block = eager.model.vision_tower.encoder.layers[layer]
         normed = block.layer_norm1(out.hidden_states[layer])

@@ -25,7 +25,7 @@ def test_scores_match_full_map_reference(heads, seq, dim, seed, chunk, cuts):
     segments = list(zip(bounds[:-1], bounds[1:]))
     fast = received_attention(q, k, scale, segments, chunk_size=chunk)
     ref = received_attention_reference(q, k, scale, segments)
-    assert torch.allclose(fast, ref, atol=1e-6)
-    # each span's received attention is a distribution over its tokens (column means of row-stochastic rows)
+    assert torch.allclose(fast, ref, rtol=1e-5, atol=1e-6)
+    # column sums of row-stochastic rows: each span's tokens share its number of queries (they average 1 per token)
     for start, end in segments:
-        assert abs(float(fast[start:end].sum()) - 1.0) < 1e-5
+        assert abs(float(fast[start:end].sum()) - (end - start)) < 1e-5 * (end - start)

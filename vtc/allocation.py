@@ -43,8 +43,13 @@ through an instance, e.g. ``allocation=vtc.allocation.HiRED(alpha=0.4, rule="cod
   resized to the packed canvas, the local scores are the crops' signals resampled like the features.
 
 Towers without a CLS token (SigLIP in LLaVA-OneVision) use the documented fallback of every CLS-based method
-(``TowerInfo.attention_signal``): received attention instead of CLS attention (HiRED), and for GlobalCom²'s logits
-the log of the received attention (a logit-scale score: ``log softmax`` is the logit up to a per-view constant).
+(``TowerInfo.attention_signal``): received attention instead of CLS attention (HiRED: only the crops' *shares* of the
+base view's total are used, so its scale does not matter), and for GlobalCom²'s logits the log of the received
+attention (a logit-scale score: ``log softmax`` is the logit up to a per-view constant). Received attention is a sum
+over queries that averages 1 per token in every view (``SignalKind.RECEIVED_ATTENTION``), so that constant is fixed
+at "0 = the view's average token": a uniform map gives all-zero logits, hence equal crop weights whatever the sizes
+of the base regions (a mean over queries would add ``-log N`` per token and penalise larger regions in the region
+sums).
 """
 
 from __future__ import annotations

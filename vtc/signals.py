@@ -15,8 +15,11 @@ from dataclasses import dataclass
 class SignalKind(str, enum.Enum):
     #: head-mean post-softmax attention of the CLS query to every token, at one layer. Shape ``[N]``.
     CLS_ATTENTION = "cls_attention"
-    #: head-mean post-softmax attention *received* by every token, averaged over all queries that attend to it
-    #: (HiPrune's "global attention", column mean; windowed layers use their real window mask). Shape ``[N]``.
+    #: head-mean post-softmax attention *received* by every token, **summed** over the queries that attend to it
+    #: (HiPrune's "global attention", column sum; windowed layers use their real window mask, one sum per window).
+    #: Every query gives out 1 over its span, so a span's tokens average exactly 1 whatever its size: scores do not
+    #: depend on the window a token sits in (a column *mean* would, ``1 / window``), and windowed and full-attention
+    #: layers weigh alike when summed. A uniform map scores 1 everywhere. Shape ``[N]``.
     RECEIVED_ATTENTION = "received_attention"
     #: head-mean key vectors of one layer (VisionZip's merge metric). Shape ``[N, head_dim]``.
     KEYS = "keys"

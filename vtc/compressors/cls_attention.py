@@ -5,9 +5,11 @@ feature layer ``F`` (22 on CLIP-L/14-336, so the reference default ``s = 16`` en
 normalisation; keep the top ``k`` in raster order. FasterVLM (arXiv 2412.01818) is the single-layer case ``s = F``.
 
 Encoders without a CLS token (Qwen ViTs, SigLIP -- e.g. LLaVA-OneVision's tower) get the documented fallback: the same
-sum over the same layers of *received* attention (head-mean attention each token receives, averaged over the queries
+sum over the same layers of *received* attention (head-mean attention each token receives, summed over the queries
 that see it -- HiPrune's "global attention"). Its ranking is what CLS attention approximates: how much the rest of the
-image looks at a token. On AnyRes models the statistic is taken per view (the tower sees one view at a time), and
+image looks at a token. The sum (not the mean) over queries keeps Qwen2.5-VL's windowed blocks neutral to window
+size: every token of a window of any size averages 1 per block, so partial edge windows are not inflated and the
+full-attention block of the ensemble counts as much as each windowed one (``SignalKind.RECEIVED_ATTENTION``). On AnyRes models the statistic is taken per view (the tower sees one view at a time), and
 ``tests/test_anyres.py`` checks the fallback on LLaVA-OneVision.
 """
 

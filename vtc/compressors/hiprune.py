@@ -21,11 +21,14 @@ Deviations from the reference code (Danielement321/HiPrune @ 6e83a12), all delib
   possible for ``alpha`` far above the default), they are trimmed deterministically: all anchors (at most ``k`` by
   construction) then buffers by object-layer score. Registers are taken strictly from the tokens not yet chosen
   (equivalent to masking chosen tokens with ``-inf``), where the reference subtracts 1 from their score -- which on
-  Qwen, whose scores are sums over queries, can re-select a chosen token and keep fewer than ``k``.
+  Qwen, whose scores are sums over queries (often above 1), can re-select a chosen token and keep fewer than ``k``.
 * **Prefix tokens** (``VisualTokens.num_prefix_tokens``, e.g. a CLS token kept by LLaVA's "full" strategy) are not
   on the grid: they never become anchors and have no neighbours, but they compete as registers like any token.
-* The received-attention statistic is the head-mean **mean** over queries (``SignalKind.RECEIVED_ATTENTION``); the
-  reference LLaVA code uses the mean, its Qwen code the sum -- the same ranking within a layer.
+* The received-attention statistic is the head-mean **sum** over the queries of each attention span
+  (``SignalKind.RECEIVED_ATTENTION``), as the paper (Eq. 2) and the reference Qwen code; the reference LLaVA code uses
+  the mean over queries, which on a full-attention layer is the sum divided by ``N`` -- the same ranking. On windowed
+  layers (a user-chosen Qwen2.5-VL block) only the sum is neutral to window size: a window's tokens average 1 whatever
+  its size, where the mean (``1 / window``) would rank the tokens of small partial edge windows first.
 
 Ties everywhere go to the lower token index (stable descending sorts), and scores are compared in fp32.
 """

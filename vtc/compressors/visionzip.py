@@ -5,8 +5,10 @@ For a budget of ``k`` tokens out of ``N`` the image keeps ``D`` *dominant* token
 
 1. **Dominant**: the ``D`` tokens with the highest attention score -- the CLS query's head-mean attention on towers
    with a CLS token, the head-mean attention each token *receives* on towers without one (Qwen ViTs, LLaVA-OneVision's
-   SigLIP; the paper's description for SigLIP, the "no-CLS variant"). Summing instead of averaging over heads ranks the same. Ties go
-   to the lower token index.
+   SigLIP; the paper's description for SigLIP, the "no-CLS variant"). Summing instead of averaging over heads ranks the same.
+   Received attention is summed over the queries of each attention span (``SignalKind.RECEIVED_ATTENTION``; the
+   paper's average over queries is that sum divided by ``N`` on a full-attention layer, the same ranking), which keeps
+   a user-chosen windowed Qwen2.5-VL block neutral to window size. Ties go to the lower token index.
 2. **Contextual**: the remaining tokens ``R`` (original order) are split into ``C`` clusters. The targets are a
    uniform stride over the list ``R`` (positions in the list, not image coordinates): ``step = max(1, |R| // C)``,
    targets ``R[0], R[step], R[2*step], ...`` (the first ``C``). Every other token of ``R`` joins the target whose

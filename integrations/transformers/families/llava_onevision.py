@@ -13,8 +13,8 @@ then the unpadded crop canvas with one ``image_newline`` per row) plus two diffe
   trailing newline closes the whole view, so it is kept whenever the image keeps a token.
 
 The tower has no CLS token, so every CLS-based compressor uses the documented fallback (``TowerInfo.has_cls`` is
-False: ``TowerInfo.attention_signal`` gives received attention -- the head-mean attention a token receives, averaged
-over all queries of its view -- instead of CLS attention; HiRED's allocation does the same and GlobalCom² uses the
+False: ``TowerInfo.attention_signal`` gives received attention -- the head-mean attention a token receives, summed
+over all queries of its view (``SignalKind.RECEIVED_ATTENTION``) -- instead of CLS attention; HiRED's allocation does the same and GlobalCom² uses the
 log of it in place of CLS logits, see ``vtc.allocation``). The "full" feature strategy (the checkpoints' setting)
 keeps every patch.
 

@@ -3,7 +3,10 @@
 Layout: one LLM token per 2x2 merge unit, raster order over the ``(h/2) x (w/2)`` merged grid of each image.
 The ViT has no CLS token (compressors use received attention instead) and runs in window-permuted order; signals
 are captured per ``cu_seqlens`` span, averaged over the 4 patches of each merge unit and un-permuted with
-``argsort(window_index)``, so compressors only ever see merged-token raster order.
+``argsort(window_index)``, so compressors only ever see merged-token raster order. Received attention is a sum over
+the queries of each span (every patch of a window of any size averages 1, see ``SignalKind.RECEIVED_ATTENTION``);
+windows are whole merge units, so the 4 patches of a unit share one window and the merged tokens of every window
+also average 1 -- the 2x2 mean does not bring back a window-size dependence.
 
 Positions: kept tokens keep their original M-RoPE ``(t, h, w)`` ids (as every Qwen port of these methods does);
 row 0, the text row transformers uses for masks, is renumbered contiguously. There is no "reindex" for Qwen: a
