@@ -83,6 +83,12 @@ def table_markdown(result: Result) -> str:
             f"{known}\n\n" + "\n".join(rows))
 
 
+def with_notes(status: str, notes) -> str:
+    """The status line followed by one ``warning: ...`` line per note (an animation's first frame, words the model
+    does not know)."""
+    return "\n".join([status, *(f"warning: {note}" for note in notes or [])])
+
+
 def build_app(engine: Engine | None = None) -> gr.Blocks:
     """The Blocks app on ``engine`` (default: a new ``Engine`` on the embedded model)."""
     engine = engine or Engine()
@@ -108,7 +114,7 @@ def build_app(engine: Engine | None = None) -> gr.Blocks:
         expected = engine.expected_answer(media, question)
         what = f"{media.image.width}×{media.image.height} image" if media.kind == "image" else \
             f"video, {len(media.frames)} frames sampled of {media.duration:.1f} s"
-        return (engine.preview(media), f"ready: {media.name} ({what})",
+        return (engine.preview(media), with_notes(f"ready: {media.name} ({what})", media.notes),
                 "" if expected is None else f"known answer: **{expected}**")
 
     def on_run(path, question, model_ref, frames, max_new_tokens, name_a, budget_a, options_a, compare, name_b,
@@ -132,7 +138,7 @@ def build_app(engine: Engine | None = None) -> gr.Blocks:
                 a.picture, stats_markdown(a, base, result.expected),
                 None if b is None else b.picture, "" if b is None else stats_markdown(b, base, result.expected),
                 table_markdown(result),
-                f"done: {len(result.runs)} compressor(s) on {result.model_label}"]
+                with_notes(f"done: {len(result.runs)} compressor(s) on {result.model_label}", result.notes)]
 
     with gr.Blocks(title=TITLE, analytics_enabled=False) as demo:
         gr.Markdown(INTRO)
@@ -207,4 +213,4 @@ def launch(model: str | None = None, *, host: str = "127.0.0.1", port: int | Non
     return demo
 
 
-__all__ = ["build_app", "launch", "stats_markdown", "table_markdown"]
+__all__ = ["build_app", "launch", "stats_markdown", "table_markdown", "with_notes"]

@@ -9,7 +9,11 @@ that does not load) and everything that must be safe between users (one model in
 * ``Engine.model`` loads a model once and keeps the last few in an LRU; each has a lock held for the whole
   apply -> generate -> read selection -> remove sequence, so two users' selections never cross.
 * ``Engine.run`` answers a question with all visual tokens and with one or two compressors, and returns what each
-  kept (drawn on the model's real token geometry), visual tokens in -> out, time to first token and FLOPs.
+  kept (drawn on the model's real token geometry), visual tokens in -> out, time to first token and FLOPs. The
+  question, budgets, compressor names and options (names and types) are checked before a model is loaded; words of
+  the question the model does not know are returned as ``Result.notes`` for the status box.
+* Images are read by ``vtc.image_io`` (EXIF orientation, 16-bit / float scaled by their real range, transparency
+  on white); an animated image gives its first frame and a note in ``Media.notes``.
 """
 
 from __future__ import annotations
@@ -35,8 +39,11 @@ from PIL import Image
 import vtc
 from vtc.eval import synthetic
 from vtc.eval.measure import FirstTokenClock
+from vtc.image_io import to_rgb
+from vtc.integrations.transformers.default import unknown_words_message
 from vtc.integrations.transformers.flops import request_flops
 from vtc.integrations.transformers.geometry import image_token_boxes, video_token_boxes
+from vtc.integrations.transformers.preflight import check_request, coerce_request_options
 
 from . import render
 
@@ -78,6 +85,7 @@ class Media:
     sha256: str
     timestamps: list[float] | None = None  # video: seconds of each sampled frame
     duration: float | None = None  # video: seconds
+    notes: list[str] = field(default_factory=list)  # what the user should know (e.g. an animation's first frame)
 
     @property
     def image(self) -> Image.Image:
@@ -148,6 +156,7 @@ class Result:
     model_label: str
     baseline: RunResult
     runs: list[RunResult]
+    notes: list[str] = field(default_factory=list)  # warnings for the status box (words the model does not know)
 
     @property
     def all_runs(self) -> list[RunResult]:
@@ -175,15 +184,17 @@ def _sha256(path: str) -> str:
     return digest.hexdigest()
 
 
-def _open_image(path: str, name: str, limits: Limits) -> Image.Image | None:
-    """The file as an RGB image, or ``None`` when PIL does not recognise it as one."""
+def _open_image(path: str, name: str, limits: Limits, notes: list[str]) -> Image.Image | None:
+    """The file as an RGB image (``vtc.image_io.to_rgb``: EXIF orientation, 16-bit and float images scaled by their
+    real range, transparency on white, an animation's first frame with a note in ``notes``), or ``None`` when PIL
+    does not recognise it as an image."""
     try:
         with Image.open(path) as image:
             if image.width * image.height > limits.max_image_pixels:
                 raise DemoError(f"{name} is {image.width}x{image.height} pixels; the demo accepts images of at most "
                                 f"{limits.max_image_pixels / 1e6:.0f} megapixels")
-            image.load()
-            return image.convert("RGB")
+            rgb = to_rgb(image, notes=notes, name=name)
+            return rgb.copy() if rgb is image else rgb  # the file's image is unusable once it is closed
     except Image.DecompressionBombError as exc:
         raise DemoError(f"{name} is too large to decode safely ({exc})") from exc
     except (OSError, ValueError, SyntaxError, EOFError):  # UnidentifiedImageError is an OSError
@@ -259,9 +270,10 @@ def load_media(path, *, num_frames: int = 8, limits: Limits = Limits(), name: st
     if isinstance(num_frames, bool) or not isinstance(num_frames, int) or not 1 <= num_frames <= limits.max_frames:
         raise DemoError(f"frames per video must be an integer from 1 to {limits.max_frames}, got {num_frames!r}")
     digest = _sha256(path)
-    image = _open_image(path, name, limits)
+    notes: list[str] = []
+    image = _open_image(path, name, limits, notes)
     if image is not None:
-        return Media("image", [image], name, digest)
+        return Media("image", [image], name, digest, notes=notes)
     probed = _probe_video(path, name)
     if probed is not None and (error := _too_long(name, *probed, limits)):
         raise error
@@ -289,7 +301,7 @@ def write_video(frames: Sequence[Image.Image], path, fps: float) -> None:
         stream.pix_fmt = "yuv444p"
         stream.options = {"crf": "0"}
         for frame in frames:
-            array = np.asarray(frame.convert("RGB"))
+            array = np.asarray(to_rgb(frame))
             for packet in stream.encode(av.VideoFrame.from_ndarray(array, format="rgb24")):
                 container.mux(packet)
         for packet in stream.encode():
@@ -445,7 +457,8 @@ def _parse_spec(spec: Spec, slot: str) -> _Parsed:
 
 
 def _load_model(ref: str | None):
-    """``((model, processor), label)`` through ``vtc.cli._load`` (embedded default, local folder or hub id)."""
+    """``((model, processor), label)`` through ``vtc.cli._load`` (embedded default, local folder or hub id; a
+    missing folder or an unreachable hub id fails within seconds: ``preflight.resolve_model_ref``)."""
     from vtc.cli import _load
 
     try:
@@ -563,7 +576,16 @@ class Engine:
                 not 1 <= max_new_tokens <= self.limits.max_new_tokens:
             raise DemoError(f"max new tokens must be an integer from 1 to {self.limits.max_new_tokens}")
         parsed = [_parse_spec(spec, chr(ord("A") + i)) for i, spec in enumerate(specs)]
+        for p in parsed:  # compressor names, options and their types: before a model is loaded (or waited for)
+            try:
+                p.options = coerce_request_options(p.compressor, p.options)
+                check_request(p.compressor, p.budget, p.options)
+            except (ValueError, TypeError) as exc:
+                raise DemoError(f"compressor {p.slot} ({p.compressor}): {exc}") from exc
         entry = self.model(model)
+        notes = list(media.notes)
+        if (unknown := unknown_words_message(entry.processor, question)) is not None:
+            notes.append(unknown)
         inputs = _build_inputs(entry, media, question)
         with entry.lock:  # vtc.apply mutates this model instance: nobody else may use it until remove
             vtc.remove(entry.model)
@@ -588,7 +610,9 @@ class Engine:
                     vtc.remove(entry.model)
                 outcomes.append((p, gen, records))
         # outside the lock: FLOPs and drawing read the inputs, the records and the model's config only
-        return self._result(entry, media, question, inputs, base, outcomes)
+        result = self._result(entry, media, question, inputs, base, outcomes)
+        result.notes = notes
+        return result
 
     def _result(self, entry, media, question, inputs, base, outcomes) -> Result:
         visual_in = _visual_tokens(entry, inputs)
@@ -651,7 +675,7 @@ def _build_inputs(entry: LoadedModel, media: Media, question: str):
     if media.kind == "image":
         content, kwargs = [{"type": "image"}, text], {"images": [media.image]}
     elif entry.video_input:
-        frames = np.stack([np.asarray(f.convert("RGB")) for f in media.frames])
+        frames = np.stack([np.asarray(to_rgb(f)) for f in media.frames])
         content, kwargs = [{"type": "video"}, text], {"videos": [frames]}
     else:
         content, kwargs = [{"type": "image"} for _ in media.frames] + [text], {"images": [list(media.frames)]}

@@ -21,6 +21,7 @@ negative log-likelihood of the continuation (tasks take the argmin) and whether 
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import asdict, dataclass
 
 import torch
@@ -29,6 +30,9 @@ from lmms_eval.api.model import lmms
 from tqdm import tqdm
 
 import vtc
+from vtc.image_io import to_rgb
+from vtc.integrations.transformers.preflight import (ModelNotFoundError, check_request, coerce_request_options,
+                                                     resolve_model_ref)
 
 from .measure import FirstTokenClock, PeakMemory, make_cpu_memory_measurable, sync
 
@@ -73,6 +77,17 @@ def _parse_budget(value):
     return vtc.validate_budget(value)
 
 
+def _int_arg(name: str, value, minimum: int) -> int:
+    """An integer ``--model_args`` value (lmms-eval hands ``8`` as 8 and ``8.0`` as 8.0), or an error naming it."""
+    try:
+        number = float(value) if not isinstance(value, bool) else None
+    except (TypeError, ValueError):
+        number = None
+    if number is None or not number.is_integer() or number < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(number)
+
+
 class VtcModel(lmms):
     """See the module docstring. ``model`` / ``processor`` may be given as objects (in-process sweeps reuse one
     loaded model); otherwise ``pretrained`` is loaded."""
@@ -98,11 +113,9 @@ class VtcModel(lmms):
             self._rank, self._world_size = accelerator.process_index, accelerator.num_processes
         else:
             self._device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.batch_size_per_gpu = int(batch_size)
-        if self.batch_size_per_gpu < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
-        self.max_frames_num = int(max_frames_num)
-        self.max_new_tokens = int(max_new_tokens)
+        self.batch_size_per_gpu = _int_arg("batch_size", batch_size, 1)
+        self.max_frames_num = _int_arg("max_frames_num", max_frames_num, 1)
+        self.max_new_tokens = _int_arg("max_new_tokens", max_new_tokens, 1)
         self.progress = bool(progress)
         if self._device.type == "cpu":
             make_cpu_memory_measurable()  # per-request peak resident memory (see vtc.eval.measure)
@@ -119,6 +132,11 @@ class VtcModel(lmms):
         elif self.budget is None:
             raise ValueError(f"compressor={self.compressor} needs a budget: add budget=<int tokens per image> or "
                              "budget=<fraction in (0, 1]> to --model_args")
+        else:  # the compressor and its options, checked (and text read by type) before any model loads
+            options = coerce_request_options(self.compressor, options)
+            request = dict(options, **({"video_budget": video_budget} if video_budget is not None else {}))
+            check_request(self.compressor, self.budget, request)
+        self._unknown_words: set[str] = set()
         if model is None:
             model, processor, self.pretrained = self._load(pretrained, dtype, device_map)
         elif processor is None:
@@ -158,14 +176,20 @@ class VtcModel(lmms):
 
             model, processor = vtc.load_default(dtype=torch_dtype)
             return model, processor, DEFAULT_MODEL_NAME
+        try:  # a missing folder, or a hub id with the Hub unreachable: one message now, not minutes of retries
+            resolved = resolve_model_ref(pretrained)
+        except ModelNotFoundError as exc:
+            raise RuntimeError(f"vtc: {exc}") from None
+        if resolved.note:
+            warnings.warn(resolved.note, stacklevel=2)
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
-        kwargs = {"dtype": torch_dtype or "auto"}
+        kwargs = {"dtype": torch_dtype or "auto", "local_files_only": resolved.local_files_only}
         if device_map:
             kwargs["device_map"] = device_map
         try:
-            model = AutoModelForImageTextToText.from_pretrained(pretrained, **kwargs)
-            processor = AutoProcessor.from_pretrained(pretrained)
+            model = AutoModelForImageTextToText.from_pretrained(resolved.ref, **kwargs)
+            processor = AutoProcessor.from_pretrained(resolved.ref, local_files_only=resolved.local_files_only)
         except Exception as exc:  # the harness would log and carry on: say why and how to fix it
             raise RuntimeError(f"vtc: cannot load model {pretrained!r}: {exc}. Pass a local save_pretrained folder, "
                                "or a hub id on a machine with hub access.") from exc
@@ -221,22 +245,23 @@ class VtcModel(lmms):
             for item in items:
                 if isinstance(item, Image.Image):
                     content.append({"type": "image"})
-                    images.append(item.convert("RGB"))
+                    images.append(to_rgb(item))  # vtc.image_io: 16-bit, EXIF, transparency, animations
                 elif isinstance(item, str):
                     clip = vtc.video_io.load_video(item, num_frames=self.max_frames_num)
                     if self.native_video:
                         import numpy as np
 
                         content.append({"type": "video"})
-                        videos.append(np.stack([np.asarray(f.convert("RGB")) for f in clip.frames]))
+                        videos.append(np.stack([np.asarray(to_rgb(f)) for f in clip.frames]))
                     else:  # LLaVA-1.5 / NeXT see a video as its frames, one budget for all of them
                         content.extend({"type": "image"} for _ in clip.frames)
-                        images.extend(f.convert("RGB") for f in clip.frames)
+                        images.extend(to_rgb(f) for f in clip.frames)
                         as_video = True
                 else:
                     raise TypeError(f"vtc: a visual must be a PIL image or a video file path, got {type(item).__name__}"
                                     f" (task {self.task_name!r}); fix the task's doc_to_visual")
             content.append({"type": "text", "text": context})
+            self._warn_unknown_words(context)
             prompt = self.processor.apply_chat_template([{"role": "user", "content": content}],
                                                         add_generation_prompt=True, tokenize=False)
             texts.append(prompt + (suffixes[i] if suffixes else ""))
@@ -250,6 +275,19 @@ class VtcModel(lmms):
         inputs = self.processor(**kwargs)
         # floating tensors (pixels) in the model's dtype, as the HF wrappers of lmms-eval pass them
         return inputs.to(self._device, dtype=self._model.dtype), n_images, n_videos, as_video
+
+    def _warn_unknown_words(self, text: str) -> None:
+        """Warn (once per word) about words of a prompt the model's tokenizer only knows as its unknown token -- the
+        embedded default model's vocabulary is 103 words."""
+        from vtc.integrations.transformers.default import unknown_words
+
+        new = [w for w in unknown_words(self.processor, text) if w not in self._unknown_words]
+        if new:
+            self._unknown_words.update(new)
+            warnings.warn(f"vtc: {self.pretrained} does not know the word{'s' if len(new) > 1 else ''} "
+                          f"{', '.join(map(repr, new))} (task {self.task_name!r}): "
+                          f"{'they reach' if len(new) > 1 else 'it reaches'} the model as an unknown token",
+                          stacklevel=3)
 
     def _flops(self, inputs) -> list:
         """Per row: the analytic prefill FLOPs of the call just made, at the length the LLM received."""

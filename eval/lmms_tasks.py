@@ -92,10 +92,9 @@ from vtc.eval.lmms_tasks import doc_to_image, doc_to_text, doc_to_video, process
 # -- the task functions (the written utils.py imports these) -------------------------------------------------
 
 def doc_to_image(doc):
-    from PIL import Image
+    from vtc.image_io import load_image
 
-    with Image.open(doc["image"]) as image:
-        return [image.convert("RGB")]
+    return [load_image(doc["image"])]
 
 
 def doc_to_video(doc):

@@ -176,14 +176,14 @@ def sweep(model_ref: str | None, compressors: list[str], budgets: list, tasks: l
     make_cpu_memory_measurable()
     _quiet_lmms_eval()
     start = time.perf_counter()
-    loader = VtcModel(pretrained=model_ref, compressor="none", device=device, progress=False)  # loads or fails
-    model, processor, model_name = loader.model, loader.processor, loader.pretrained
     task_manager = TaskManager(verbosity="WARNING", include_path=[str(p) for p in include_path])
     known = set(task_manager.all_tasks)
     missing = [t for t in tasks if t not in known]
-    if missing:
+    if missing:  # before the model loads: a typo must not cost a checkpoint load
         raise EvalFailure(f"unknown task(s) {missing}; the offline tasks are {list(DEFAULT_TASKS)} (written by "
                           "vtc eval itself), others need --include-path DIR or an installed lmms-eval task")
+    loader = VtcModel(pretrained=model_ref, compressor="none", device=device, progress=False)  # loads or fails
+    model, processor, model_name = loader.model, loader.processor, loader.pretrained
     plan = [("none", None)] + [(c, b) for c in compressors for b in budgets]
     runs = []
     for compressor, budget in plan:

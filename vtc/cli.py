@@ -14,17 +14,31 @@ import time
 
 
 def _load(model_ref: str | None):
+    """``((model, processor), label)``: the embedded default model, a local folder or a hub id.
+
+    The reference is resolved first (``preflight.resolve_model_ref``): a folder that does not exist, or a hub id
+    while the Hub is unreachable (or ``HF_HUB_OFFLINE`` is set and the model is not cached), fails at once with one
+    message instead of after minutes of download retries.
+    """
     import vtc
 
     if model_ref is None:
         from .integrations.transformers.default import DEFAULT_MODEL_NAME
 
         return vtc.load_default(), DEFAULT_MODEL_NAME
+    from .integrations.transformers.preflight import ModelNotFoundError, resolve_model_ref
+
+    try:
+        resolved = resolve_model_ref(model_ref)
+    except ModelNotFoundError as exc:
+        raise SystemExit(f"error: {exc}") from None
+    if resolved.note:
+        print(f"note: {resolved.note}", file=sys.stderr)
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     try:
-        model = AutoModelForImageTextToText.from_pretrained(model_ref)
-        processor = AutoProcessor.from_pretrained(model_ref)
+        model = AutoModelForImageTextToText.from_pretrained(resolved.ref, local_files_only=resolved.local_files_only)
+        processor = AutoProcessor.from_pretrained(resolved.ref, local_files_only=resolved.local_files_only)
     except Exception as exc:  # surface *why* loading failed, with the fix
         raise SystemExit(f"error: cannot load model {model_ref!r}: {exc}\n"
                          "Pass a local save_pretrained folder, or a hub id on a machine with hub access.") from exc
@@ -33,8 +47,11 @@ def _load(model_ref: str | None):
 
 
 def _image_and_question(path: str | None, question: str | None, sample_index: int):
-    """The user's image, or a held-out synthetic test image; the question and (when known) its answer."""
-    from PIL import Image
+    """The user's image, or a held-out synthetic test image; the question and (when known) its answer.
+
+    The file goes through ``vtc.image_io.load_image`` (EXIF orientation, 16-bit / float scaled by their real range,
+    transparency on white, first frame of an animation with a note)."""
+    from .image_io import load_image
 
     if path is None:
         from .eval import synthetic
@@ -46,10 +63,13 @@ def _image_and_question(path: str | None, question: str | None, sample_index: in
             return sample.image, chosen.text, chosen.answer, f"synthetic test image #{sample_index}"
         known = {q.text: q.answer for q in sample.questions}
         return sample.image, question, known.get(question), f"synthetic test image #{sample_index}"
+    notes: list[str] = []
     try:
-        image = Image.open(path).convert("RGB")
+        image = load_image(path, notes=notes)
     except (OSError, ValueError) as exc:
-        raise SystemExit(f"error: cannot read image {path!r}: {exc}. Pass a PNG/JPEG file.") from exc
+        raise SystemExit(f"error: cannot read image: {exc}") from exc
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
     return image, question or "what color is the shape at the center ?", None, path
 
 
@@ -63,17 +83,54 @@ def _grid_picture(record) -> str:
     return "\n".join(lines)
 
 
+def _run_options(items: list[str] | None, names: list[str]) -> dict[str, dict]:
+    """``--option`` values per compressor: ``key=value`` applies to every compressor of the run,
+    ``compressor.key=value`` to that one; values are read by the option's type (``preflight``)."""
+    from .integrations.transformers.preflight import coerce_request_options
+
+    per = {name: {} for name in names}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        scope, dot, option = key.rpartition(".")
+        if not sep or not option.isidentifier() or (dot and not scope):
+            raise ValueError(f"--option {item!r}: write key=value or compressor.key=value (e.g. --option seed=1, "
+                             "--option random.seed=1)")
+        if dot and scope not in per:
+            raise ValueError(f"--option {item!r}: {scope!r} is not a compressor of this run ({', '.join(names)})")
+        for name in [scope] if dot else names:
+            per[name][option] = value
+    return {name: coerce_request_options(name, options) for name, options in per.items()}
+
+
 def cmd_run(args) -> int:
     import torch
 
     import vtc
+    from .integrations.transformers.preflight import check_request
 
+    # everything the user typed is checked before the model loads (minutes for a 7B checkpoint)
     budget = vtc.parse_budget(args.budget)
-    (model, processor), label = _load(args.model)
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be an integer >= 1, got {args.max_new_tokens}")
+    names = args.compressor or vtc.list_compressors()
+    options = _run_options(args.option, names)
+    for name in names:
+        try:
+            check_request(name, budget, options[name])
+        except TypeError as exc:
+            if len(names) > 1 and str(exc).startswith("unknown option"):
+                raise TypeError(f"{exc} (--option key=value applies to every compressor of the run; "
+                                "compressor.key=value to one)") from None
+            raise
     image, question, expected, image_label = _image_and_question(args.image, args.question, args.sample)
+    (model, processor), label = _load(args.model)
+    from .integrations.transformers.default import unknown_words_message
+
+    if (warning := unknown_words_message(processor, question)) is not None:
+        print(f"warning: {warning}", file=sys.stderr)
     inputs = processor(images=[image], text=[_chat_prompt(processor, question)], return_tensors="pt")
     prompt_len = inputs["input_ids"].shape[1]
-    names = args.compressor or vtc.list_compressors()
     print(f"model: {label}\nimage: {image_label}\nquestion: {question!r}"
           + (f" (expected answer: {expected!r})" if expected is not None else "")
           + f"\nbudget: {budget!r} visual tokens per image\n")
@@ -92,7 +149,7 @@ def cmd_run(args) -> int:
     n_visual = int((inputs["input_ids"] == image_id).sum())
     rows.append(("none (all tokens)", n_visual, n_visual, seconds, answer))
     for name in names:
-        vtc.apply(model, name, budget=budget)
+        vtc.apply(model, name, budget=budget, **options[name])
         answer, seconds = run_once(name)
         records = vtc.last_selection(model)
         kept = sum(r.num_kept for r in records)
@@ -202,6 +259,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--question", help="question (default: a spatial question about the synthetic image)")
     run.add_argument("--compressor", action="append", help="compressor name (repeatable; default: all registered)")
     run.add_argument("--budget", default="0.25", help="int tokens per image or float ratio in (0, 1] (default 0.25)")
+    run.add_argument("--option", action="append", metavar="KEY=VALUE",
+                     help="compressor or vtc option (repeatable): key=value for every compressor of the run, "
+                          "compressor.key=value for one (e.g. --option random.seed=3, --option positions=keep)")
     run.add_argument("--max-new-tokens", type=int, default=4)
     run.add_argument("--no-grid", dest="show_grid", action="store_false", help="do not draw the kept-token grids")
     run.set_defaults(func=cmd_run)

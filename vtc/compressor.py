@@ -100,7 +100,14 @@ def get_compressor_class(name: str) -> type[Compressor]:
 
 
 def create_compressor(name: str | Compressor, **options) -> Compressor:
-    """Build a compressor from its registry name and options; unknown options name the valid ones."""
+    """Build a compressor from its registry name and options; unknown options name the valid ones.
+
+    Each option is checked against its field's annotation (``vtc.options``): ``seed="a"`` raises
+    ``TypeError("compressor 'random': option seed must be an int, got 'a'")``. The compressor's own validation
+    (``__post_init__``) speaks first when it names the option; the annotation check covers what it does not.
+    """
+    from .options import option_type_errors
+
     if isinstance(name, Compressor):
         if options:
             raise TypeError("options go into the compressor instance itself when passing a Compressor object")
@@ -112,7 +119,16 @@ def create_compressor(name: str | Compressor, **options) -> Compressor:
         raise TypeError(
             f"unknown option(s) {unknown} for compressor {name!r}; valid options: {sorted(valid) or 'none'}"
         )
-    return cls(**options)
+    wrong = option_type_errors(cls, options, f"compressor {name!r}")
+    try:
+        compressor = cls(**options)
+    except (TypeError, ValueError) as exc:
+        if wrong and not any(key in str(exc) for key in wrong):
+            raise TypeError(next(iter(wrong.values()))) from exc
+        raise
+    if wrong:
+        raise TypeError(next(iter(wrong.values())))
+    return compressor
 
 
 def run_compressor(compressor: Compressor, tokens: VisualTokens, budget: Budget) -> Selection:

@@ -43,6 +43,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .image_io import to_rgb
+
 __all__ = ["VideoClip", "load_video", "clip_from_frames", "sample_indices", "BACKENDS", "DEFAULT_FPS"]
 
 BACKENDS = ("auto", "decord", "pyav")
@@ -96,7 +98,7 @@ class VideoClip:
                 f"cannot stack frames of different sizes {sorted(set(self.sizes))} (width, height) into one tensor; "
                 "resize them to one size first (a model's processor resizes frames itself, so pass clip.frames)"
             )
-        return torch.from_numpy(np.stack([np.asarray(frame.convert("RGB"), dtype=np.uint8) for frame in self.frames]))
+        return torch.from_numpy(np.stack([np.asarray(to_rgb(frame), dtype=np.uint8) for frame in self.frames]))
 
 
 # --------------------------------------------------------------------------------------------------- sampling
@@ -282,7 +284,7 @@ def _load_pyav(path: str, sampling: dict) -> tuple[list[Image.Image], list[int],
             for index, frame in enumerate(decoder):
                 decoded = index + 1
                 if index in wanted:
-                    kept[index] = frame.to_image().convert("RGB")  # only wanted frames are held
+                    kept[index] = to_rgb(frame.to_image())  # only wanted frames are held
                 if index >= last:
                     break
         if len(kept) == len(indices):
@@ -383,11 +385,11 @@ def load_video(
 
 
 def _to_rgb(item: Any, position: int) -> Image.Image:
-    if isinstance(item, Image.Image):
+    if isinstance(item, Image.Image):  # vtc.image_io: 16-bit / float by real range, transparency on white, EXIF
         try:
-            return item.convert("RGB") if item.mode != "RGB" else item
-        except Exception as error:
-            raise ValueError(f"frame {position}: cannot convert a PIL image of mode {item.mode!r} to RGB ({error})")
+            return to_rgb(item, name=f"frame {position}")
+        except ValueError as error:
+            raise ValueError(f"frame {position}: {error}") from None
     if isinstance(item, torch.Tensor):
         item = item.detach().cpu().numpy()
     if not isinstance(item, np.ndarray):
@@ -403,10 +405,10 @@ def _to_rgb(item: Any, position: int) -> Image.Image:
     if item.ndim == 3 and item.shape[-1] == 1:
         item = item[..., 0]
     if item.ndim == 2:
-        return Image.fromarray(np.ascontiguousarray(item), "L").convert("RGB")
+        return to_rgb(Image.fromarray(np.ascontiguousarray(item), "L"))
     if item.ndim == 3 and item.shape[-1] in (3, 4):
         mode = "RGB" if item.shape[-1] == 3 else "RGBA"
-        return Image.fromarray(np.ascontiguousarray(item), mode).convert("RGB")
+        return to_rgb(Image.fromarray(np.ascontiguousarray(item), mode))
     channels_first = item.ndim == 3 and item.shape[0] in (1, 3, 4)
     hint = " (channels first? use .transpose(1, 2, 0) / .permute(1, 2, 0))" if channels_first else ""
     raise ValueError(
@@ -424,7 +426,9 @@ def clip_from_frames(
     """A ``VideoClip`` from frames already in memory (``backend="frames"``, ``path=None``).
 
     ``frames``: a non-empty sequence of PIL images / uint8 arrays ``[H, W, 3]`` (numpy or torch; grey and RGBA are
-    converted to RGB), or one uint8 array / tensor ``[T, H, W, 3]``. Frames are taken as the whole source, so
+    converted to RGB), or one uint8 array / tensor ``[T, H, W, 3]``. PIL images of any mode go through
+    ``vtc.image_io.to_rgb`` (16-bit / float scaled by each frame's real range, transparency composited on white,
+    EXIF orientation applied), as do grey and RGBA arrays. Frames are taken as the whole source, so
     ``indices = 0..T-1``, ``num_source_frames = T`` and ``duration = T / fps``; ``timestamps`` default to
     ``index / fps`` and may be given instead (non-decreasing seconds, one per frame). Frames of different sizes are
     kept as they are (``clip.uniform_size`` is then false and ``to_tensor`` refuses); the model's processor resizes.

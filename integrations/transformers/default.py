@@ -38,3 +38,41 @@ def load_default(path=None, *, dtype=None):
     model.eval()
     processor = AutoProcessor.from_pretrained(folder)
     return model, processor
+
+
+def unknown_words(processor, text: str) -> list[str]:
+    """Words of ``text`` that the model's tokenizer maps to its unknown token, each once, in order of appearance.
+
+    The embedded default model has a word-level vocabulary of 103 lowercase words (``what color is the shape at
+    the center ?``): any other word -- a capital letter, a synonym, a typo -- reaches it as ``<unk>`` and the
+    answer is a guess. Works for any tokenizer with an unknown token (byte-level BPE never produces one: ``[]``).
+    """
+    tokenizer = getattr(processor, "tokenizer", processor)
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if unk is None or not text:
+        return []
+    words: list[str] = []
+    try:
+        encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        pieces = [text[start:end] for token, (start, end) in zip(encoded["input_ids"], encoded["offset_mapping"])
+                  if token == unk]
+    except (NotImplementedError, TypeError, ValueError, KeyError):  # a slow tokenizer: no offsets
+        pieces = [word for word in text.split() if unk in tokenizer.encode(word, add_special_tokens=False)]
+    for piece in pieces:
+        if piece and piece not in words:
+            words.append(piece)
+    return words
+
+
+def unknown_words_message(processor, text: str) -> str | None:
+    """One line naming the words of ``text`` the model does not know (``unknown_words``), or ``None``."""
+    words = unknown_words(processor, text)
+    if not words:
+        return None
+    tokenizer = getattr(processor, "tokenizer", processor)
+    vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else {}
+    hints = [f"{w.lower()!r} for {w!r}" for w in words if w.lower() != w and w.lower() in vocab]
+    hint = f" (it knows {', '.join(hints)})" if hints else ""
+    listed = ", ".join(map(repr, words))
+    return (f"the model does not know the word{'s' if len(words) > 1 else ''} {listed}{hint}: "
+            f"{'they reach' if len(words) > 1 else 'it reaches'} it as an unknown token, so the answer is a guess")
