@@ -4,6 +4,7 @@
     vtc.apply(model, "cls_attention", budget=64)   # wrap a Hugging Face VLM in place (reversible)
     model.generate(**inputs)                       # the LLM now sees 64 visual tokens per image
     vtc.last_selection(model)                      # what was kept, per image
+    vtc.select(model, **inputs)                    # the same records without running the LLM (a dry run)
     vtc.remove(model)                              # bit-identical original behaviour again
 
 The core (this package) is pure tensor code; model knowledge lives in ``vtc.integrations``.
@@ -24,7 +25,7 @@ from .compressor import (
     run_compressor,
     top_k_sorted,
 )
-from .selection import ImageSelection, Selection
+from .selection import Details, ImageSelection, Selection, SelectionRecords
 from .signals import Signal, SignalKind, TowerInfo
 
 __version__ = "0.1.0"
@@ -57,6 +58,20 @@ def last_selection(model) -> list[ImageSelection]:
     from .integrations.transformers import last_selection as _last
 
     return _last(model)
+
+
+def select(model, **inputs) -> SelectionRecords:
+    """Dry run: what a wrapped ``generate`` / ``forward`` with these processor outputs would select, without the LLM.
+
+    Runs the vision tower, the signal capture and the selection -- the same code as a wrapped call -- and returns a
+    ``SelectionRecords``: ``images`` (as ``last_selection``), ``videos`` (as ``last_video_selection``) and
+    ``prompt_lengths`` (as ``last_prompt_lengths``), for analysis, plots and overlays. ``model`` must be wrapped
+    (``apply``). It leaves the model's last-call records untouched, and runs the LLM only where the selection itself
+    asks it (QuoTA's ``scorer="self"``). Each record's ``selection.details`` says what the compressor decided and why.
+    """
+    from .integrations.transformers import select as _select
+
+    return _select(model, **inputs)
 
 
 def last_video_selection(model):
@@ -97,8 +112,10 @@ def is_applied(model) -> bool:
 __all__ = [
     "Budget",
     "Compressor",
+    "Details",
     "ImageSelection",
     "Selection",
+    "SelectionRecords",
     "Signal",
     "SignalKind",
     "TowerInfo",
@@ -117,6 +134,7 @@ __all__ = [
     "remove",
     "resolve_budget",
     "run_compressor",
+    "select",
     "top_k_sorted",
     "validate_budget",
 ]

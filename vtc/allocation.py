@@ -64,7 +64,7 @@ import torch
 import torch.nn.functional as F
 
 from .compressor import top_k_sorted
-from .selection import Selection
+from .selection import Details, Selection
 from .signals import Signal, SignalKind, TowerInfo
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -407,9 +407,10 @@ class GlobalCom2(Allocation):
         signal = self._signal(image.tower)
         local = _as_logits(signal, _score(image, view, signal))
         if view == 0:
-            return Selection(indices=top_k_sorted(local, k), scores=local)
+            return Selection(indices=top_k_sorted(local, k), scores=local, details=Details(signals=(signal,)))
         layout = image.layout
         global_map = resize_map(self._base_map(image), layout.base, layout.canvas.shape)
         r0, r1, c0, c1 = layout.canvas_rect(view)
         score = guided_scores(local, global_map[r0:r1, c0:c1])
-        return Selection(indices=top_k_sorted(score, k).to(image.features.device), scores=score)
+        return Selection(indices=top_k_sorted(score, k).to(image.features.device), scores=score,
+                         details=Details(signals=(signal,)))

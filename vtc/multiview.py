@@ -4,7 +4,8 @@
 *visual* tokens (newlines excluded), asks the allocation (``vtc.allocation``) for per-view budgets, lets the
 allocation or else the compressor select inside every view with a budget (each view is a ``VisualTokens`` of its own
 visible grid and signals), maps the kept tokens to packed indices (``vtc.layout``), and adds the newlines the layout
-rule keeps. The result is one ``Selection`` over the packed sequence, so the cut treats it like any image's.
+rule keeps. The result is one ``Selection`` over the packed sequence, so the cut treats it like any image's; its
+``details`` (``MultiViewDetails``) keep what was decided in each view.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from .allocation import Allocation
 from .budget import Budget, resolve_budget, validate_budget
 from .compressor import Compressor, VisualTokens
 from .layout import PackedLayout
-from .selection import Selection
+from .selection import Details, Selection
 from .signals import Signal, TowerInfo
 
 
@@ -55,6 +56,24 @@ class MultiViewTokens:
                             query=self.query)
 
 
+@dataclass(frozen=True)
+class MultiViewDetails(Details):
+    """What was decided in each view of an AnyRes image (``Selection.details`` of the packed selection).
+
+    Fields:
+      views: per view (``PackedLayout`` order, base view first) the ``details`` of its own selection -- by the
+        compressor, or by the allocation where it selects (GlobalCom²'s guided mode) -- or ``None`` for a view with
+        no budget or a selector that records none. Their indices are **view-local** (into the view's visible grid,
+        raster order): ``layout.view_indices(v)[i]`` is the packed index of token ``i`` of view ``v``.
+      selected_by: per view, who selected it (e.g. ``"compressor 'hiprune'"``, ``"allocation 'globalcom2'"``;
+        ``""`` for a view with no budget).
+    ``signals`` are the views' signals, in first-seen order without repeats.
+    """
+
+    views: tuple[Details | None, ...]
+    selected_by: tuple[str, ...]
+
+
 @dataclass
 class MultiViewSelection:
     selection: Selection  # over the packed sequence: kept tokens and kept newlines, sorted
@@ -89,9 +108,11 @@ def select_views(compressor: Compressor, allocation: Allocation, image: MultiVie
     kept, merged_index, merged_features, view_selections = [], [], [], []
     scores = torch.full((layout.num_tokens,), float("nan"), dtype=torch.float32, device=device)
     groups: dict[int, torch.Tensor] = {}
+    selected_by = []
     for view, k_view in enumerate(budgets):
         if k_view == 0:
             view_selections.append(None)
+            selected_by.append("")
             continue
         tokens = image.view(view, compressor_signals)
         selection = allocation.select_view(image, view, k_view)
@@ -101,6 +122,7 @@ def select_views(compressor: Compressor, allocation: Allocation, image: MultiVie
             who = f"compressor {compressor.name!r}"
         selection.validate(tokens.num_tokens, expected=k_view, who=f"{who} on view {view}")
         view_selections.append(selection)
+        selected_by.append(who)
         packed = layout.view_indices(view).to(device)
         chosen = packed[selection.indices.to(device)]
         kept.append(chosen)
@@ -123,7 +145,10 @@ def select_views(compressor: Compressor, allocation: Allocation, image: MultiVie
     group_list = None
     if groups:
         group_list = tuple(groups.get(index, torch.tensor([index], device=device)) for index in indices.tolist())
+    views = tuple(None if sel is None else sel.details for sel in view_selections)
+    signals = tuple(dict.fromkeys(s for d in views if d is not None for s in d.signals))
     selection = Selection(indices=indices, features=features, groups=group_list,
-                          scores=None if bool(scores.isnan().all()) else scores)
+                          scores=None if bool(scores.isnan().all()) else scores,
+                          details=MultiViewDetails(signals=signals, views=views, selected_by=tuple(selected_by)))
     selection.validate(layout.num_tokens, expected=k + int(newlines.numel()), who="select_views")
     return MultiViewSelection(selection=selection, budget=k, view_budgets=budgets, view_selections=view_selections)

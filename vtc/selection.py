@@ -4,14 +4,60 @@ A ``Selection`` is a list of output tokens. Output token ``i`` sits in the place
 position) of original token ``indices[i]``; its feature is the original feature of that token, or ``features[i]``
 when the compressor merges tokens. ``groups[i]`` then lists every original token folded into it (the demo draws
 these). Indices are sorted and unique, so the LLM always sees visual tokens in the host model's own order.
+
+``details`` says what the compressor decided and why, typed per compressor (a ``Details`` subclass documented on
+it): the signals -- and so the resolved vision layers -- it read, and its own intermediate decisions.
+
+``scores`` per built-in compressor (``[N]``, one value per token of the image / view / frame; ``None`` = none):
+
+=================  ==============================================================================================
+``cls_attention``  head-mean CLS attention summed over the ensembled layers (received attention without CLS)
+``fastervlm``      head-mean CLS attention of its one layer (received attention without CLS)
+``hiprune``        received attention of the deep layer (ranks the registers; the object layer's is in details)
+``visionzip``      attention of its layer (CLS, else received) that ranks the dominant tokens
+``divprune``       cosine distance to the kept set (kept tokens: at the time they were picked; first: to its
+                   nearest neighbour) -- higher is more novel
+``progressive``    per frame: ``u = novelty^gamma * (eps + saliency)^eta``, the score the frame's picks maximise
+``random``         ``None``
+``pool``           ``None``
+``quota``          the frame compressor's scores (``within=`` an image compressor), else ``None``; frame scores
+                   are in ``VideoSelection.details`` (``QuotaDetails``)
+=================  ==============================================================================================
+
+On an AnyRes image (``vtc.multiview``) ``scores`` is laid out over the packed sequence (``NaN`` at newlines and at
+views nobody scored) and ``details`` is a ``vtc.multiview.MultiViewDetails`` holding each view's own details.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+from .signals import Signal
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .video import VideoRecord
+
+
+@dataclass(frozen=True)
+class Details:
+    """What a compressor decided for one selection and why: the typed part of a record, for inspection and plots.
+
+    Each compressor returns its own subclass (a frozen dataclass, fields documented with shapes on the class);
+    indices in it index the same tokens as ``Selection.indices`` (the image's, view's or frame's own tokens). The
+    one field every record has answers "which layers": ``signals``, the captured signals the selection read, each
+    with its resolved absolute vision layer (``()`` for compressors that read none, e.g. ``random``).
+    Tensors are compared with ``torch.equal``, not ``==``.
+    """
+
+    signals: tuple[Signal, ...]
+
+    @property
+    def layers(self) -> tuple[int, ...]:
+        """The absolute vision layers read, ascending and unique."""
+        return tuple(sorted({s.layer for s in self.signals}))
 
 
 @dataclass
@@ -24,6 +70,8 @@ class Selection:
     #: X[groups[i]]``). A merge stated this way is replayed exactly on other feature sets of the same tokens
     #: (Qwen3-VL deepstack levels) even when the groups themselves were chosen from the features.
     weights: tuple[torch.Tensor, ...] | None = None
+    #: what the compressor decided and why (its ``Details`` subclass); ``None`` when it records nothing more
+    details: Details | None = None
 
     @property
     def num_kept(self) -> int:
@@ -54,6 +102,9 @@ class Selection:
                 raise RuntimeError(f"{who} returned merge weights without one group per weight vector")
             if any(w.numel() != g.numel() for w, g in zip(self.weights, self.groups)):
                 raise RuntimeError(f"{who} returned merge weights whose sizes differ from their groups")
+        if self.details is not None and not isinstance(self.details, Details):
+            raise RuntimeError(f"{who} returned details of type {type(self.details).__name__}; details must be a "
+                               "vtc.selection.Details (a frozen dataclass subclass) or None")
         return self
 
 
@@ -86,6 +137,11 @@ class ImageSelection:
         return self.selection.scores
 
     @property
+    def details(self) -> Details | None:
+        """What the compressor decided and why (``Selection.details``)."""
+        return self.selection.details
+
+    @property
     def num_kept(self) -> int:
         """Tokens the LLM receives for this image (kept newlines included)."""
         return self.selection.num_kept
@@ -111,3 +167,16 @@ class ImageSelection:
     def num_kept_visual(self) -> int:
         """Visual tokens kept (newlines excluded); equals ``budget``."""
         return self.num_kept - self.num_kept_newlines
+
+
+@dataclass
+class SelectionRecords:
+    """The records of one call without running the LLM, as returned by ``vtc.select(model, **inputs)``.
+
+    ``images`` and ``videos`` are what ``vtc.last_selection`` / ``vtc.last_video_selection`` report after a wrapped
+    ``generate`` / ``forward`` on the same inputs; ``prompt_lengths`` what ``vtc.last_prompt_lengths`` reports.
+    """
+
+    images: list[ImageSelection]
+    videos: list["VideoRecord"]
+    prompt_lengths: list[tuple[int, int]]  # per prompt: (tokens it has, tokens the LLM would receive), no padding

@@ -9,6 +9,12 @@ Video compressors are registered in the one compressor registry (``vtc.register`
 ``select_video(video, budget) -> VideoSelection``; their ``select(tokens, k)`` treats a single image as a one-frame
 video, so they run on images too. Image compressors run on videos frame by frame (each frame gets an equal share
 of the budget) through ``select_frames_evenly``.
+
+What a compressor decided is recorded at two levels: per frame in ``FrameRecord.selection.details`` (the image
+compressor's own details, e.g. ``HiPruneDetails`` of that frame) and per video in ``VideoSelection.details``
+(``QuotaDetails``: frame scores, weights and budgets; ``ProgressiveDetails``: keyframes, novelty and the budget
+flow; for an image compressor run frame by frame, a plain ``Details`` with the signals its frames read).
+``VideoSelection.flat()``, the selection the integration cuts, carries no details.
 """
 
 from __future__ import annotations
@@ -20,7 +26,8 @@ import torch
 
 from .budget import Budget, resolve_budget, validate_budget
 from .compressor import Compressor, VisualTokens, run_compressor
-from .selection import Selection
+from .selection import Details, Selection
+from .signals import Signal
 
 
 @dataclass
@@ -104,6 +111,8 @@ class VideoSelection:
     flat_groups: tuple[torch.Tensor, ...] | None = None
     #: per output token, its merge coefficients over ``flat_groups`` (``None``: from the per-frame weights)
     flat_weights: tuple[torch.Tensor, ...] | None = None
+    #: what the compressor decided for the whole video (its ``Details`` subclass; see the module doc)
+    details: Details | None = None
 
     @property
     def num_kept(self) -> int:
@@ -124,6 +133,9 @@ class VideoSelection:
             if self.flat_weights is not None and (len(self.flat_weights) != len(self.flat_groups) or any(
                     w.numel() != g.numel() for w, g in zip(self.flat_weights, self.flat_groups))):
                 raise RuntimeError(f"{who} returned flat merge weights whose sizes differ from their groups")
+        if self.details is not None and not isinstance(self.details, Details):
+            raise RuntimeError(f"{who} returned video details of type {type(self.details).__name__}; details must "
+                               "be a vtc.selection.Details or None")
         return self
 
     def flat(self, video: VideoTokens) -> Selection:
@@ -158,6 +170,15 @@ class VideoSelection:
                          weights=weights if merged else None)
 
 
+def frame_signals(records: Sequence[FrameRecord]) -> tuple[Signal, ...]:
+    """The signals the frames' selections read (``Details.signals``), in first-seen order without repeats."""
+    seen: dict[Signal, None] = {}
+    for record in records:
+        if record.selection.details is not None:
+            seen.update(dict.fromkeys(record.selection.details.signals))
+    return tuple(seen)
+
+
 def _extend_weights(weights: list, sel: Selection, idx: torch.Tensor, groups: list) -> list | None:
     """Append one frame's merge weights (``None`` when the frame has merged features but no weights, or a gathered
     token's group does not contain it)."""
@@ -187,7 +208,8 @@ class VideoCompressor(Compressor):
         raise NotImplementedError
 
     def select(self, tokens: VisualTokens, k: int) -> Selection:
-        """An image is a one-frame video."""
+        """An image is a one-frame video: its record is that frame's selection, details included (the video-level
+        details of a one-frame video add nothing: the frame takes the whole budget)."""
         return self.select_video(VideoTokens([tokens], query=tokens.query), k).frames[0].selection
 
 
@@ -223,7 +245,7 @@ def select_frames_evenly(compressor: Compressor, video: VideoTokens, total: int)
     for t, (frame, b) in enumerate(zip(video.frames, budgets)):
         sel = run_compressor(compressor, frame, b) if b > 0 else _empty_selection(frame)
         records.append(FrameRecord(frame=t, budget=b, selection=sel))
-    return VideoSelection(records, budget=sum(budgets))
+    return VideoSelection(records, budget=sum(budgets), details=Details(signals=frame_signals(records)))
 
 
 def _empty_selection(frame: VisualTokens) -> Selection:
@@ -262,3 +284,9 @@ class VideoRecord:
     @property
     def frame_budgets(self) -> list[int]:
         return [r.budget for r in self.selection.frames]
+
+    @property
+    def details(self) -> Details | None:
+        """What the compressor decided for the whole video (``VideoSelection.details``; per frame:
+        ``selection.frames[t].selection.details``)."""
+        return self.selection.details

@@ -10,7 +10,7 @@ from __future__ import annotations
 from vtc.allocation import create_allocation
 from vtc.budget import Budget, validate_budget
 from vtc.compressor import create_compressor
-from vtc.selection import ImageSelection
+from vtc.selection import ImageSelection, SelectionRecords
 from vtc.video import VideoRecord
 
 from .adapter import FamilyAdapter, adapter_for, supported_families
@@ -107,6 +107,13 @@ def last_selection(model) -> list[ImageSelection]:
     return list(state.records)
 
 
+def select(model, **inputs) -> SelectionRecords:
+    """Dry run on a wrapped model: the records of a call with ``inputs``, without the LLM (see ``cut.dry_run``)."""
+    from .cut import dry_run
+
+    return dry_run(get_state(model), inputs)
+
+
 def last_video_selection(model) -> list[VideoRecord]:
     return list(get_state(model).video_records)
 
@@ -123,5 +130,5 @@ def get_state(model) -> CutState:
 
 
 __all__ = ["FamilyAdapter", "apply", "get_state", "is_applied", "last_prompt_lengths", "last_selection",
-           "last_video_selection", "remove",
+           "last_video_selection", "remove", "select",
            "supported_families"]

@@ -15,6 +15,9 @@ Videos (``pixel_values_videos``) go the same way: the family's ``get_video_featu
 per video shared by its frames (``vtc.video``), unkept video placeholders dropped, positions from the original
 sequence. Calls without ``pixel_values`` or ``pixel_values_videos`` (text-only prompts, and generate's own inner
 forward calls) pass straight through.
+
+Steps (1)-(3), and the keep-mask over the prompt, are ``select_call``: the one code path shared by the wrapped methods
+(``shrink``) and the dry run (``dry_run``, ``vtc.select``), which returns the records without running the LLM.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from vtc.allocation import Allocation, Even
 from vtc.budget import Budget
 from vtc.compressor import Compressor, VisualTokens, run_compressor
 from vtc.multiview import MultiViewTokens, select_views
-from vtc.selection import ImageSelection, Selection
+from vtc.selection import ImageSelection, Selection, SelectionRecords
 from vtc.video import VideoRecord, VideoTokens, run_video_compressor
 
 from .adapter import EncodedImages, EncodedVideos, FamilyAdapter
@@ -297,6 +300,7 @@ def _detached(selection: Selection) -> Selection:
         groups=selection.groups,
         scores=None if selection.scores is None else selection.scores.detach(),
         weights=None if selection.weights is None else tuple(w.detach() for w in selection.weights),
+        details=selection.details,
     )
 
 
@@ -314,9 +318,8 @@ def _image_slots(input_ids: torch.Tensor, image_token_id: int, counts: list[int]
     return flat, rows
 
 
-def shrink(state: CutState, inputs: dict, with_labels: bool) -> ShrunkInputs:
-    """Steps 1-5: encode, select, and build the shortened inputs for the original method."""
-    model, adapter = state.adapter.model, state.adapter
+def _take_prompt(inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pop ``input_ids`` and ``attention_mask`` (all ones when absent) from a wrapped call's inputs."""
     input_ids = inputs.pop("input_ids", None)
     if input_ids is None:
         raise ValueError(
@@ -328,10 +331,33 @@ def shrink(state: CutState, inputs: dict, with_labels: bool) -> ShrunkInputs:
     attention_mask = inputs.pop("attention_mask", None)
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
-    user_positions = inputs.pop("position_ids", None)
-    mm_token_type_ids = inputs.pop("mm_token_type_ids", None)
-    labels = inputs.pop("labels", None) if with_labels else None
+    return input_ids, attention_mask
 
+
+@dataclass
+class SelectedCall:
+    """What steps 1-3 give for one call: the records, and what the cut needs to apply them."""
+
+    encoded: EncodedImages  # ``kept_levels`` filled
+    videos: EncodedVideos | None
+    records: list[ImageSelection]
+    video_records: list[VideoRecord]  # images_as_video sequences first, then the call's videos
+    keep: torch.Tensor  # [B, L] bool: the prompt tokens the LLM receives (padding excluded)
+    kept_features: list[torch.Tensor]  # per image: its kept (or merged) features
+    kept_videos: list[torch.Tensor]  # per video: its kept (or merged) features, then its suffix
+    kept_video_levels: list[list[torch.Tensor]]
+    prompt_lengths: list[tuple[int, int]]  # per prompt: (tokens it had, tokens the LLM receives), padding excluded
+    has_images: bool = False
+
+
+def select_call(state: CutState, inputs: dict, input_ids: torch.Tensor,
+                attention_mask: torch.Tensor) -> SelectedCall:
+    """Steps 1-3 -- plan, capture and encode, select -- and the keep-mask over the prompt; ``inputs`` is only read.
+
+    The one path from pixels to records, shared by the wrapped methods (``shrink``) and the dry run (``dry_run``), so
+    a dry run's records are those of the call it stands for.
+    """
+    model, adapter = state.adapter.model, state.adapter
     tower = adapter.tower_info(inputs)
     signals = declared_signals(state, tower)
     has_images = inputs.get("pixel_values") is not None
@@ -341,13 +367,6 @@ def shrink(state: CutState, inputs: dict, with_labels: bool) -> ShrunkInputs:
     else:
         encoded = EncodedImages(output=None, features=[], layouts=[], signals=[])
     videos = adapter.encode_videos(inputs, signals) if has_videos else None
-    encoded.position_inputs.update(adapter.position_inputs(inputs))
-    if mm_token_type_ids is not None:
-        encoded.position_inputs["mm_token_type_ids"] = mm_token_type_ids
-    for key in adapter.encoder_kwargs(inputs):
-        inputs.pop(key, None)
-    for key in adapter.consumed_keys:
-        inputs.pop(key, None)
 
     image_token_id, video_token_id = adapter.image_token_id(), adapter.video_token_id()
     queries = (
@@ -398,6 +417,29 @@ def shrink(state: CutState, inputs: dict, with_labels: bool) -> ShrunkInputs:
     real = attention_mask != 0
     # the batch's old padding goes too: rows are re-padded to the longest kept prompt, not to the old length
     keep = keep.view_as(input_ids) & real
+    lengths = [(int(n), int(k)) for n, k in zip(real.sum(dim=1).tolist(), keep.sum(dim=1).tolist())]
+    return SelectedCall(encoded=encoded, videos=videos, records=records, video_records=image_videos + video_records,
+                        keep=keep, kept_features=kept_features, kept_videos=kept_videos,
+                        kept_video_levels=kept_video_levels, prompt_lengths=lengths, has_images=has_images)
+
+
+def shrink(state: CutState, inputs: dict, with_labels: bool) -> ShrunkInputs:
+    """Steps 1-5: encode, select (``select_call``), and build the shortened inputs for the original method."""
+    model, adapter = state.adapter.model, state.adapter
+    input_ids, attention_mask = _take_prompt(inputs)
+    user_positions = inputs.pop("position_ids", None)
+    mm_token_type_ids = inputs.pop("mm_token_type_ids", None)
+    labels = inputs.pop("labels", None) if with_labels else None
+
+    selected = select_call(state, inputs, input_ids, attention_mask)
+    encoded, videos, keep = selected.encoded, selected.videos, selected.keep
+    encoded.position_inputs.update(adapter.position_inputs(inputs))
+    if mm_token_type_ids is not None:
+        encoded.position_inputs["mm_token_type_ids"] = mm_token_type_ids
+    for key in adapter.encoder_kwargs(inputs):
+        inputs.pop(key, None)
+    for key in adapter.consumed_keys:
+        inputs.pop(key, None)
 
     if user_positions is not None:
         positions = user_positions if user_positions.dim() == 3 else user_positions[None]
@@ -430,16 +472,40 @@ def shrink(state: CutState, inputs: dict, with_labels: bool) -> ShrunkInputs:
         out["labels"] = repack(labels, -100)
     if positions is not None:
         out["position_ids"] = adapter.position_ids(repack(positions, 1), new_mask)
-    mm_outputs = {"image": adapter.shrink_output(encoded, kept_features, records)} if has_images else {}
+    mm_outputs = {}
+    if selected.has_images:
+        mm_outputs["image"] = adapter.shrink_output(encoded, selected.kept_features, selected.records)
     mm_outputs.update(encoded.extra_outputs)
     if videos is not None:
-        mm_outputs["video"] = adapter.shrink_video_output(videos, kept_videos, kept_video_levels)
+        mm_outputs["video"] = adapter.shrink_video_output(videos, selected.kept_videos, selected.kept_video_levels)
     out["mm_encoder_outputs"] = mm_outputs
-    state.records = records
-    state.video_records = image_videos + video_records
-    state.prompt_lengths = [(int(n), int(k)) for n, k in zip(real.sum(dim=1).tolist(), keep.sum(dim=1).tolist())]
+    state.records = selected.records
+    state.video_records = selected.video_records
+    state.prompt_lengths = selected.prompt_lengths
     inputs.update(out)
     return ShrunkInputs(kwargs=inputs, original_input_ids=input_ids, new_length=new_length)
+
+
+def dry_run(state: CutState, inputs: dict) -> SelectionRecords:
+    """The records a wrapped ``generate`` / ``forward`` with ``inputs`` would make, without running the LLM.
+
+    Runs ``select_call`` (vision tower, signal capture, selection) under ``torch.no_grad`` on a copy of ``inputs``;
+    the language model runs only where the selection itself asks it (QuoTA's ``scorer="self"``). The model's state
+    is left as it was: ``last_selection`` / ``last_video_selection`` / ``last_prompt_lengths`` still describe the
+    last wrapped call. Keys other than the processor's outputs (e.g. ``max_new_tokens``) are ignored.
+    """
+    inputs = dict(inputs)
+    if not _has_visual_inputs(inputs):
+        return SelectionRecords(images=[], videos=[], prompt_lengths=_unshrunk_lengths(inputs))
+    input_ids, attention_mask = _take_prompt(inputs)
+    saved = state.records, state.video_records, state.prompt_lengths
+    try:  # a selection that asks the wrapped model (QuoTA's query decoupling) must not leave its call's records
+        with torch.no_grad():
+            selected = select_call(state, inputs, input_ids, attention_mask)
+    finally:
+        state.records, state.video_records, state.prompt_lengths = saved
+    return SelectionRecords(images=selected.records, videos=selected.video_records,
+                            prompt_lengths=selected.prompt_lengths)
 
 
 def _pad_id(model) -> int:

@@ -11,7 +11,24 @@ from dataclasses import dataclass
 import torch
 
 from ..compressor import Compressor, VisualTokens, register
-from ..selection import Selection
+from ..selection import Details, Selection
+
+
+@dataclass(frozen=True)
+class RandomDetails(Details):
+    """``random``: no signals; ``seed`` the generator seed that drew the kept tokens (same seed, same draw)."""
+
+    seed: int
+
+
+@dataclass(frozen=True)
+class PoolDetails(Details):
+    """``pool``: no signals. ``shape``: the ``(r, c)`` adaptive-pooling layout of the grid (``(0, 0)`` when only
+    prefix tokens are kept); ``mode``: ``"mean"`` (merged cell means) or ``"sample"`` (cell centres).
+    ``Selection.groups`` lists each kept cell's members."""
+
+    shape: tuple[int, int]
+    mode: str
 
 
 @register
@@ -20,7 +37,8 @@ class RandomSelection(Compressor):
     """Keep ``k`` tokens drawn uniformly without replacement, from a generator seeded with ``seed``.
 
     The same seed, token count and budget always give the same indices (on every platform: ``torch.randperm``
-    on a CPU generator), so random runs are reproducible baselines rather than noise.
+    on a CPU generator), so random runs are reproducible baselines rather than noise. Records: no scores,
+    ``details`` a ``RandomDetails``.
     """
 
     name = "random"
@@ -29,7 +47,8 @@ class RandomSelection(Compressor):
     def select(self, tokens: VisualTokens, k: int) -> Selection:
         generator = torch.Generator().manual_seed(int(self.seed))
         picked = torch.randperm(tokens.num_tokens, generator=generator)[:k]
-        return Selection(indices=torch.sort(picked).values.to(tokens.features.device))
+        return Selection(indices=torch.sort(picked).values.to(tokens.features.device),
+                         details=RandomDetails(signals=(), seed=int(self.seed)))
 
 
 def pooling_grid(rows: int, cols: int, k: int) -> tuple[int, int]:
@@ -65,7 +84,8 @@ class Pool(Compressor):
     spread over that layout survive. Each surviving cell becomes one token placed at its centre token (so it keeps
     that token's position); ``mode="mean"`` gives it the mean feature of the cell (average pooling, merged),
     ``mode="sample"`` keeps the centre token's own feature (strided downsampling). Prefix tokens before the grid
-    (a CLS kept by LLaVA's "full" strategy) are kept first while the budget allows.
+    (a CLS kept by LLaVA's "full" strategy) are kept first while the budget allows. Records: no scores,
+    ``details`` a ``PoolDetails`` (the pooling layout).
     """
 
     name = "pool"
@@ -81,6 +101,7 @@ class Pool(Compressor):
         k_grid = k - prefix
         indices = list(range(prefix))
         groups = [torch.tensor([i], device=device) for i in range(prefix)]
+        r = c = 0
         if k_grid > 0:
             rows, cols = tokens.grid
             r, c = pooling_grid(rows, cols, k_grid)
@@ -100,4 +121,5 @@ class Pool(Compressor):
         features = None
         if self.mode == "mean":
             features = torch.stack([tokens.features[g].mean(dim=0) for g in groups]).to(tokens.features.dtype)
-        return Selection(indices=index_tensor, features=features, groups=groups)
+        return Selection(indices=index_tensor, features=features, groups=groups,
+                         details=PoolDetails(signals=(), shape=(r, c), mode=self.mode))

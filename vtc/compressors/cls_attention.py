@@ -20,11 +20,22 @@ from dataclasses import dataclass
 import torch
 
 from ..compressor import Compressor, VisualTokens, register, top_k_sorted
-from ..selection import Selection
-from ..signals import Signal, TowerInfo
+from ..selection import Details, Selection
+from ..signals import Signal, SignalKind, TowerInfo
 
 #: VTC-CLS ensembles the 7 layers 16..22 of CLIP-L/14-336 (start layer 16, feature layer 22).
 VTC_CLS_NUM_LAYERS = 7
+
+
+@dataclass(frozen=True)
+class ClsAttentionDetails(Details):
+    """``cls_attention`` / ``fastervlm``: ``signals`` are the layers summed into ``Selection.scores`` (CLS attention,
+    or received attention on towers without CLS, one signal per layer); the kept tokens are its top ``k``."""
+
+    @property
+    def uses_received_attention(self) -> bool:
+        """True when the tower has no CLS token and the documented received-attention fallback was read."""
+        return any(s.kind == SignalKind.RECEIVED_ATTENTION for s in self.signals)
 
 
 def _ensemble(tokens: VisualTokens, signals: tuple[Signal, ...]) -> torch.Tensor:
@@ -43,6 +54,8 @@ class ClsAttention(Compressor):
       start_layer: first layer of the ensemble (negative = from the end); default: the 7 layers ending at the
         feature layer (16..22 on CLIP-L/14-336, as the reference CLI default).
       layers: explicit layers to ensemble instead (overrides ``start_layer``).
+
+    Records: ``Selection.scores`` ``[N]`` the summed attention, ``details`` a ``ClsAttentionDetails`` (the layers).
     """
 
     name = "cls_attention"
@@ -68,8 +81,9 @@ class ClsAttention(Compressor):
         return tuple(tower.attention_signal(layer) for layer in chosen)
 
     def select(self, tokens: VisualTokens, k: int) -> Selection:
-        score = _ensemble(tokens, tuple(tokens.signals))
-        return Selection(indices=top_k_sorted(score, k), scores=score)
+        signals = tuple(tokens.signals)
+        score = _ensemble(tokens, signals)
+        return Selection(indices=top_k_sorted(score, k), scores=score, details=ClsAttentionDetails(signals))
 
 
 @register
@@ -79,6 +93,8 @@ class FasterVLM(Compressor):
 
     Options:
       layer: the vision layer to read (negative = from the end); default the layer the visual tokens come from.
+
+    Records: ``Selection.scores`` ``[N]`` that layer's attention, ``details`` a ``ClsAttentionDetails`` (the layer).
     """
 
     name = "fastervlm"
@@ -88,5 +104,6 @@ class FasterVLM(Compressor):
         return (tower.attention_signal(tower.feature_layer if self.layer is None else self.layer),)
 
     def select(self, tokens: VisualTokens, k: int) -> Selection:
-        score = _ensemble(tokens, tuple(tokens.signals))
-        return Selection(indices=top_k_sorted(score, k), scores=score)
+        signals = tuple(tokens.signals)
+        score = _ensemble(tokens, signals)
+        return Selection(indices=top_k_sorted(score, k), scores=score, details=ClsAttentionDetails(signals))

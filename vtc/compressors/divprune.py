@@ -32,10 +32,22 @@ from dataclasses import dataclass
 import torch
 
 from ..compressor import Compressor, VisualTokens, register
-from ..selection import Selection
+from ..selection import Details, Selection
 
 #: Largest block of similarities (rows x N) materialised while finding the first pick (16 MiB in fp32).
 FIRST_PICK_BLOCK_ELEMENTS = 1 << 22
+
+
+@dataclass(frozen=True)
+class DivPruneDetails(Details):
+    """What DivPrune decided for one image (view / frame); ``signals`` is ``()`` (it reads only the features).
+
+    Fields:
+      pick_order: ``LongTensor [k]`` the kept tokens in the order the greedy picked them (``pick_order[0]`` is the
+        token whose nearest neighbour is farthest); sorted, it is ``Selection.indices``.
+    """
+
+    pick_order: torch.Tensor
 
 
 def _normalised(features: torch.Tensor) -> torch.Tensor:
@@ -116,11 +128,13 @@ class DivPrune(Compressor):
     """DivPrune: keep the ``k`` most mutually diverse tokens (greedy max-min cosine distance of the features).
 
     Text-agnostic and attention-free (no signals). ``Selection.scores`` is each token's distance to the kept set
-    (for kept tokens: at the moment they were picked), see ``divprune_order``.
+    (for kept tokens: at the moment they were picked), see ``divprune_order``; ``details`` a ``DivPruneDetails``
+    (the pick order).
     """
 
     name = "divprune"
 
     def select(self, tokens: VisualTokens, k: int) -> Selection:
         order, scores = divprune_order(tokens.features, k)
-        return Selection(indices=torch.sort(order).values, scores=scores)
+        return Selection(indices=torch.sort(order).values, scores=scores,
+                         details=DivPruneDetails(signals=(), pick_order=order))

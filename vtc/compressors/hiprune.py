@@ -42,7 +42,7 @@ from typing import NamedTuple
 import torch
 
 from ..compressor import Compressor, VisualTokens, register
-from ..selection import Selection
+from ..selection import Details, Selection
 from ..signals import Signal, SignalKind, TowerInfo
 
 #: On CLIP-L/14-336 (24 layers) the reference reads the object layer ``HIPRUNE_OBJECT_LAYER=9`` (1-based) = layer 8;
@@ -87,6 +87,31 @@ class HiPruneParts(NamedTuple):
     def indices(self) -> torch.Tensor:
         """All kept tokens in ascending (original) order."""
         return torch.sort(torch.cat([self.anchors, self.buffers, self.registers])).values
+
+
+@dataclass(frozen=True)
+class HiPruneDetails(Details):
+    """What HiPrune decided for one image (view / frame): ``signals`` are the received attention of the object and
+    the deep layer (one signal when they coincide).
+
+    Fields (indices into the image's ``N`` tokens; ``anchors + buffers + registers`` are exactly the kept tokens):
+      object_layer, deep_layer: the absolute layers that picked the anchors / the registers.
+      anchors: ``LongTensor [N_a]``, ``N_a = round(k * alpha / 5)``, best object-layer score first.
+      buffers: ``LongTensor [<= 4 N_a]``, the anchors' 4-neighbours on the grid, best object-layer score first.
+      registers: ``LongTensor [k - N_a - buffers]``, best deep-layer score first.
+      object_scores: ``[N]`` fp32 received attention of the object layer (``Selection.scores`` is the deep layer's).
+    """
+
+    object_layer: int
+    deep_layer: int
+    anchors: torch.Tensor
+    buffers: torch.Tensor
+    registers: torch.Tensor
+    object_scores: torch.Tensor
+
+    @property
+    def parts(self) -> HiPruneParts:
+        return HiPruneParts(anchors=self.anchors, buffers=self.buffers, registers=self.registers)
 
 
 def _stable_desc(scores: torch.Tensor) -> torch.Tensor:
@@ -167,8 +192,8 @@ class HiPrune(Compressor):
     The object layer must not be deeper than the deep layer (``signals`` raises otherwise); when both are the same
     layer a single signal is captured and serves both roles.
 
-    ``Selection.scores`` is the deep-layer received attention (what the registers are ranked by); the split into
-    anchors / buffers / registers is available from ``hiprune_parts``.
+    ``Selection.scores`` is the deep-layer received attention (what the registers are ranked by); ``details`` is a
+    ``HiPruneDetails``: the two layers, anchors / buffers / registers and the object-layer scores.
     """
 
     name = "hiprune"
@@ -203,7 +228,7 @@ class HiPrune(Compressor):
         return (Signal(SignalKind.RECEIVED_ATTENTION, obj), Signal(SignalKind.RECEIVED_ATTENTION, deep))
 
     @staticmethod
-    def _scores(tokens: VisualTokens) -> tuple[torch.Tensor, torch.Tensor]:
+    def _received(tokens: VisualTokens) -> tuple[Signal, Signal]:
         # signals() guarantees object <= deep, so the shallower received-attention signal is the object layer;
         # with a single one (object == deep) both roles read it
         received = sorted((s for s in tokens.signals if s.kind == SignalKind.RECEIVED_ATTENTION),
@@ -213,11 +238,15 @@ class HiPrune(Compressor):
             raise KeyError(f"hiprune needs received-attention signals (declare them with signals()); captured: {have}")
         if len(received) > 2:
             raise ValueError(f"hiprune reads at most 2 received-attention layers, got {', '.join(map(str, received))}")
-        return tokens.signal(received[0]), tokens.signal(received[-1])
+        return received[0], received[-1]
 
     def select(self, tokens: VisualTokens, k: int) -> Selection:
-        object_score, deep_score = self._scores(tokens)
+        obj, deep = self._received(tokens)
         device = tokens.features.device
-        parts = hiprune_parts(object_score.to(device), deep_score.to(device), tokens.grid, k, alpha=self.alpha,
+        object_score, deep_score = tokens.signal(obj).to(device), tokens.signal(deep).to(device)
+        parts = hiprune_parts(object_score, deep_score, tokens.grid, k, alpha=self.alpha,
                               num_prefix_tokens=tokens.num_prefix_tokens)
-        return Selection(indices=parts.indices(), scores=deep_score.to(device))
+        details = HiPruneDetails(signals=tuple(dict.fromkeys((obj, deep))), object_layer=obj.layer,
+                                 deep_layer=deep.layer, anchors=parts.anchors, buffers=parts.buffers,
+                                 registers=parts.registers, object_scores=object_score.float().reshape(-1))
+        return Selection(indices=parts.indices(), scores=deep_score, details=details)

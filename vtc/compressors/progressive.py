@@ -70,7 +70,9 @@ frame's base share ``B * w_t / sum(w)`` before rounding and caps. ``extra``: ``n
 causal pass), ``handed_back``, ``merged`` (same-frame), ``folded`` (cross-frame, forced ones included), ``forced``,
 ``base_budget``, ``carried_in`` (pool before the frame), ``folded_into`` (``{token: (frame, index)}``: the output
 token each cross-frame-folded token of this frame ended in), ``absorbed_later`` (``LongTensor [kept]``: tokens of
-later frames folded into each output token) and ``dropped`` (token indices, normally empty).
+later frames folded into each output token) and ``dropped`` (token indices, normally empty). Typed:
+``VideoSelection.details`` is a ``ProgressiveDetails`` (per frame: keyframe, novelty mass, relevance and the budget
+flow); each frame's ``selection.details`` a plain ``Details`` naming the saliency signals it read.
 
 *Cost.* Per frame one ``[n_t, |memory|]`` similarity (``|memory| <= window * n``, computed in row blocks) and the
 greedy's ``O(s_t * n_t * D)`` mat-vecs: ``O(T * n * window * n * D)`` time in all. Memory: fp32 copies of the
@@ -89,7 +91,7 @@ import torch.nn.functional as F
 
 from ..allocation import split_budget
 from ..compressor import VisualTokens, register
-from ..selection import Selection
+from ..selection import Details, Selection
 from ..signals import Signal, SignalKind, TowerInfo
 from ..video import FrameRecord, VideoCompressor, VideoSelection, VideoTokens
 from .divprune import nearest_neighbour_distance
@@ -102,6 +104,36 @@ NOVELTY_BLOCK_ELEMENTS = 1 << 22
 _SALIENCY_KINDS = (SignalKind.CLS_ATTENTION, SignalKind.RECEIVED_ATTENTION)
 # token states of the causal pass
 _KEPT, _MERGED, _FOLDED, _FORCED, _DROPPED = 0, 1, 2, 3, 4
+
+
+@dataclass(frozen=True)
+class ProgressiveDetails(Details):
+    """What the progressive pass decided for one video (``VideoSelection.details``); ``signals`` are the saliency
+    signals the frames read (CLS / received attention of the feature layer; ``()`` when the frames carry none).
+
+    Fields (one entry per frame, time order; see the module doc, steps 1, 5 and 6):
+      keyframes: whether the frame starts a scene (memory reset, boosted budget).
+      novelty_mass: ``M_t = sum_i nu_i`` (``FrameRecord.score``).
+      relevance: ``q_t`` in [0, 1] when the query term is on (``query_weight > 0`` and a query), else ``None``.
+      base_budgets: the frame's share of the video budget before carry-forward.
+      carried_in: unspent budget of earlier frames available to it.
+      spent: tokens picked in the causal pass (``min(base + carried_in, novel tokens)``).
+      handed_back: tokens it got back from the budget left after the last frame.
+    Every frame keeps ``spent + handed_back`` tokens; token-level bookkeeping (folds, drops) is in
+    ``FrameRecord.extra``.
+    """
+
+    keyframes: tuple[bool, ...]
+    novelty_mass: tuple[float, ...]
+    relevance: tuple[float, ...] | None
+    base_budgets: tuple[int, ...]
+    carried_in: tuple[int, ...]
+    spent: tuple[int, ...]
+    handed_back: tuple[int, ...]
+
+
+def _saliency_signals(frame: VisualTokens) -> tuple[Signal, ...]:
+    return tuple(s for s in frame.signals if SignalKind(s.kind) in _SALIENCY_KINDS)
 
 
 def _real(value, name: str) -> float:
@@ -314,7 +346,8 @@ class Progressive(VideoCompressor):
             frame_coef = coef[offsets[t]:offsets[t] + sizes[t]]
             selection = Selection(indices=kept, features=features[t][kept].to(dtype), groups=groups,
                                   scores=scores[t],
-                                  weights=tuple(frame_coef[g].to(torch.float32) for g in groups) if exact else None)
+                                  weights=tuple(frame_coef[g].to(torch.float32) for g in groups) if exact else None,
+                                  details=Details(signals=_saliency_signals(frame)))
             cross = ((root_f >= 0) & (root_f < t)).nonzero().flatten()
             folded_into = {int(i): (int(root_f[i]), int(root_i[i])) for i in cross.tolist()}
             extra = {
@@ -333,7 +366,14 @@ class Progressive(VideoCompressor):
             share = total * weights[t] / weight_sum if weight_sum > 0 else 0.0
             records.append(FrameRecord(frame=t, budget=int(kept.numel()), selection=selection, score=mass[t],
                                        weight=share, keyframe=keyframes[t], extra=extra))
-        return VideoSelection(records, budget=total, flat_groups=flat_groups, flat_weights=flat_weights)
+        signals = tuple(dict.fromkeys(s for frame in frames for s in _saliency_signals(frame)))
+        details = ProgressiveDetails(signals=signals, keyframes=tuple(bool(k) for k in keyframes),
+                                     novelty_mass=tuple(mass), relevance=None if relevance is None else tuple(
+                                         float(q) for q in relevance), base_budgets=tuple(int(b) for b in base),
+                                     carried_in=tuple(int(c) for c in carried_in), spent=tuple(int(x) for x in spent),
+                                     handed_back=tuple(int(h) for h in handed))
+        return VideoSelection(records, budget=total, flat_groups=flat_groups, flat_weights=flat_weights,
+                              details=details)
 
     # ------------------------------------------------------------------------------------------------ helpers
     def _keyframes(self, frames: list[VisualTokens]) -> list[bool]:

@@ -76,7 +76,10 @@ frame is reduced to its share on its own grid:
 
 Each ``FrameRecord`` carries ``score`` (the smoothed relevance that drove the budget), ``weight`` (``w_t``) and
 ``extra``: ``"raw_score"`` (before smoothing), and for resize / pool ``"shape"`` (``(h, w)``, ``(0, 0)`` for a
-dropped frame) and ``"leftover"`` (the original tokens added to reach the exact budget).
+dropped frame) and ``"leftover"`` (the original tokens added to reach the exact budget). The same, typed:
+``VideoSelection.details`` is a ``QuotaDetails`` (per-frame raw and smoothed scores, weights, budgets) and each
+frame's ``selection.details`` a ``ResizeDetails`` (resize / pool: shape and leftover tokens) or the ``within``
+compressor's own details.
 
 Deviations from QuoTA, all deliberate: exact budgets (QuoTA floors ``N_t * w_t`` and keeps ``h * w`` of them);
 per-frame cap at the native size; optional floor and smoothing; no CoT query decoupling or second VLM in the core
@@ -96,12 +99,53 @@ import torch.nn.functional as F
 
 from ..allocation import water_fill
 from ..compressor import VisualTokens, create_compressor, get_compressor_class, register, run_compressor, top_k_sorted
-from ..selection import Selection
+from ..selection import Details, Selection
 from ..signals import Signal, TowerInfo
-from ..video import FrameRecord, VideoCompressor, VideoSelection, VideoTokens
+from ..video import FrameRecord, VideoCompressor, VideoSelection, VideoTokens, frame_signals
 
 SCORERS = ("similarity", "self", "uniform")
 GRID_MODES = ("resize", "pool")
+
+
+# ==================================================================================================== records
+@dataclass(frozen=True)
+class ResizeDetails(Details):
+    """One frame reduced by ``reduce_grid`` (``within="resize"`` / ``"pool"``); no signals.
+
+    Fields:
+      mode: ``"resize"`` (bilinear) or ``"pool"`` (adaptive average pooling).
+      shape: ``(h, w)`` of the resized grid (the frame's own grid when it is kept whole, ``(0, 0)`` when only
+        prefix tokens or nothing are kept).
+      leftover: ``LongTensor [b - prefix - h * w]`` the original tokens added to reach the exact budget (those
+        the resized grid reconstructs worst), ascending.
+    """
+
+    mode: str
+    shape: tuple[int, int]
+    leftover: torch.Tensor
+
+
+@dataclass(frozen=True)
+class QuotaDetails(Details):
+    """What QuoTA decided for one video (``VideoSelection.details``); ``signals`` are those the frames' selections
+    read (``within=`` an image compressor), else ``()``.
+
+    Fields (one entry per frame, time order; float64 on the CPU):
+      scorer, within: the options that produced them.
+      scored: ``False`` for a one-frame video (its frame takes the whole budget; the scores are then 1).
+      raw_scores: ``[T]`` relevance ``s_t`` in [0, 1] from the scorer, before smoothing.
+      scores: ``[T]`` smoothed relevance ``s~_t`` (what drove the budgets; ``FrameRecord.score``).
+      weights: ``[T]`` ``w_t = s~_t ** gamma / sum`` (``FrameRecord.weight``).
+      budgets: ``T`` ints, tokens each frame was allotted (they sum to the video budget; 0: dropped).
+    """
+
+    scorer: str
+    within: str
+    scored: bool
+    raw_scores: torch.Tensor
+    scores: torch.Tensor
+    weights: torch.Tensor
+    budgets: tuple[int, ...]
 
 
 # ==================================================================================================== pure functions
@@ -186,11 +230,14 @@ def reduce_grid(tokens: VisualTokens, budget: int, mode: str = "resize") -> tupl
     device = tokens.features.device
     n = tokens.num_tokens
     budget = max(0, min(int(budget), n))
+    no_leftover = torch.zeros(0, dtype=torch.long, device=device)
     if budget == 0:
-        return Selection(indices=torch.zeros(0, dtype=torch.long, device=device)), (0, 0)
+        details = ResizeDetails(signals=(), mode=mode, shape=(0, 0), leftover=no_leftover)
+        return Selection(indices=no_leftover, details=details), (0, 0)
     rows, cols = tokens.grid
     if budget == n:  # nothing to reduce: keep the frame as it is
-        return Selection(indices=torch.arange(n, device=device)), (rows, cols)
+        details = ResizeDetails(signals=(), mode=mode, shape=(rows, cols), leftover=no_leftover)
+        return Selection(indices=torch.arange(n, device=device), details=details), (rows, cols)
     prefix = min(tokens.num_prefix_tokens, budget)
     b_grid = budget - prefix
     base = tokens.num_prefix_tokens
@@ -201,6 +248,7 @@ def reduce_grid(tokens: VisualTokens, budget: int, mode: str = "resize") -> tupl
     coefficients: list[list[float]] = [[1.0] for _ in range(prefix)]  # merge weights over ``members``
     feats: list[torch.Tensor] = [tokens.features[:prefix]]
     h, w = quota_shape(b_grid, (rows, cols))
+    extra_index: list[int] = []
     if h * w > 0:
         work = dtype if dtype in (torch.float32, torch.float64) else torch.float32
         grid = tokens.features[base:base + rows * cols].to(work).reshape(rows, cols, -1).permute(2, 0, 1)[None]
@@ -219,7 +267,6 @@ def reduce_grid(tokens: VisualTokens, budget: int, mode: str = "resize") -> tupl
         # the separable taps: weight of source (r, c) in cell (i, j) is row weight x column weight
         cell_weights = [[a * b for a in row_sup[i][1] for b in col_sup[j][1]] for i in range(h) for j in range(w)]
         leftover = b_grid - h * w
-        extra_index: list[int] = []
         if leftover > 0:  # the original tokens the resized grid reconstructs worst, excluding the cells' slots
             recon = F.interpolate(out, size=(rows, cols), mode="bilinear", align_corners=False)
             residual = (grid - recon)[0].permute(1, 2, 0).reshape(rows * cols, -1).float().norm(dim=-1)
@@ -240,7 +287,10 @@ def reduce_grid(tokens: VisualTokens, budget: int, mode: str = "resize") -> tupl
     weights = torch.split(torch.tensor([c for group in coefficients for c in group], dtype=torch.float32,
                                        device=device), [len(group) for group in members])
     features = torch.cat([f.to(dtype) for f in feats])
-    return Selection(indices=index_tensor, features=features, groups=tuple(groups), weights=tuple(weights)), (h, w)
+    details = ResizeDetails(signals=(), mode=mode, shape=(h, w),
+                            leftover=torch.tensor(sorted(extra_index), dtype=torch.long, device=device))
+    return Selection(indices=index_tensor, features=features, groups=tuple(groups), weights=tuple(weights),
+                     details=details), (h, w)
 
 
 # ==================================================================================================== the compressor
@@ -382,4 +432,7 @@ class Quota(VideoCompressor):
             records.append(FrameRecord(frame=i, budget=b, selection=selection,
                                        score=float(smoothed[i]) if scored else None,
                                        weight=float(weights[i]), extra=extra))
-        return VideoSelection(records, budget=sum(budgets))
+        details = QuotaDetails(signals=frame_signals(records), scorer=self.scorer, within=self.within, scored=scored,
+                               raw_scores=raw.double().cpu(), scores=smoothed.double().cpu(),
+                               weights=weights.double().cpu(), budgets=tuple(int(b) for b in budgets))
+        return VideoSelection(records, budget=sum(budgets), details=details)

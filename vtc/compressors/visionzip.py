@@ -56,7 +56,7 @@ import torch
 import torch.nn.functional as F
 
 from ..compressor import Compressor, VisualTokens, register, top_k_sorted
-from ..selection import Selection
+from ..selection import Details, Selection
 from ..signals import Signal, SignalKind, TowerInfo
 
 #: The paper's split for 64 tokens (README ``visionzip(model, dominant=54, contextual=10)``); 128 = 108+20 and
@@ -67,6 +67,23 @@ DEFAULT_CONTEXTUAL = 10
 MERGE_MODES = ("mean", "target_plus_mean")
 
 _ATTENTION_KINDS = (SignalKind.CLS_ATTENTION, SignalKind.RECEIVED_ATTENTION)
+
+
+@dataclass(frozen=True)
+class VisionZipDetails(Details):
+    """What VisionZip decided for one image (view / frame): ``signals`` are the attention and the keys of its layer.
+
+    Fields (indices into the image's ``N`` tokens, ascending; together exactly ``Selection.indices``, so
+    ``D + C = k``):
+      dominant: ``LongTensor [D]`` tokens kept as they are (prefix tokens first), the top ``Selection.scores``.
+      contextual: ``LongTensor [C]`` the cluster targets, whose slots hold the merged contextual tokens
+        (``Selection.groups`` of those slots list each cluster's members).
+      merge: the merge rule used (``"mean"`` or ``"target_plus_mean"``).
+    """
+
+    dominant: torch.Tensor
+    contextual: torch.Tensor
+    merge: str
 
 
 def _check_count(name: str, value) -> None:
@@ -89,6 +106,9 @@ class VisionZip(Compressor):
         target + mean of members).
       layer: the vision layer whose attention and keys are read (negative = from the end); default the feature
         layer (22 on CLIP-L/14-336, the last block on Qwen2.5-VL).
+
+    Records: ``Selection.scores`` ``[N]`` the attention that ranks the dominant tokens, ``details`` a
+    ``VisionZipDetails`` (layer, dominant and contextual tokens).
     """
 
     name = "visionzip"
@@ -112,13 +132,13 @@ class VisionZip(Compressor):
         layer = tower.layer_index(tower.feature_layer if self.layer is None else self.layer)
         return (tower.attention_signal(layer), Signal(SignalKind.KEYS, layer))
 
-    def _find(self, tokens: VisualTokens, kinds: tuple[SignalKind, ...], what: str) -> torch.Tensor:
+    def _find(self, tokens: VisualTokens, kinds: tuple[SignalKind, ...], what: str) -> Signal:
         """The captured signal of one of ``kinds`` (select() is not told the tower, so match by kind)."""
         found = [s for s in tokens.signals if s.kind in kinds]
         if self.layer is not None and self.layer >= 0:
             found = [s for s in found if s.layer == self.layer]
         if len(found) == 1:
-            return tokens.signal(found[0])
+            return found[0]
         have = ", ".join(map(str, tokens.signals)) or "none"
         if not found:
             raise KeyError(f"visionzip needs the {what} signal, which was not captured (captured: {have})")
@@ -154,7 +174,8 @@ class VisionZip(Compressor):
         device = tokens.features.device
         n = tokens.num_tokens
         prefix = min(tokens.num_prefix_tokens, n)
-        score = self._find(tokens, _ATTENTION_KINDS, "attention (cls_attention or received_attention)").to(device)
+        attention = self._find(tokens, _ATTENTION_KINDS, "attention (cls_attention or received_attention)")
+        score = tokens.signal(attention).to(device)
         dominant_count, contextual_count = self.split(k, n, prefix)
         arange = torch.arange(n, device=device)
         singletons = lambda idx: tuple(idx.view(-1, 1).unbind(0))  # noqa: E731
@@ -164,9 +185,12 @@ class VisionZip(Compressor):
         top = top_k_sorted(score[prefix:], dominant_count - kept_prefix) + prefix
         dominant = torch.cat([arange[:kept_prefix], top.to(device)])
         if contextual_count == 0:
-            return Selection(indices=dominant, groups=singletons(dominant), scores=score)
+            details = VisionZipDetails(signals=(attention,), dominant=dominant, contextual=dominant[:0],
+                                       merge=self.merge)
+            return Selection(indices=dominant, groups=singletons(dominant), scores=score, details=details)
 
-        keys = self._find(tokens, (SignalKind.KEYS,), "keys").to(device)
+        key_signal = self._find(tokens, (SignalKind.KEYS,), "keys")
+        keys = tokens.signal(key_signal).to(device)
         is_dominant = torch.zeros(n, dtype=torch.bool, device=device)
         is_dominant[dominant] = True
         remaining = arange[~is_dominant]  # R, original order
@@ -205,4 +229,7 @@ class VisionZip(Compressor):
         order = torch.sort(owner, stable=True).indices  # grouped by slot, ascending token index inside a group
         sizes = torch.bincount(owner, minlength=indices.numel()).tolist()
         groups = tuple(torch.split(arange[order], sizes))
-        return Selection(indices=indices, features=out.to(tokens.features.dtype), groups=groups, scores=score)
+        details = VisionZipDetails(signals=(attention, key_signal), dominant=dominant, contextual=targets,
+                                   merge=self.merge)
+        return Selection(indices=indices, features=out.to(tokens.features.dtype), groups=groups, scores=score,
+                         details=details)
