@@ -1,8 +1,11 @@
 """vtc for Hugging Face transformers (5.x): per-instance, reversible wrapping of a VLM's generate/forward.
 
 Like PEFT, wrapping touches only the given model instance: ``generate`` and ``forward`` become instance attributes
-that delegate to the class methods, and ``remove`` deletes them again, so the class and every other instance stay
-untouched and the model is bit-identical to before. Hooks exist only during a wrapped call.
+(``cut.WrappedMethod``) around whatever the instance resolved them to -- the class methods, or an instance-level
+``forward`` already there, such as accelerate's hook from ``device_map=`` / ``dispatch_model`` / ``cpu_offload`` --
+and ``remove`` puts exactly that back, so the class and every other instance stay untouched and the model is
+bit-identical to before. Hooks exist only during a wrapped call. ``copy.deepcopy`` and pickling carry the wrapping
+to the copy, bound to the copy's own weights and selection records.
 """
 
 from __future__ import annotations
@@ -14,9 +17,8 @@ from vtc.selection import ImageSelection, SelectionRecords
 from vtc.video import VideoRecord
 
 from .adapter import FamilyAdapter, adapter_for, supported_families
-from .cut import CutState, wrap_forward, wrap_generate
-
-_STATE_ATTR = "_vtc_state"
+from .cut import STATE_ATTR as _STATE_ATTR
+from .cut import CutState, unwrap, wrap
 _INTEGRATION_OPTIONS = ("positions", "allocation", "video_budget", "processor", "decouple_query", "images_as_video")
 
 
@@ -73,26 +75,19 @@ def apply(model, compressor="cls_attention", budget: Budget = 64, **options):
         compressor=compressor_obj,
         budget=budget,
         positions=positions,
-        original_generate=model.generate,
-        original_forward=model.forward,
         allocation=allocation,
         video_budget=video_budget,
         frame_scorer=frame_scorer,
         images_as_video=images_as_video,
     )
-    setattr(model, _STATE_ATTR, state)
-    model.generate = wrap_generate(state)
-    model.forward = wrap_forward(state)
+    wrap(model, state)
     return model
 
 
 def remove(model):
     """Undo ``apply`` (a no-op on a model that is not wrapped); returns the model."""
-    if not is_applied(model):
-        return model
-    for name in ("generate", "forward", _STATE_ATTR):
-        if name in model.__dict__:
-            delattr(model, name)
+    if is_applied(model):
+        unwrap(model)
     return model
 
 

@@ -22,8 +22,8 @@ Steps (1)-(3), and the keep-mask over the prompt, are ``select_call``: the one c
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import functools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,8 +47,6 @@ class CutState:
     compressor: Compressor
     budget: Budget
     positions: str
-    original_generate: Any
-    original_forward: Any
     records: list[ImageSelection] = field(default_factory=list)
     #: how an AnyRes image's budget is split over its views (multi-view families only)
     allocation: Allocation = field(default_factory=Even)
@@ -69,6 +67,28 @@ class ShrunkInputs:
     kwargs: dict
     original_input_ids: torch.Tensor
     new_length: int
+
+
+@contextlib.contextmanager
+def offloaded_weights_loaded(model):
+    """Load accelerate-offloaded weights that vtc's encoder calls need, for the duration of the block.
+
+    With accelerate offloading (``cpu_offload``, ``"cpu"`` / ``"disk"`` entries of a ``device_map``) a module's own
+    weights are loaded only inside its own ``forward``. vtc calls ``model.model.get_image_features`` and the input
+    embeddings outside that forward, so parameters held by the model or its direct children (LLaVA-NeXT's
+    ``image_newline``, or a whole offloaded ``model.model`` block) would still be on the meta device. Their hooks
+    load them here and offload them again on exit; without accelerate, or without offloading, this does nothing.
+    """
+    try:
+        from accelerate.utils import align_module_device, has_offloaded_params
+    except ImportError:  # accelerate not installed: nothing can be offloaded
+        yield
+        return
+    with contextlib.ExitStack() as stack:
+        for module in (model, *model.children()):
+            if has_offloaded_params(module):
+                stack.enter_context(align_module_device(module))
+        yield
 
 
 def _embed_query(model, input_ids: torch.Tensor, mask: torch.Tensor, placeholder_ids) -> list[torch.Tensor]:
@@ -362,17 +382,17 @@ def select_call(state: CutState, inputs: dict, input_ids: torch.Tensor,
     signals = declared_signals(state, tower)
     has_images = inputs.get("pixel_values") is not None
     has_videos = inputs.get("pixel_values_videos") is not None
-    if has_images:
-        encoded = adapter.encode(inputs, signals)
-    else:
-        encoded = EncodedImages(output=None, features=[], layouts=[], signals=[])
-    videos = adapter.encode_videos(inputs, signals) if has_videos else None
-
     image_token_id, video_token_id = adapter.image_token_id(), adapter.video_token_id()
-    queries = (
-        _embed_query(model, input_ids, attention_mask, (image_token_id, video_token_id))
-        if state.compressor.uses_query else None
-    )
+    with offloaded_weights_loaded(model):
+        if has_images:
+            encoded = adapter.encode(inputs, signals)
+        else:
+            encoded = EncodedImages(output=None, features=[], layouts=[], signals=[])
+        videos = adapter.encode_videos(inputs, signals) if has_videos else None
+        queries = (
+            _embed_query(model, input_ids, attention_mask, (image_token_id, video_token_id))
+            if state.compressor.uses_query else None
+        )
     text_ids = None  # per row: the prompt's text tokens, for a scorer that asks the model about the frames
     if getattr(state.compressor, "needs_frame_scores", False):
         placeholders = torch.tensor([i for i in (image_token_id, video_token_id) if i is not None])
@@ -543,41 +563,110 @@ def _unshrunk_lengths(inputs: dict) -> list[tuple[int, int]]:
     return [(int(n), int(n)) for n in lengths]
 
 
-def wrap_generate(state: CutState):
-    original = state.original_generate
-
-    @functools.wraps(original)
-    def generate(*args, **kwargs):
-        inputs = _bind(original, args, kwargs)
-        if not _has_visual_inputs(inputs):
-            state.records, state.video_records = [], []
-            state.prompt_lengths = _unshrunk_lengths(inputs)
-            return original(**inputs)
-        shrunk = shrink(state, inputs, with_labels=False)
-        output = original(**shrunk.kwargs)
-        sequences = output if isinstance(output, torch.Tensor) else output.sequences
-        # callers slice the answer off at len(prompt): give them back their own prompt ids
-        prompt = shrunk.original_input_ids.to(sequences.device)
-        if sequences.shape[0] != prompt.shape[0]:  # num_return_sequences / beams expand each prompt in place
-            prompt = prompt.repeat_interleave(sequences.shape[0] // prompt.shape[0], dim=0)
-        restored = torch.cat([prompt, sequences[:, shrunk.new_length :]], dim=1)
-        if isinstance(output, torch.Tensor):
-            return restored
-        output.sequences = restored
-        return output
-
-    return generate
+#: the instance attribute holding a wrapped model's ``CutState``
+STATE_ATTR = "_vtc_state"
 
 
-def wrap_forward(state: CutState):
-    original = state.original_forward
+def run_generate(state: CutState, original, args: tuple, kwargs: dict):
+    """A wrapped ``generate``: shrink the prompt, run ``original``, hand back the caller's own prompt ids."""
+    inputs = _bind(original, args, kwargs)
+    if not _has_visual_inputs(inputs):
+        state.records, state.video_records = [], []
+        state.prompt_lengths = _unshrunk_lengths(inputs)
+        return original(**inputs)
+    shrunk = shrink(state, inputs, with_labels=False)
+    output = original(**shrunk.kwargs)
+    sequences = output if isinstance(output, torch.Tensor) else output.sequences
+    # callers slice the answer off at len(prompt): give them back their own prompt ids
+    prompt = shrunk.original_input_ids.to(sequences.device)
+    if sequences.shape[0] != prompt.shape[0]:  # num_return_sequences / beams expand each prompt in place
+        prompt = prompt.repeat_interleave(sequences.shape[0] // prompt.shape[0], dim=0)
+    restored = torch.cat([prompt, sequences[:, shrunk.new_length :]], dim=1)
+    if isinstance(output, torch.Tensor):
+        return restored
+    output.sequences = restored
+    return output
 
-    @functools.wraps(original)
-    def forward(*args, **kwargs):
-        inputs = _bind(original, args, kwargs)
-        if not _has_visual_inputs(inputs):
-            return original(**inputs)
-        shrunk = shrink(state, inputs, with_labels=True)
-        return original(**shrunk.kwargs)
 
-    return forward
+def run_forward(state: CutState, original, args: tuple, kwargs: dict):
+    """A wrapped ``forward``: shrink the prompt (and labels), run ``original``."""
+    inputs = _bind(original, args, kwargs)
+    if not _has_visual_inputs(inputs):
+        return original(**inputs)
+    return original(**shrink(state, inputs, with_labels=True).kwargs)
+
+
+_RUNNERS = {"generate": run_generate, "forward": run_forward}
+
+
+class WrappedMethod:
+    """vtc's ``generate`` / ``forward`` on one model instance (``model.__dict__[name]``).
+
+    It keeps what ``model.<name>`` resolved to before ``apply``: an instance attribute already there (accelerate's
+    hooked ``forward`` from ``device_map=`` / ``dispatch_model`` / ``cpu_offload`` / ``add_hook_to_module``, another
+    wrapper) or, when there was none, the class method, looked up at call time. ``unwrap`` puts exactly that back.
+
+    Why a small object and not a closure: its references (model, state, previous method) are plain attributes, so
+    ``copy.deepcopy(model)`` and pickling (``torch.save(model)``) rebind them to the copy -- a copy runs its own
+    weights and records its own selections -- where a closure would keep calling the original instance.
+
+    It acts only while its state is the model's state; after ``vtc.remove`` (or a new ``apply``) it is a pure
+    pass-through, so a wrapper installed on top of vtc's after ``apply`` (which keeps a reference to it) still
+    behaves exactly as what vtc wrapped.
+    """
+
+    def __init__(self, model, state: CutState, name: str):
+        self.model, self.state, self.name = model, state, name
+        self.has_previous = name in model.__dict__
+        self.previous = model.__dict__.get(name)
+        self.__name__ = name
+
+    @property
+    def original(self):
+        """What this wrapper calls: the method ``model.<name>`` resolved to before ``apply``."""
+        if self.has_previous:
+            return self.previous
+        return getattr(type(self.model), self.name).__get__(self.model, type(self.model))
+
+    @property
+    def __wrapped__(self):  # inspect.signature(model.forward) and friends see the original method
+        return self.original
+
+    @property
+    def active(self) -> bool:
+        return self.model.__dict__.get(STATE_ATTR) is self.state
+
+    def __call__(self, *args, **kwargs):
+        if not self.active:
+            return self.original(*args, **kwargs)
+        return _RUNNERS[self.name](self.state, self.original, args, kwargs)
+
+    def unwrap(self) -> None:
+        """Put back what ``model.<name>`` was before ``apply``: re-set an instance attribute, or delete ours."""
+        if self.has_previous:
+            setattr(self.model, self.name, self.previous)
+        else:
+            delattr(self.model, self.name)
+
+    def __repr__(self) -> str:
+        return f"<vtc-wrapped {self.name} of {type(self.model).__name__} ({self.state.compressor.name})>"
+
+
+def wrap(model, state: CutState) -> None:
+    """Install ``state`` and vtc's ``generate`` / ``forward`` on ``model`` (instance attributes only)."""
+    wrappers = {name: WrappedMethod(model, state, name) for name in _RUNNERS}
+    setattr(model, STATE_ATTR, state)
+    for name, wrapper in wrappers.items():
+        setattr(model, name, wrapper)
+
+
+def unwrap(model) -> None:
+    """Undo ``wrap``: each of vtc's methods still in place is replaced by what it wrapped. A vtc method that was
+    wrapped again after ``apply`` (it is no longer the instance attribute) stays inside that wrapper as a
+    pass-through, so the outer wrapper keeps working."""
+    state = model.__dict__.get(STATE_ATTR)
+    for name in _RUNNERS:
+        current = model.__dict__.get(name)
+        if isinstance(current, WrappedMethod) and current.state is state:
+            current.unwrap()
+    delattr(model, STATE_ATTR)
