@@ -285,9 +285,9 @@ class HiRED(Allocation):
     Options:
       alpha: the base view's share of the budget (default 0.5, the paper's).
       layer: the "initial" ViT layer whose CLS attention (received attention on towers without CLS) allocates the
-        crops' budget (reference ``vit_top_layer = 0``).
-      rule: ``"paper"`` (region sums over spatially corresponding base tokens, Eq. 1) or ``"code"`` (the reference's
-        counts of top tokens per row band).
+        crops' budget (default 0, the reference's ``vit_top_layer``).
+      rule: ``"paper"`` (default: region sums over spatially corresponding base tokens, Eq. 1) or ``"code"`` (the
+        reference's counts of top tokens per row band).
     """
 
     name = "hired"
@@ -320,9 +320,10 @@ class GlobalCom2(Allocation):
       tau: softmax temperature over the crops' region scores (default 10, the paper's).
       layer: the ViT layer whose CLS logits score the tokens; default the last layer (reference: layer 23 of
         CLIP-L, not the feature layer).
-      regions: how base tokens are assigned to crops for the region scores: ``"blocks"`` (reference: equal blocks
-        of the base grid), ``"spatial"`` (as HiRED's paper, padding-aware).
-      select: ``"guided"`` (GlobalCom² picks the tokens) or ``"compressor"`` (only its budgets are used).
+      regions: how base tokens are assigned to crops for the region scores: ``"blocks"`` (default, the reference:
+        equal blocks of the base grid) or ``"spatial"`` (as HiRED's paper, padding-aware).
+      select: ``"guided"`` (default, the paper: GlobalCom² picks the tokens) or ``"compressor"`` (only its budgets
+        are used).
     """
 
     name = "globalcom2"

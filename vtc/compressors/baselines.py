@@ -37,7 +37,8 @@ class RandomSelection(Compressor):
     """Keep ``k`` tokens drawn uniformly without replacement (docs/methods/random.md).
 
     Options:
-      seed: generator seed (default 0); the same seed, ``N`` and ``k`` give the same indices on every platform.
+      seed: generator seed (default 0, vtc's choice); the same seed, ``N`` and ``k`` give the same indices
+        on every platform.
 
     Records: no scores, ``details`` a ``RandomDetails``.
     """
@@ -82,8 +83,8 @@ class Pool(Compressor):
     """Uniform spatial pooling of the token grid down to ``k`` cells, each at its centre token (docs/methods/pool.md).
 
     Options:
-      mode: ``"mean"`` (default: cell means, merged; average pooling) or ``"sample"`` (the centre token's own
-        feature; strided downsampling).
+      mode: ``"mean"`` (default: cell means, merged -- the average pooling papers compare against) or
+        ``"sample"`` (the centre token's own feature; strided downsampling).
 
     Records: no scores, ``groups`` each kept cell's members, ``details`` a ``PoolDetails`` (the pooling layout).
     """

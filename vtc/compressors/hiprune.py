@@ -149,10 +149,10 @@ class HiPrune(Compressor):
     """HiPrune: anchors (object-layer attention) + their grid neighbours + registers (docs/methods/hiprune.md).
 
     Options:
-      object_layer: layer whose received attention picks the anchors (negative = from the end); default per tower,
-        see ``default_layers`` (8 on CLIP-L/14-336, block 15 on Qwen2.5-VL).
-      deep_layer: layer whose received attention picks the registers; default the feature layer (22 on
-        CLIP-L/14-336) or the last full-attention block (31 on Qwen2.5-VL).
+      object_layer: layer whose received attention picks the anchors (negative = from the end); default per tower
+        as the reference code, see ``default_layers`` (8 on CLIP-L/14-336, block 15 on Qwen2.5-VL).
+      deep_layer: layer whose received attention picks the registers; default as the reference code: the feature
+        layer (22 on CLIP-L/14-336) or the last full-attention block (31 on Qwen2.5-VL).
       alpha: share of the budget for anchors + buffers; ``round(k * alpha / 5)`` anchors (default 0.1, the
         reference code's).
 

@@ -58,11 +58,12 @@ class VisionZip(Compressor):
     Options:
       dominant: dominant tokens per image (how it combines with ``contextual`` and the budget: ``split``); default
         the paper's 54:10 split of the budget.
-      contextual: contextual (merged) tokens per image; default ``round(k * 10 / 64)``, at least 1 for k >= 2.
+      contextual: contextual (merged) tokens per image; default ``round(k * 10 / 64)`` (the paper's proportion), at
+        least 1 for k >= 2.
       merge: ``"mean"`` (default, the paper: average of the target and its members) or ``"target_plus_mean"``
         (the reference code: target + mean of members).
       layer: the vision layer whose attention and keys are read (negative = from the end); default the feature
-        layer (22 on CLIP-L/14-336, the last block on Qwen2.5-VL).
+        layer, as the paper (22 on CLIP-L/14-336, the last block on Qwen2.5-VL).
 
     Records: ``Selection.scores`` ``[N]`` the attention that ranks the dominant tokens, ``details`` a
     ``VisionZipDetails`` (layer, dominant and contextual tokens).
