@@ -16,7 +16,7 @@ What: in one run,
 
 Everything runs under ``torch.inference_mode()``. After one warm-up round, each round times the tower and every
 (compressor, N) once, in a rotating order; medians over rounds are reported. A (compressor, N) whose warm-up call
-takes longer than ``--slow-seconds`` (DivPrune at N = 12,544: its first pick is O(N^2 D) by spec) is timed only
+takes longer than ``--slow-seconds`` (DivPrune at N = 12,544: its first pick is O(N^2 D) by design) is timed only
 ``--slow-repeats`` times, and the table says so. On CPU the share of CPU the process got is reported: other work
 on the machine skews the figures. No assertions -- it prints figures (and ``--json`` writes them).
 

@@ -1,4 +1,4 @@
-"""Golden tests from the specs and registry-generated property tests for every compressor."""
+"""Golden tests from the papers and registry-generated property tests for every compressor."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ QWEN25 = TowerInfo(name="qwen2_5_vit", num_layers=32, feature_layer=31, has_cls=
 
 
 def cls_row(attention_maps: torch.Tensor) -> torch.Tensor:
-    """Head-mean CLS row over the patch columns of a [H, N+1, N+1] map (spec §1.1)."""
+    """Head-mean CLS row over the patch columns of a [H, N+1, N+1] map (FasterVLM, arXiv 2412.01818)."""
     return attention_maps[:, 0, 1:].mean(dim=0)
 
 
@@ -83,7 +83,7 @@ def test_fastervlm_golden():
 
 
 def test_cls_attention_golden_sum_over_layers():
-    """VTC-CLS sums head-mean CLS rows over layers 16..22 (spec §2), unnormalised.
+    """VTC-CLS sums head-mean CLS rows over layers 16..22 (arXiv 2412.05819), unnormalised.
 
     Layers 16..21 (six of them) each give token 4 .15, token 2 .12 and the other seven tokens .08 (CLS column .17).
     Layer 22 gives token 0 .40, token 8 .20 and the others .05 (CLS column .05). Sums over the 7 layers:

@@ -1,4 +1,4 @@
-"""HiPrune (spec §4) and DivPrune (spec §6): golden tests derived by hand, layer defaults, and properties."""
+"""HiPrune (arXiv 2508.00553) and DivPrune (arXiv 2503.02175): hand-derived golden tests, layer defaults, properties."""
 
 from __future__ import annotations
 
@@ -80,7 +80,7 @@ def test_hiprune_layer_options():
 
 
 def test_hiprune_anchor_count_is_pythons_round():
-    """N_a = round(k * alpha / 5), half-to-even (spec §4.3): LLaVA-1.5 192 -> 4, 128 -> 3, 64 -> 1; 25 -> round(.5)
+    """N_a = round(k * alpha / 5), half-to-even (reference code): LLaVA-1.5 192 -> 4, 128 -> 3, 64 -> 1; 25 -> round(.5)
     = 0, 26 -> 1, 75 -> round(1.5) = 2, 125 -> round(2.5) = 2."""
     assert [num_anchors(k, 0.1) for k in (192, 128, 64, 25, 26, 75, 125)] == [4, 3, 1, 0, 1, 2, 2]
 
@@ -290,7 +290,7 @@ def test_divprune_never_builds_the_n_by_n_matrix():
 
 
 def naive_divprune(features: torch.Tensor, k: int, follow: list[int] | None = None, tol: float = 1e-5):
-    """The reference algorithm as written (spec §6.2), in float64 with the full N x N distance matrix:
+    """The reference code's algorithm as written, in float64 with the full N x N distance matrix:
     step 1 = argmax of the 2nd smallest value of each column; then argmax of the min over the selected rows,
     recomputed from scratch each step, selected tokens masked. Returns the greedy order.
 

@@ -1,5 +1,5 @@
-"""The ``progressive`` video compressor (spec video §6(b)): reasoning on synthetic videos, hand-computed folds,
-exact budgets, image mode, signals and bad input."""
+"""The ``progressive`` video compressor (docs/methods/progressive.md): reasoning on synthetic videos, hand-computed
+folds, exact budgets, image mode, signals and bad input."""
 
 from __future__ import annotations
 

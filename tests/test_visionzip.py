@@ -1,4 +1,4 @@
-"""VisionZip (spec §5): signals, budget split, and golden selections / merges derived by hand."""
+"""VisionZip (arXiv 2412.04467): signals, budget split, and golden selections / merges derived by hand."""
 
 from __future__ import annotations
 

@@ -1,55 +1,10 @@
 """How an AnyRes image's budget is split over its views (base view + crops): pure tensor code, no model imports.
 
-The budget of an image is the number of **visual tokens** it keeps over all its views; newline tokens are layout,
-not budget (``vtc.layout``: a newline is kept iff a token of its row is kept). An *allocation* turns that budget
-into per-view budgets, then each view is selected on its own grid and signals (``vtc.multiview.select_views``).
-Every allocation obeys the same contract, checked for each image:
-
-* the per-view budgets sum **exactly** to the image budget (``min(budget, visual tokens)``);
-* each is capped at its view's visible token count; what a capped view cannot take is redistributed over the other
-  views (in proportion to their weights, or evenly when they have none);
-* a budget smaller than the number of views works: views whose share rounds to 0 get no tokens and are dropped
-  cleanly (their newlines go with them). Integer shares use the largest-remainder method, ties to the lower view
-  index, so the base view (view 0) comes first.
-
-Strategies (``vtc.apply(model, "fastervlm", budget=64, allocation="hired")``; the default is ``"even"``; options
-through an instance, e.g. ``allocation=vtc.allocation.HiRED(alpha=0.4, rule="code")``):
-
-* ``even`` -- the same budget for every non-empty view, remainder to the first views; the compressor selects inside
-  each view. This is what FasterVLM, HiPrune and VisionZip do on LLaVA-NeXT (spec §3, §4.4, §5.5).
-* ``hired`` -- HiRED (arXiv 2408.10945, spec §7): the base view (thumbnail) gets ``floor(alpha * budget)``
-  (``alpha = 0.5``); the rest is split over the crops in proportion to each crop's share of the *early-layer*
-  (layer 0) CLS attention of the base view: ``rule="paper"`` (Eq. 1) sums the scores of the base tokens that
-  spatially correspond to each crop (``PackedLayout.base_regions("spatial")``, which accounts for the padding the
-  crops carry); ``rule="code"`` reproduces the reference code -- the top ``int(N * (1 - alpha))`` base tokens are
-  counted per consecutive *row band* of the flattened base map. Inside each view the compressor selects; HiRED's own
-  rule is the top tokens by the final-layer (feature-layer) CLS attention, which is ``"fastervlm"``, so
-  ``vtc.apply(model, "fastervlm", allocation="hired")`` is HiRED. Deviations: exact sums (the reference floors, so
-  it can keep fewer tokens than its budget) and overflow redistribution instead of a plain clamp.
-* ``globalcom2`` -- GlobalCom² (arXiv 2501.05179, spec §8): per-crop retention ratios guided by the thumbnail. The
-  base score map (head-mean *pre-softmax* CLS logits of the last ViT layer) is summed over ``nph x npw`` equal
-  blocks (``regions="blocks"``, the reference; ``"spatial"`` as HiRED's paper), ``sigma = softmax((S - max S) /
-  tau)`` with ``tau = 10``, and crop ``i`` gets ratio ``R * (1 + sigma_i - 1/n)``, the thumbnail ``R``: budgets are
-  proportional to ``N_base`` and ``V_i * (1 + sigma_i - 1/n)`` (``V_i``: the crop's visible tokens), ``R`` being
-  what makes them sum to the budget; ratios above 1 are capped (the reference clips them too). With
-  ``select="guided"`` (default) GlobalCom² also picks the tokens: the thumbnail by its own score, each crop by
-  ``l2norm(local) + l2norm(global)`` -- its own last-layer CLS logits plus the base map bilinearly resized
-  (``align_corners=False``) to the packed crop canvas and cut to the crop's visible cells -- and the compressor is
-  not consulted; ``select="compressor"`` keeps GlobalCom²'s budgets and lets the compressor pick. Kept tokens are
-  mapped to their true packed positions, **without** the reference's padded-crop bug (it scatters positions within
-  a crop's valid-token list as if they were raw crop indices, spec §8.4 (a)); the thumbnail's tokens stay in raster
-  order (the reference keeps them in score order) and newlines follow the usual rule (the reference keeps one per
-  row of the padded canvas). On OneVision the crop canvas may be downscaled (``anyres_max_9``): the global map is
-  resized to the packed canvas, the local scores are the crops' signals resampled like the features.
-
-Towers without a CLS token (SigLIP in LLaVA-OneVision) use the documented fallback of every CLS-based method
-(``TowerInfo.attention_signal``): received attention instead of CLS attention (HiRED: only the crops' *shares* of the
-base view's total are used, so its scale does not matter), and for GlobalCom²'s logits the log of the received
-attention (a logit-scale score: ``log softmax`` is the logit up to a per-view constant). Received attention is a sum
-over queries that averages 1 per token in every view (``SignalKind.RECEIVED_ATTENTION``), so that constant is fixed
-at "0 = the view's average token": a uniform map gives all-zero logits, hence equal crop weights whatever the sizes
-of the base regions (a mean over queries would add ``-log N`` per token and penalise larger regions in the region
-sums).
+The image budget counts visual tokens only (newlines are layout, ``vtc.layout``). An allocation turns it into
+per-view budgets that sum exactly to it, each capped at its view's visible tokens (overflow redistributed; a view
+may get 0 and is dropped); then each view is selected on its own grid (``vtc.multiview.select_views``). Strategies:
+``even`` (default), ``hired`` (HiRED, arXiv 2408.10945) and ``globalcom2`` (GlobalCom², arXiv 2501.05179); towers
+without CLS read received attention instead. See docs/methods/allocation.md, hired.md and globalcom2.md.
 """
 
 from __future__ import annotations
@@ -118,7 +73,7 @@ def split_budget(total: int, weights: Sequence[float] | torch.Tensor, caps: Sequ
 def water_fill(total: int, weights: Sequence[float] | torch.Tensor, caps: Sequence[int], floor: int = 0) -> list[int]:
     """Frame budgets ``b_t = clip(kappa * w_t, floor, cap_t)``, integers summing exactly to ``min(total, sum(caps))``.
 
-    This is the video allocation of the QuoTA design (spec video §6(a) step 5): ``kappa`` is found by bisection so the
+    This is QuoTA's frame allocation (arXiv 2503.08689), made exact: ``kappa`` is found by bisection so the
     continuous budgets sum to the total, then they are rounded with the largest-remainder method (ties to the lower
     frame). A frame never gets more than its cap (its native token count: no up-sampling, unlike QuoTA v1) nor less
     than ``floor`` (capped at the frame's size). With ``floor = 0`` a frame of weight 0 gets 0 tokens and is dropped,
@@ -189,7 +144,7 @@ def region_sums(scores: torch.Tensor, regions: torch.Tensor, num_views: int) -> 
 
 def hired_budgets(total: int, sizes: Sequence[int], base_scores: torch.Tensor, regions: torch.Tensor,
                   alpha: float = 0.5, rule: str = "paper") -> list[int]:
-    """HiRED's per-view budgets (view 0 = the base view; see the module doc).
+    """HiRED's per-view budgets (view 0 = the base view; docs/methods/hired.md).
 
     ``base_scores``: ``[N_base]`` early-layer CLS attention of the base view; ``regions``: the crop each base token
     corresponds to (``PackedLayout.base_regions``: "spatial" for ``rule="paper"``, "bands" for ``rule="code"``).
@@ -314,7 +269,7 @@ def _as_logits(signal: Signal, value: torch.Tensor) -> torch.Tensor:
 @register_allocation
 @dataclass
 class Even(Allocation):
-    """Equal budget per non-empty view (remainder to the first views); the compressor selects inside each view."""
+    """Equal budget per non-empty view, remainder to the first; the compressor selects (docs/methods/allocation.md)."""
 
     name = "even"
 
@@ -325,14 +280,14 @@ class Even(Allocation):
 @register_allocation
 @dataclass
 class HiRED(Allocation):
-    """HiRED: thumbnail share ``alpha``, crops by their share of early-layer CLS attention (see the module doc).
+    """HiRED: thumbnail share ``alpha``, crops by their share of early-layer CLS attention (docs/methods/hired.md).
 
     Options:
-      alpha: the base view's share of the budget (paper default 0.5).
+      alpha: the base view's share of the budget (default 0.5, the paper's).
       layer: the "initial" ViT layer whose CLS attention (received attention on towers without CLS) allocates the
-        crops' budget (reference ``vit_top_layer = 0``).
-      rule: ``"paper"`` (region sums over spatially corresponding base tokens, Eq. 1) or ``"code"`` (the reference's
-        counts of top tokens per row band).
+        crops' budget (default 0, the reference's ``vit_top_layer``).
+      rule: ``"paper"`` (default: region sums over spatially corresponding base tokens, Eq. 1) or ``"code"`` (the
+        reference's counts of top tokens per row band).
     """
 
     name = "hired"
@@ -359,15 +314,16 @@ class HiRED(Allocation):
 @register_allocation
 @dataclass
 class GlobalCom2(Allocation):
-    """GlobalCom²: thumbnail-guided crop ratios and (by default) thumbnail-guided token scores (see the module doc).
+    """GlobalCom²: thumbnail-guided crop ratios and (by default) token scores (docs/methods/globalcom2.md).
 
     Options:
-      tau: softmax temperature over the crops' region scores (paper 10).
+      tau: softmax temperature over the crops' region scores (default 10, the paper's).
       layer: the ViT layer whose CLS logits score the tokens; default the last layer (reference: layer 23 of
         CLIP-L, not the feature layer).
-      regions: how base tokens are assigned to crops for the region scores: ``"blocks"`` (reference: equal blocks
-        of the base grid), ``"spatial"`` (as HiRED's paper, padding-aware).
-      select: ``"guided"`` (GlobalCom² picks the tokens) or ``"compressor"`` (only its budgets are used).
+      regions: how base tokens are assigned to crops for the region scores: ``"blocks"`` (default, the reference:
+        equal blocks of the base grid) or ``"spatial"`` (as HiRED's paper, padding-aware).
+      select: ``"guided"`` (default, the paper: GlobalCom² picks the tokens) or ``"compressor"`` (only its budgets
+        are used).
     """
 
     name = "globalcom2"

@@ -8,21 +8,8 @@ these). Indices are sorted and unique, so the LLM always sees visual tokens in t
 ``details`` says what the compressor decided and why, typed per compressor (a ``Details`` subclass documented on
 it): the signals -- and so the resolved vision layers -- it read, and its own intermediate decisions.
 
-``scores`` per built-in compressor (``[N]``, one value per token of the image / view / frame; ``None`` = none):
-
-=================  ==============================================================================================
-``cls_attention``  head-mean CLS attention summed over the ensembled layers (received attention without CLS)
-``fastervlm``      head-mean CLS attention of its one layer (received attention without CLS)
-``hiprune``        received attention of the deep layer (ranks the registers; the object layer's is in details)
-``visionzip``      attention of its layer (CLS, else received) that ranks the dominant tokens
-``divprune``       cosine distance to the kept set (kept tokens: at the time they were picked; first: to its
-                   nearest neighbour) -- higher is more novel
-``progressive``    per frame: ``u = novelty^gamma * (eps + saliency)^eta``, the score the frame's picks maximise
-``random``         ``None``
-``pool``           ``None``
-``quota``          the frame compressor's scores (``within=`` an image compressor), else ``None``; frame scores
-                   are in ``VideoSelection.details`` (``QuotaDetails``)
-=================  ==============================================================================================
+``scores`` (``[N]``, one value per token of the image / view / frame, or ``None``) is what the compressor ranked
+by; what it means per built-in compressor is under "Records" in docs/methods/<name>.md.
 
 On an AnyRes image (``vtc.multiview``) ``scores`` is laid out over the packed sequence (``NaN`` at newlines and at
 views nobody scored) and ``details`` is a ``vtc.multiview.MultiViewDetails`` holding each view's own details.

@@ -1,20 +1,9 @@
-"""QuoTA's "self" frame scorer: the wrapped VLM itself says how relevant each frame is to the question.
+"""QuoTA's "self" frame scorer (arXiv 2503.08689): the wrapped VLM rates each frame's relevance to the question.
 
-QuoTA (spec video §1) asks a VLM, once per frame, whether the frame holds what the question needs and takes the
-probability of "yes" as the frame's score. Here the wrapped model does it, batched: the frames of a video have the
-same token count, so one LLM forward scores them all. Each row is ``[frame tokens] + tokens(prompt)`` with the
-frame's visual tokens exactly as the LLM receives them (post-projector) and 1-D positions; the score is
-``P(yes) / (P(yes) + P(no))`` at the last position, where "yes" and "no" collect every casing / leading-space variant
-the tokenizer has as a single token.
-
-The question is the prompt's text without its placeholders, decoded with the model's tokenizer (special tokens
-skipped, a leading "user"/"USER:" and trailing "assistant"/"ASSISTANT:" role word stripped). With ``decouple=True``
-the model is first asked, text only, which objects the question is about (QuoTA's CoT query decoupling, simplified
-to one greedy generation); the per-frame question then becomes "Does this frame show any of: <objects>?", and an
-empty answer falls back to the question itself (QuoTA leaves that case undefined, spec §6(c)).
-
-The scorer needs the tokenizer, which a model does not carry: pass the processor (or tokenizer) to ``vtc.apply``:
-``vtc.apply(model, "quota", scorer="self", processor=processor)``.
+One batched LLM forward over a video's frames, each row ``[frame tokens] + tokens(question)`` with the frame's visual
+tokens as the LLM receives them and 1-D positions; the score is ``P(yes) / (P(yes) + P(no))`` at the last position.
+``decouple=True`` first asks (text only) which objects the question is about. The scorer needs the tokenizer:
+``vtc.apply(model, "quota", scorer="self", processor=processor)``. Details: docs/methods/quota.md.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
-"""Honest baselines: seeded random selection and uniform spatial pooling.
+"""Honest baselines, strong at moderate budgets: seeded random selection and uniform spatial pooling.
 
-Papers keep finding that these are strong at moderate budgets, so every method is reported next to them.
+See docs/methods/random.md and docs/methods/pool.md.
 """
 
 from __future__ import annotations
@@ -34,11 +34,13 @@ class PoolDetails(Details):
 @register
 @dataclass
 class RandomSelection(Compressor):
-    """Keep ``k`` tokens drawn uniformly without replacement, from a generator seeded with ``seed``.
+    """Keep ``k`` tokens drawn uniformly without replacement (docs/methods/random.md).
 
-    The same seed, token count and budget always give the same indices (on every platform: ``torch.randperm``
-    on a CPU generator), so random runs are reproducible baselines rather than noise. Records: no scores,
-    ``details`` a ``RandomDetails``.
+    Options:
+      seed: generator seed (default 0, vtc's choice); the same seed, ``N`` and ``k`` give the same indices
+        on every platform.
+
+    Records: no scores, ``details`` a ``RandomDetails``.
     """
 
     name = "random"
@@ -78,14 +80,13 @@ def _cell_bounds(size: int, parts: int) -> list[tuple[int, int]]:
 @register
 @dataclass
 class Pool(Compressor):
-    """Uniform spatial pooling of the token grid down to the budget.
+    """Uniform spatial pooling of the token grid down to ``k`` cells, each at its centre token (docs/methods/pool.md).
 
-    The grid is split into an ``r x c`` adaptive-pooling layout (``r*c >= k``, aspect kept); ``k`` cells evenly
-    spread over that layout survive. Each surviving cell becomes one token placed at its centre token (so it keeps
-    that token's position); ``mode="mean"`` gives it the mean feature of the cell (average pooling, merged),
-    ``mode="sample"`` keeps the centre token's own feature (strided downsampling). Prefix tokens before the grid
-    (a CLS kept by LLaVA's "full" strategy) are kept first while the budget allows. Records: no scores,
-    ``details`` a ``PoolDetails`` (the pooling layout).
+    Options:
+      mode: ``"mean"`` (default: cell means, merged -- the average pooling papers compare against) or
+        ``"sample"`` (the centre token's own feature; strided downsampling).
+
+    Records: no scores, ``groups`` each kept cell's members, ``details`` a ``PoolDetails`` (the pooling layout).
     """
 
     name = "pool"

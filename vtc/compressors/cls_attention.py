@@ -1,16 +1,7 @@
-"""CLS-attention pruning: VTC-CLS (multi-layer ensemble) and FasterVLM (single layer).
+"""CLS-attention pruning: VTC-CLS (arXiv 2412.05819, several layers) and FasterVLM (arXiv 2412.01818, one layer).
 
-VTC-CLS (arXiv 2412.05819): ``score[j] = sum_{l=s..F} mean_h A_l[h, CLS, j]`` over the layers from ``s`` up to the
-feature layer ``F`` (22 on CLIP-L/14-336, so the reference default ``s = 16`` ensembles 7 layers); plain sum, no
-normalisation; keep the top ``k`` in raster order. FasterVLM (arXiv 2412.01818) is the single-layer case ``s = F``.
-
-Encoders without a CLS token (Qwen ViTs, SigLIP -- e.g. LLaVA-OneVision's tower) get the documented fallback: the same
-sum over the same layers of *received* attention (head-mean attention each token receives, summed over the queries
-that see it -- HiPrune's "global attention"). Its ranking is what CLS attention approximates: how much the rest of the
-image looks at a token. The sum (not the mean) over queries keeps Qwen2.5-VL's windowed blocks neutral to window
-size: every token of a window of any size averages 1 per block, so partial edge windows are not inflated and the
-full-attention block of the ensemble counts as much as each windowed one (``SignalKind.RECEIVED_ATTENTION``). On AnyRes models the statistic is taken per view (the tower sees one view at a time), and
-``tests/test_anyres.py`` checks the fallback on LLaVA-OneVision.
+Keep the top ``k`` tokens by head-mean CLS attention summed over layers, in raster order; towers without CLS read
+received attention at the same layers. See docs/methods/cls_attention.md and docs/methods/fastervlm.md.
 """
 
 from __future__ import annotations
@@ -48,11 +39,11 @@ def _ensemble(tokens: VisualTokens, signals: tuple[Signal, ...]) -> torch.Tensor
 @register
 @dataclass
 class ClsAttention(Compressor):
-    """VTC-CLS: top-k tokens by CLS attention summed over several vision layers.
+    """VTC-CLS: top-k tokens by CLS attention summed over several vision layers (docs/methods/cls_attention.md).
 
     Options:
-      start_layer: first layer of the ensemble (negative = from the end); default: the 7 layers ending at the
-        feature layer (16..22 on CLIP-L/14-336, as the reference CLI default).
+      start_layer: first layer of the ensemble (negative = from the end); default the 7 layers ending at the
+        feature layer (16..22 on CLIP-L/14-336: the reference CLI default ``s = 16``).
       layers: explicit layers to ensemble instead (overrides ``start_layer``).
 
     Records: ``Selection.scores`` ``[N]`` the summed attention, ``details`` a ``ClsAttentionDetails`` (the layers).
@@ -89,10 +80,11 @@ class ClsAttention(Compressor):
 @register
 @dataclass
 class FasterVLM(Compressor):
-    """FasterVLM: top-k tokens by the CLS attention of one layer (default: the feature layer, 22 on CLIP-L).
+    """FasterVLM: top-k tokens by the CLS attention of one layer (docs/methods/fastervlm.md).
 
     Options:
-      layer: the vision layer to read (negative = from the end); default the layer the visual tokens come from.
+      layer: the vision layer to read (negative = from the end); default the feature layer (22 on CLIP-L), the
+        paper's choice.
 
     Records: ``Selection.scores`` ``[N]`` that layer's attention, ``details`` a ``ClsAttentionDetails`` (the layer).
     """

@@ -1,28 +1,8 @@
-"""DivPrune: greedy max-min diversity of the visual tokens (arXiv 2503.02175, CVPR'25; spec §6).
+"""DivPrune (arXiv 2503.02175): greedy max-min cosine diversity of the post-projector visual tokens.
 
-Distances are ``d(i, j) = 1 - cos(v_i, v_j)`` between the post-projector features (``VisualTokens.features``, the
-LLM input embeddings of the visual tokens, as the reference prunes at "layer 0"). The greedy (spec §6.2):
-
-1. first pick: the token whose nearest *other* token is farthest, ``argmax_i min_{j != i} d(i, j)``;
-2. every next pick: the token farthest from the kept set, ``argmax_i min_{s in kept} d(i, s)`` (farthest-point
-   sampling), until ``k`` tokens are kept; returned in ascending (original) order.
-
-Ties go to the lowest token index (``torch.argmax`` returns the first maximum). Kept tokens are masked with
-``-inf`` (as MMTok's port), so they are never picked twice even when every remaining distance is 0 -- exact
-duplicates are then taken in index order.
-
-Cost. The greedy keeps a running ``min_dist[N]`` and updates it with one mat-vec per pick: ``O(k * N * D)`` time and
-``O(N)`` extra memory; the reference recomputes the minimum over all kept rows of a stored ``N x N`` matrix each
-step (``O(N^2)`` memory, ``O(k^2 * N)`` time). The first pick needs every token's nearest neighbour, which is
-inherently ``O(N^2 * D)`` time; it is computed in row blocks of at most ``FIRST_PICK_BLOCK_ELEMENTS`` similarities, so
-the ``N x N`` matrix is never built for large ``N``; when one block holds every row anyway (``N <= 2048``) it is kept
-and the greedy steps read its rows instead of redoing mat-vecs. Everything is computed in fp32.
-
-Deviations from the reference code (vbdi/divprune @ 799e2d9): the first pick's nearest-neighbour distance excludes
-the token itself explicitly, where the reference takes the 2nd smallest value of its distance column assuming the
-smallest is the self-distance (the same unless float noise makes ``1 - cos(v, v)`` exceed a true neighbour's
-distance); kept tokens are excluded with ``-inf`` rather than relying on their own distance being 0. A zero feature
-vector has cosine 0 (distance 1) to everything.
+First the token whose nearest other token is farthest, then repeatedly the token farthest from the kept set; ties to
+the lowest index. A running ``min_dist[N]`` keeps memory ``O(N)``; the first pick's nearest neighbours are computed in
+row blocks, never the whole ``N x N`` matrix. See docs/methods/divprune.md (cost, deviations from the reference).
 """
 
 from __future__ import annotations
@@ -125,11 +105,10 @@ def divprune_order(features: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.
 @register
 @dataclass
 class DivPrune(Compressor):
-    """DivPrune: keep the ``k`` most mutually diverse tokens (greedy max-min cosine distance of the features).
+    """DivPrune: keep the ``k`` most mutually diverse tokens (docs/methods/divprune.md). No options, no signals.
 
-    Text-agnostic and attention-free (no signals). ``Selection.scores`` is each token's distance to the kept set
-    (for kept tokens: at the moment they were picked), see ``divprune_order``; ``details`` a ``DivPruneDetails``
-    (the pick order).
+    Records: ``Selection.scores`` each token's distance to the kept set (see ``divprune_order``), ``details`` a
+    ``DivPruneDetails`` (the pick order).
     """
 
     name = "divprune"

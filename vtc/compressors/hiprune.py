@@ -1,36 +1,8 @@
-"""HiPrune: hierarchical attention pruning (arXiv 2508.00553; spec §4).
+"""HiPrune (arXiv 2508.00553): anchors (object-layer attention) + their grid neighbours + registers (deep layer).
 
-Three kinds of tokens fill the budget ``k``, chosen in this order:
-
-* **anchors** -- the ``N_a = round(k * alpha / 5)`` tokens (Python ``round``, half-to-even) that receive the most
-  attention in a middle "object" layer (head-mean attention received from all queries, spec §4.1);
-* **buffers** -- the 4-neighbours (left, right, up, down) of every anchor on the token grid (the paper's "cross");
-* **registers** -- the rest of the budget, the tokens that receive the most attention in the deep layer (the layer
-  the visual tokens come from), among those not already chosen.
-
-Every anchor brings at most 4 buffers, so anchors + buffers is about ``alpha * k`` and registers are the rest. For
-budgets below 25 tokens ``N_a`` rounds to 0 (half-to-even: ``round(0.5) == 0``), and HiPrune reduces to the top-k
-deep-layer received attention.
-
-Deviations from the reference code (Danielement321/HiPrune @ 6e83a12), all deliberate:
-
-* **No row wrap.** The reference takes ``{i-1, i+1, i-W, i+W}`` on the flat index and clamps to ``[0, N-1]``, so
-  the left neighbour of a token in column 0 is the last token of the previous row (and border neighbours turn into
-  tokens 0 / N-1). Here neighbours are taken on the 2-D grid: a neighbour outside the grid simply does not exist.
-* **Exactly k tokens.** Anchors and buffers are de-duplicated, and when they alone would exceed ``k`` (only
-  possible for ``alpha`` far above the default), they are trimmed deterministically: all anchors (at most ``k`` by
-  construction) then buffers by object-layer score. Registers are taken strictly from the tokens not yet chosen
-  (equivalent to masking chosen tokens with ``-inf``), where the reference subtracts 1 from their score -- which on
-  Qwen, whose scores are sums over queries (often above 1), can re-select a chosen token and keep fewer than ``k``.
-* **Prefix tokens** (``VisualTokens.num_prefix_tokens``, e.g. a CLS token kept by LLaVA's "full" strategy) are not
-  on the grid: they never become anchors and have no neighbours, but they compete as registers like any token.
-* The received-attention statistic is the head-mean **sum** over the queries of each attention span
-  (``SignalKind.RECEIVED_ATTENTION``), as the paper (Eq. 2) and the reference Qwen code; the reference LLaVA code uses
-  the mean over queries, which on a full-attention layer is the sum divided by ``N`` -- the same ranking. On windowed
-  layers (a user-chosen Qwen2.5-VL block) only the sum is neutral to window size: a window's tokens average 1 whatever
-  its size, where the mean (``1 / window``) would rank the tokens of small partial edge windows first.
-
-Ties everywhere go to the lower token index (stable descending sorts), and scores are compared in fp32.
+``N_a = round(k * alpha / 5)`` anchors by received attention at a middle layer, their 4-neighbours on the 2-D grid as
+buffers, the rest of ``k`` by deep-layer received attention among the tokens not yet chosen -- exactly ``k`` tokens,
+ties to the lower index. See docs/methods/hiprune.md (defaults per tower, deviations from the reference code).
 """
 
 from __future__ import annotations
@@ -51,18 +23,12 @@ OBJECT_LAYER_FRACTION = 9 / 24
 
 
 def default_layers(tower: TowerInfo) -> tuple[int, int]:
-    """The (object, deep) layers HiPrune reads on ``tower`` when none are given.
+    """The (object, deep) layers HiPrune reads on ``tower`` when none are given (docs/methods/hiprune.md).
 
-    * Towers with windowed attention (``full_attention_layers`` set, e.g. Qwen2.5-VL): deep = the last
-      full-attention layer at or before the feature layer; object = the full-attention layer closest to
-      ``num_layers / 2 - 1`` (ties to the lower one), not after the deep layer. Qwen2.5-VL (32 blocks, full
-      attention at 7/15/23/31): object 15, deep 31 -- the reference ``HIPRUNE_OBJECT_LAYER=16`` (1-based) and
-      ``attn_list[-1]``.
-    * Other towers: deep = the feature layer; object = ``round(num_layers * 9 / 24) - 1``. CLIP-L/14-336 (24
-      layers, features from layer 22): object 8, deep 22, as the reference.
-
-    The object layer is clamped into ``[0, deep]`` so small towers still get an object layer no deeper than the
-    deep one (e.g. 4 layers with features from layer 2: object 1, deep 2).
+    Windowed towers (``full_attention_layers`` set): deep = the last full-attention layer at or before the feature
+    layer, object = the full-attention layer closest to ``num_layers / 2 - 1``; other towers: deep = the feature
+    layer, object = ``round(num_layers * 9 / 24) - 1``. The object layer is clamped into ``[0, deep]``.
+    CLIP-L/14-336: (8, 22); Qwen2.5-VL: (15, 31), as the reference code.
     """
     deep = tower.feature_layer
     full = sorted({int(layer) for layer in (tower.full_attention_layers or ())})
@@ -120,13 +86,13 @@ def _stable_desc(scores: torch.Tensor) -> torch.Tensor:
 
 
 def num_anchors(k: int, alpha: float) -> int:
-    """``N_a = round(k * alpha / 5)`` (Python ``round``, half-to-even), as the reference (spec §4.3)."""
+    """``N_a = round(k * alpha / 5)`` (Python ``round``, half-to-even), as the reference code."""
     return int(round(k * alpha / 5))
 
 
 def hiprune_parts(object_score: torch.Tensor, deep_score: torch.Tensor, grid: tuple[int, int], k: int,
                   alpha: float = 0.1, num_prefix_tokens: int = 0) -> HiPruneParts:
-    """Split a budget of ``k`` tokens into anchors, buffers and registers (pure tensor code, see the module doc).
+    """Split a budget of ``k`` tokens into anchors, buffers and registers (docs/methods/hiprune.md).
 
     ``object_score`` / ``deep_score``: ``[N]`` received attention at the object / deep layer, laid out like the
     tokens (``num_prefix_tokens`` non-grid tokens, then the ``rows x cols`` grid row-major).
@@ -180,14 +146,15 @@ def hiprune_parts(object_score: torch.Tensor, deep_score: torch.Tensor, grid: tu
 @register
 @dataclass
 class HiPrune(Compressor):
-    """HiPrune: anchors (object-layer attention) + their grid neighbours + registers (deep-layer attention).
+    """HiPrune: anchors (object-layer attention) + their grid neighbours + registers (docs/methods/hiprune.md).
 
     Options:
-      object_layer: layer whose received attention picks the anchors (negative = from the end); default per tower,
-        see ``default_layers`` (8 on CLIP-L/14-336, block 15 on Qwen2.5-VL).
-      deep_layer: layer whose received attention picks the registers; default the feature layer (22 on
-        CLIP-L/14-336) or the last full-attention block (31 on Qwen2.5-VL).
-      alpha: share of the budget for anchors + buffers; ``round(k * alpha / 5)`` anchors (reference: 0.1).
+      object_layer: layer whose received attention picks the anchors (negative = from the end); default per tower
+        as the reference code, see ``default_layers`` (8 on CLIP-L/14-336, block 15 on Qwen2.5-VL).
+      deep_layer: layer whose received attention picks the registers; default as the reference code: the feature
+        layer (22 on CLIP-L/14-336) or the last full-attention block (31 on Qwen2.5-VL).
+      alpha: share of the budget for anchors + buffers; ``round(k * alpha / 5)`` anchors (default 0.1, the
+        reference code's).
 
     The object layer must not be deeper than the deep layer (``signals`` raises otherwise); when both are the same
     layer a single signal is captured and serves both roles.

@@ -1,83 +1,11 @@
-"""Progressive video compression: a training-free analogue of PVC (spec video §2, §6(b)).
+"""Progressive video compression: a training-free analogue of PVC (arXiv 2412.09613).
 
-*Idea.* Walk the frames in time order. A frame only pays for what it adds: tokens that were already seen in the
-recent past are folded into the output token that already carries them (FastVID's DTM update, FlashVID's TSTM
-"any position" matching), and the frame's budget goes to its novel tokens, chosen by novelty x saliency x diversity
-(the ADTS/DivPrune recipe). Scene cuts are keyframes (I-frames) with a boosted budget; budget a frame cannot spend is
-carried forward. Query-agnostic by default, so one compressed video (and its KV cache) serves every question.
-
-Algorithm for a video of frames ``X_t [n_t, D]`` and a video budget ``B`` (``min(B, N)`` tokens are kept, exactly):
-
-1. **Keyframes.** Frame 0, and every frame whose mean feature has cosine ``< cut_threshold`` to the previous
-   (non-empty) frame's mean, is a keyframe; a keyframe starts a new *scene*.
-2. **Novelty.** The memory of frame ``t`` is every token of the last ``window`` frames of its scene (``t-window ..
-   t-1``), each standing for the output token that represents it (itself when kept, else the token it was merged or
-   folded into). ``nu_i = clip(1 - max_m cos(x_i, m), 0, 1)`` over that memory, any position (values <= 1e-6 are
-   snapped to 0, so identical tokens tie exactly). **At a keyframe the memory is reset: ``nu = 1`` for every
-   token** -- the new scene is not folded into the old one (a fold keeps the first occurrence's position, so folding
-   across a cut would place one scene's content at the other's time).
-   Matching uses the raw features of the memory tokens, not the running means of the outputs: identical content is
-   recognised exactly (cosine 1) however much the output drifted, and a token that was *merged* away (not kept) at an
-   earlier frame still counts as seen, so a static background that did not fit the keyframe's budget is not
-   re-emitted by every later frame. Novelty therefore does not depend on what was selected, and is computed once.
-3. **Fold.** A token with ``max cos >= merge_threshold`` (up to 1e-6) is *redundant*: not emitted, folded into the
-   output token of its best match (ties to the most recent frame, then the lowest index). Its group grows.
-4. **Select.** Token scores ``u_i = nu_i^gamma * (eps + a_i)^eta`` with ``a`` the frame's saliency divided by its
-   maximum (CLS attention of the feature layer, received attention on towers without CLS; ``a = 1`` when the frame
-   carries no such signal, e.g. synthetic tensors). The frame's ``s_t`` emitted tokens are picked among its novel
-   tokens by greedy max-min cosine distance weighted by ``u``: first ``argmax u_i * d_nn(i)`` (nearest other
-   candidate), then ``argmax u_i * min_{s in kept} d(i, s)``, ties to the lowest index. Novel tokens not picked are
-   merged into their most similar picked token of the same frame (nothing is silently lost).
-5. **Budget.** Base frame budgets ``split_budget(B, w, n_t)``: ``w_t = keyframe_boost`` for keyframes, ``1``
-   otherwise (so a keyframe gets ``keyframe_boost`` times a P-frame's share, capped at its size; the excess is shared
-   by the others), summing exactly to ``min(B, N)``. **Carry-forward:** a pool starts at 0; frame ``t`` may spend
-   ``base_t + pool`` and spends ``s_t = min(base_t + pool, novel_t)``; the rest is the new pool (first come, first
-   served: the next frame with more novel tokens than its base takes it). **Hand-back:** what is left in the pool
-   after the last frame goes to the not-emitted tokens of the whole video with the highest ``u`` (ties to the earlier
-   frame, then the lower index) -- in practice the novel tokens that earlier frames had to merge (keyframes first),
-   then redundant ones. A handed-back token becomes an output token of its own; tokens that had been folded into it
-   now fold into it instead of its former target. So every frame keeps ``s_t + handed_back_t`` tokens and the video
-   keeps exactly ``min(B, N)``. A frame with no budget at all (``B`` smaller than the frames need) folds its novel
-   tokens into their best match in the last ``window`` frames regardless of the threshold and of scene cuts
-   ("forced" folds); only when it has no such frame are tokens dropped (recorded).
-6. **Query (optional).** With ``query_weight = rho > 0`` and a query (``VideoTokens.frame_scores`` if given, else
-   ``VideoTokens.query``), the base weights become ``w_t = boost_t * q_t^rho * M_t^(1-rho)`` with ``M_t = sum_i
-   nu_i`` the frame's novelty mass and ``q_t`` its relevance in [0, 1]: ``frame_scores[t]`` as given, otherwise
-   ``r_t = mean_q max_i cos(x_i, e_q)`` (each query embedding's best match in the frame) min-max normalised over the
-   video's frames (all equal: ``q = 1``). Carry-forward and hand-back work as above. ``rho = 0`` (default), or no
-   query, is the agnostic rule of step 5.
-
-*Output features.* Assembled after the last frame (folding changes tokens already emitted): an output token starts
-as the **mean** of its same-frame group (itself and the novel tokens merged into it); at each later frame ``t`` the
-``k`` tokens folded into it update it as ``m <- w*m + (1-w)*mean(folded)``, ``w = max(c/(c+k), beta)``, ``c += k``
-(``k = 1``: ``m <- (c*m + x)/(c+1)`` with the old token's weight floored at ``beta``, FastVID DTM). Each output keeps
-its first occurrence's position (its own frame and index).
-
-*Merge weights.* Every step above is linear in the features, so each output is ``sum_j c_j x_j`` over the tokens it
-absorbed: a same-frame member starts at ``1 / |group|``, and a fold at frame ``t`` scales the output's coefficients by
-``w`` and gives each of its ``k`` folded tokens ``(1 - w) / k``. These coefficients (tracked in float64 next to the
-fp32 running means) are the ``weights`` of the selections, so a merge can be replayed exactly on other feature sets
-of the same tokens (Qwen3-VL deepstack levels) although the groups were chosen from the features.
-
-*Records.* ``FrameRecord.selection``: ``indices`` (the frame's output tokens), ``features`` (their final running
-means), ``groups`` (indices *of this frame* each output absorbed: itself and same-frame merges, for the demo),
-``weights`` (the merge coefficients over those groups; ``None`` when a later frame folded tokens into one of the
-frame's outputs, as the per-frame groups cannot state that merge), ``scores`` (``u`` of every token). The whole
-merge, cross-frame folds included, is in ``VideoSelection.flat_groups`` / ``flat_weights`` (flat indices over the
-video's concatenated tokens), which ``VideoSelection.flat()`` reports; on an image (one frame) the per-frame
-selection is complete. ``budget`` = tokens kept, ``keyframe``, ``score`` = novelty mass ``M_t``, ``weight`` = the
-frame's base share ``B * w_t / sum(w)`` before rounding and caps. ``extra``: ``novel``, ``spent`` (tokens picked in the
-causal pass), ``handed_back``, ``merged`` (same-frame), ``folded`` (cross-frame, forced ones included), ``forced``,
-``base_budget``, ``carried_in`` (pool before the frame), ``folded_into`` (``{token: (frame, index)}``: the output
-token each cross-frame-folded token of this frame ended in), ``absorbed_later`` (``LongTensor [kept]``: tokens of
-later frames folded into each output token) and ``dropped`` (token indices, normally empty). Typed:
-``VideoSelection.details`` is a ``ProgressiveDetails`` (per frame: keyframe, novelty mass, relevance and the budget
-flow); each frame's ``selection.details`` a plain ``Details`` naming the saliency signals it read.
-
-*Cost.* Per frame one ``[n_t, |memory|]`` similarity (``|memory| <= window * n``, computed in row blocks) and the
-greedy's ``O(s_t * n_t * D)`` mat-vecs: ``O(T * n * window * n * D)`` time in all. Memory: fp32 copies of the
-features (``O(N * D)``, the size of the input) plus at most ``NOVELTY_BLOCK_ELEMENTS`` similarities and ``O(N)``
-bookkeeping -- never an ``N x N`` matrix of the video. fp32 throughout; outputs in the input dtype.
+Frames in time order; a token already seen in the last ``window`` frames of its scene is folded into the output that
+carries it, and each frame's budget goes to its novel tokens (novelty x saliency x diversity). Scene cuts are
+keyframes with a boosted budget and a fresh memory; unspent budget carries forward, and what is left at the end is
+handed back, so the video keeps exactly ``min(B, N)`` tokens. Query-agnostic by default, so one compressed video
+serves every question. Every merge is linear and stated as ``weights``. See docs/methods/progressive.md (algorithm,
+records, cost).
 """
 
 from __future__ import annotations
@@ -111,7 +39,7 @@ class ProgressiveDetails(Details):
     """What the progressive pass decided for one video (``VideoSelection.details``); ``signals`` are the saliency
     signals the frames read (CLS / received attention of the feature layer; ``()`` when the frames carry none).
 
-    Fields (one entry per frame, time order; see the module doc, steps 1, 5 and 6):
+    Fields (one entry per frame, time order; docs/methods/progressive.md, steps 1, 5 and 6):
       keyframes: whether the frame starts a scene (memory reset, boosted budget).
       novelty_mass: ``M_t = sum_i nu_i`` (``FrameRecord.score``).
       relevance: ``q_t`` in [0, 1] when the query term is on (``query_weight > 0`` and a query), else ``None``.
@@ -193,17 +121,20 @@ def _saliency(frame: VisualTokens) -> torch.Tensor:
 @register
 @dataclass
 class Progressive(VideoCompressor):
-    """Progressive video compression (training-free PVC analogue): novel tokens in, redundant ones folded (see module).
+    """Progressive video compression: novel tokens in, redundant ones folded (docs/methods/progressive.md).
 
     On an image (``select``: a one-frame video, hence a keyframe with novelty 1) it is saliency x diversity
     selection, every other token merged (mean) into its most similar kept token.
 
     Options:
-      cut_threshold: a frame whose mean feature has cosine below this to the previous frame's is a keyframe (0.9).
+      cut_threshold: a frame whose mean feature has cosine below this to the previous frame's is a keyframe
+        (0.9, vtc's choice).
       keyframe_boost: a keyframe's base budget is this many times a P-frame's, capped at its size (2.0, >= 1).
-      window: frames of memory a token is compared with, any position (1: the previous frame, FlashVID).
-      merge_threshold: cosine to the memory at or above which a token is redundant and folded (0.85).
-      beta: floor of the old token's weight in a fold, ``w = max(c/(c+k), beta)`` (FastVID DTM 0.6; in [0, 1]).
+      window: frames of memory a token is compared with, any position (1: the previous frame, as FlashVID,
+        arXiv 2602.08024).
+      merge_threshold: cosine to the memory at or above which a token is redundant and folded (0.85, vtc's choice).
+      beta: floor of the old token's weight in a fold, ``w = max(c/(c+k), beta)`` (0.6 as FastVID's DTM,
+        arXiv 2503.11187; in [0, 1]).
       gamma: exponent of novelty in the token score ``u = nu^gamma * (eps + a)^eta`` (1.0, >= 0).
       eta: exponent of the normalised saliency in ``u`` (0.5, >= 0).
       eps: saliency offset in ``u``, so tokens without attention still compete on novelty (0.05, >= 0).

@@ -1,89 +1,10 @@
-"""QuoTA, hardened: query-oriented frame budgeting for video (arXiv 2503.08689; spec video §1 and §6(a)).
+"""QuoTA (arXiv 2503.08689), hardened: frames share a video's budget by their relevance to the question.
 
-A video's budget is shared by its frames in proportion to how relevant each frame is to the question, then every
-frame is reduced to its share on its own grid:
-
-1. **Score** every frame ``s_t`` in [0, 1] (``scorer``):
-
-   * ``"self"`` -- QuoTA's rule: the probability that a VLM answers "yes" to a per-frame relevance question. The
-     integration computes it with the wrapped VLM and hands it in as ``VideoTokens.frame_scores``; the core never
-     runs a model.
-   * ``"similarity"`` (default, cheap, no extra forward pass) -- from the cosine similarity between the frame's
-     visual tokens and the prompt's text embeddings ``VideoTokens.query`` (both in the LLM input space)::
-
-         r_t = mean_q  max_i  cos(query_q, frame_t token_i)      # per query token: its best match in the frame
-         s_t = exp((r_t - max_u r_u) / temperature)              # in (0, 1]; the best frame scores 1
-
-     *Max over the frame's tokens* because a frame is relevant when it *contains* what a query word names, however
-     small. *Mean over query tokens* so every word counts (template tokens such as the chat markup match every
-     frame about equally, so they add a near-constant that the next step removes). *Why the exponential*: raw
-     cross-modal cosines are small and share a large common offset (anisotropy, the modality gap), so an affine
-     map such as ``(1 + r) / 2`` would leave the weights nearly uniform, while min-max scaling would give the
-     least relevant frame exactly 0 and drop it in every video. ``exp((r - max r) / temperature)`` depends only
-     on the *differences* between frames, is 1 for the best frame, and with QuoTA's ``s ** gamma`` weights turns
-     into a softmax over frames with temperature ``temperature / gamma`` (spec §6(a).4 lists softmax as the
-     alternative weighting). ``temperature`` is in cosine units (vtc's choice, not tuned on benchmarks).
-   * ``"uniform"`` -- every frame scores 1: the no-scoring ablation (QuoTA's "more frames, same budget, no scoring",
-     spec §1).
-
-   A one-frame video (an image) needs no scoring: its only frame gets the whole budget, so neither a query nor
-   frame scores are required then.
-
-2. **Smooth** (optional, spec §6(a).3, not in QuoTA): ``s~_t = max(s_t, lambda * max_{|k| <= w} s_{t+k})`` so that
-   the neighbours of a relevant frame keep some context (``smooth_window = w``; 0 = off).
-
-3. **Weights** ``w_t = s~_t ** gamma / sum_u s~_u ** gamma`` -- QuoTA's code computes ``(100 s)^2`` normalised,
-   which is ``s^2`` normalised, so ``gamma = 2`` is its effective rule. All-zero scores share evenly.
-
-4. **Budgets** ``b_t = clip(kappa * w_t, floor, n_t)`` with integers summing exactly to the video budget
-   (``vtc.allocation.water_fill``). The cap is the frame's native token count ``n_t``: no up-sampling (QuoTA v1 can
-   up-sample a dominant frame, spec §6(c)). ``floor = 0`` reproduces QuoTA's frame dropping: a frame whose share
-   rounds to 0 is dropped (empty selection). A video budget smaller than the number of frames works the same way.
-
-5. **Reduce each frame to b_t** (``within``):
-
-   * ``"resize"`` -- QuoTA v1: bilinear ``F.interpolate(align_corners=False)`` of the frame's ``[rows, cols, D]``
-     grid to ``(h, w)`` with QuoTA's shape rule (``quota_shape``: ``h = w = floor(sqrt(b))``, then ``h + 1`` if
-     ``(h + 1) * w <= b``, else ``w + 1`` if ``h * (w + 1) <= b``; clamped to the frame's own grid so no axis is
-     up-sampled).
-   * ``"pool"`` -- QuoTA's v2 assigner: ``F.adaptive_avg_pool2d`` to the same ``(h, w)``. (This is *not* the
-     registered ``"pool"`` image compressor, whose layout differs.)
-   * any registered **image** compressor name (``"hiprune"``, ``"fastervlm"``, ``"random"``, ...) -- it selects
-     ``b_t`` tokens inside the frame (``run_compressor``), with ``within_options`` as its options; ``signals()``
-     then declares what that compressor needs.
-
-   *Exact budgets with resize / pool.* The shape rule keeps ``h * w <= b`` tokens (QuoTA keeps fewer tokens than
-   its budget). vtc keeps exactly ``b``: the ``b - h * w`` leftover tokens (fewer than ``h + 1``) are the frame's
-   **original** tokens that the resized grid reconstructs worst -- the largest L2 residual
-   ``|x - up(resize(x))|`` where ``up`` is the bilinear resize of the ``(h, w)`` grid back to ``(rows, cols)``
-   -- among the tokens not already used as a cell's slot (ties to the lower index). They add back the detail that
-   resampling lost most. The alternative, a shape with ``h * w == b``, degenerates for awkward budgets (a prime
-   ``b`` gives a ``1 x b`` strip).
-
-   *Positions.* Every output token takes the placeholder slot of an original token (``Selection.indices``), so
-   it keeps that token's position: a resized cell sits at the original token nearest its centre, row
-   ``floor((i + 0.5) * rows / h)`` and column ``floor((j + 0.5) * cols / w)`` -- distinct for distinct cells because
-   ``h <= rows`` and ``w <= cols``, and always inside the cell's source region. On Qwen this keeps the M-RoPE ids on
-   the original grid scale (spec §6(a).6; never recomputed on the resized grid). ``groups[i]`` lists the original
-   tokens output ``i`` was computed from: the (up to 2 x 2) bilinear taps of a resized cell, the adaptive-pooling
-   region of a pooled cell, the token itself for a leftover; ``weights[i]`` their coefficients (the product of the
-   row and column tap weights of the bilinear resize, ``1 / region size`` for pooling, ``1`` for a leftover or a
-   prefix token), so ``features[i] == weights[i] @ x[groups[i]]`` and the integration can replay the merge on
-   other feature sets of the same tokens (Qwen3-VL deepstack levels). Prefix tokens (a CLS kept by LLaVA's "full"
-   strategy) are kept first while the budget allows, as the ``pool`` baseline does. A frame whose budget covers all
-   its tokens is kept as it is (no merged features). Newline tokens (LLaVA-Video grid newlines) are layout, handled by
-   the integration.
-
-Each ``FrameRecord`` carries ``score`` (the smoothed relevance that drove the budget), ``weight`` (``w_t``) and
-``extra``: ``"raw_score"`` (before smoothing), and for resize / pool ``"shape"`` (``(h, w)``, ``(0, 0)`` for a
-dropped frame) and ``"leftover"`` (the original tokens added to reach the exact budget). The same, typed:
-``VideoSelection.details`` is a ``QuotaDetails`` (per-frame raw and smoothed scores, weights, budgets) and each
-frame's ``selection.details`` a ``ResizeDetails`` (resize / pool: shape and leftover tokens) or the ``within``
-compressor's own details.
-
-Deviations from QuoTA, all deliberate: exact budgets (QuoTA floors ``N_t * w_t`` and keeps ``h * w`` of them);
-per-frame cap at the native size; optional floor and smoothing; no CoT query decoupling or second VLM in the core
-(the ``"self"`` scores come from the integration).
+Per frame a relevance ``s_t`` in [0, 1] (``scorer``), optionally smoothed, weights ``s^gamma / sum s^gamma``, integer
+budgets summing exactly to the video budget with a cap at the frame's own size (``water_fill``; a frame may get 0 and
+is dropped), then each frame reduced to its budget by resizing its grid (``reduce_grid``) or by an image compressor.
+Every output sits in an original token's slot, so positions stay on the original grid. See docs/methods/quota.md
+(scorers, exact budgets, positions and merge weights, deviations from QuoTA).
 """
 
 from __future__ import annotations
@@ -185,8 +106,9 @@ def smooth_scores(scores: torch.Tensor, window: int, lam: float) -> torch.Tensor
 
 
 def similarity_scores(frames: list[torch.Tensor], query: torch.Tensor, temperature: float = 0.05) -> torch.Tensor:
-    """``[T]`` relevance in (0, 1] of each frame (``[n_t, D]`` features) to ``query`` (``[Q, D]``); see the module doc:
-    ``r_t = mean_q max_i cos(q, x_ti)``, ``s_t = exp((r_t - max r) / temperature)``."""
+    """``[T]`` relevance in (0, 1] of each frame (``[n_t, D]`` features) to ``query`` (``[Q, D]``):
+    ``r_t = mean_q max_i cos(q, x_ti)``, ``s_t = exp((r_t - max r) / temperature)`` -- only differences between
+    frames count, the best frame scores 1 (why: docs/methods/quota.md)."""
     q = F.normalize(query.detach().float().reshape(-1, query.shape[-1]), dim=-1)
     raw = []
     for features in frames:
@@ -221,9 +143,12 @@ def _pool_support(size: int, parts: int) -> list[tuple[range, tuple[float, ...]]
 
 
 def reduce_grid(tokens: VisualTokens, budget: int, mode: str = "resize") -> tuple[Selection, tuple[int, int]]:
-    """Reduce one frame to exactly ``budget`` tokens by resizing its grid (see the module doc, step 5).
+    """Reduce one frame to exactly ``budget`` tokens by resizing its grid to ``quota_shape`` (``mode``: bilinear
+    ``"resize"`` or adaptive-average ``"pool"``), plus the original tokens it reconstructs worst.
 
-    Returns the selection and the ``(h, w)`` of the resized grid (``(0, 0)`` when only prefix tokens are kept).
+    Each output sits in the slot of the original token nearest its cell's centre; ``groups`` / ``weights`` state the
+    merge (``features[i] == weights[i] @ x[groups[i]]``). Prefix tokens are kept first. Returns the selection and the
+    ``(h, w)`` of the resized grid (``(0, 0)`` when only prefix tokens are kept). Details: docs/methods/quota.md.
     """
     if mode not in GRID_MODES:
         raise ValueError(f"grid reduction mode must be one of {GRID_MODES}, got {mode!r}")
@@ -301,15 +226,16 @@ def _is_number(value) -> bool:
 @register
 @dataclass
 class Quota(VideoCompressor):
-    """QuoTA (hardened): frames share the video budget by query relevance, then each is resized to its share.
+    """QuoTA (hardened): frames share the video budget by query relevance, then each is resized to its share
+    (docs/methods/quota.md).
 
-    Options (QuoTA's effective defaults unless noted; see the module doc):
+    Options (QuoTA's effective defaults unless noted):
       scorer: ``"similarity"`` (query-token / frame-token cosine, in the core; vtc's cheap default),
         ``"self"`` (``VideoTokens.frame_scores`` from the wrapped VLM -- QuoTA's rule, computed by the integration)
         or ``"uniform"`` (no scoring: the ablation).
       gamma: weights ``s ** gamma / sum s ** gamma``; QuoTA's ``(100 s)^2`` normalised is ``gamma = 2``.
-      smooth_window, smooth_lambda: temporal smoothing ``max(s_t, lambda * max_{|k|<=w} s_{t+k})`` (spec §6(a).3,
-        not in QuoTA; window 0 = off, the spec suggests w = 1-2, lambda = 0.5).
+      smooth_window, smooth_lambda: temporal smoothing ``max(s_t, lambda * max_{|k|<=w} s_{t+k})`` (vtc's addition,
+        not in QuoTA; window 0 = off by default, lambda 0.5; w = 1-2 keeps a relevant frame's neighbours).
       floor: minimum tokens per frame; 0 (QuoTA) drops frames whose share rounds to 0. Caps: each frame's size.
       within: ``"resize"`` (QuoTA v1, bilinear), ``"pool"`` (QuoTA v2, adaptive average pooling) or the name of a
         registered image compressor that selects inside each frame.
@@ -343,7 +269,8 @@ class Quota(VideoCompressor):
             raise ValueError(f"quota smooth_window must be an int >= 0 (frames each side; 0 = no smoothing), "
                              f"got {self.smooth_window!r}")
         if not _is_number(self.smooth_lambda) or not 0 <= self.smooth_lambda <= 1:
-            raise ValueError(f"quota smooth_lambda must be a number in [0, 1] (spec: 0.5), got {self.smooth_lambda!r}")
+            raise ValueError(f"quota smooth_lambda must be a number in [0, 1] (default 0.5), "
+                             f"got {self.smooth_lambda!r}")
         if isinstance(self.floor, bool) or not isinstance(self.floor, int) or self.floor < 0:
             raise ValueError(f"quota floor must be an int >= 0 (tokens per frame; 0 lets frames be dropped), "
                              f"got {self.floor!r}")

@@ -1,51 +1,8 @@
-"""VisionZip (arXiv 2412.04467, CVPR'25): dominant tokens kept as they are, the rest merged into contextual tokens.
+"""VisionZip (arXiv 2412.04467): dominant tokens kept as they are, the rest merged into a few contextual tokens.
 
-For a budget of ``k`` tokens out of ``N`` the image keeps ``D`` *dominant* tokens and ``C`` *contextual* tokens
-(``D + C = k``), all read from one vision layer (the feature layer by default, 22 on CLIP-L/14-336):
-
-1. **Dominant**: the ``D`` tokens with the highest attention score -- the CLS query's head-mean attention on towers
-   with a CLS token, the head-mean attention each token *receives* on towers without one (Qwen ViTs, LLaVA-OneVision's
-   SigLIP; the paper's description for SigLIP, the "no-CLS variant"). Summing instead of averaging over heads ranks the same.
-   Received attention is summed over the queries of each attention span (``SignalKind.RECEIVED_ATTENTION``; the
-   paper's average over queries is that sum divided by ``N`` on a full-attention layer, the same ranking), which keeps
-   a user-chosen windowed Qwen2.5-VL block neutral to window size. Ties go to the lower token index.
-2. **Contextual**: the remaining tokens ``R`` (original order) are split into ``C`` clusters. The targets are a
-   uniform stride over the list ``R`` (positions in the list, not image coordinates): ``step = max(1, |R| // C)``,
-   targets ``R[0], R[step], R[2*step], ...`` (the first ``C``). Every other token of ``R`` joins the target whose
-   L2-normalised key (head-mean keys of the same layer) has the highest cosine similarity with its own (hard
-   argmax; ties go to the earliest target).
-3. **Merge**: ``merge="mean"`` (default, the paper's description) gives a contextual token the plain average of its
-   target and the members; ``merge="target_plus_mean"`` reproduces the reference code
-   (``visionzip/clip_encoder.py``): ``h(target) + mean(h(members))``, or ``h(target)`` alone for an empty cluster
-   (its magnitude can reach about twice a token's -- use it to reproduce published numbers).
-
-Budget split (options ``dominant`` / ``contextual``): the defaults are the paper's 54+10 (k = 64), 108+20 (128) and
-162+30 (192); every other budget keeps that proportion, ``C = round(k * 10 / 64)`` (half-to-even) and ``D = k - C``
--- which also gives LLaVA-NeXT's per-view 27+5 for k = 32. ``C`` is at least 1 when ``k >= 2`` (there is always
-something left to merge when ``k < N``); ``k = 1`` keeps the single top token and merges nothing; ``k >= N`` keeps
-every token unmerged. Giving both options sets the proportion (so ``dominant=54, contextual=10`` is exact at
-k = 64 and scales with ratio budgets, like the LightCompress Qwen port's ratios); giving one of them fixes that
-count and the other takes the rest of the budget.
-
-Deviations from the reference implementation, all deliberate:
-
-* **Post-projector merging.** The reference merges the *pre*-projector layer-22 hidden states and then runs the
-  projector on the merged tokens. A vtc compressor receives the tokens as the LLM would (after the projector), so
-  the merge is done on those. For a linear projector the mean commutes with the projector and the two agree; for
-  LLaVA's 2-layer MLP (Linear-GELU-Linear) they differ slightly. (The LightCompress Qwen2.5-VL port also merges
-  post-merger embeddings.)
-* **CLS token.** The reference counts the CLS token as one of the ``D`` dominant tokens and always keeps it. With
-  LLaVA's "default" feature strategy the CLS token is not among the visual tokens the LLM receives, so all ``D``
-  dominant tokens are patches here. When the host keeps prefix tokens (LLaVA's "full" strategy keeps CLS as token
-  0, ``num_prefix_tokens > 0``) they are always kept and count as dominant, as in the reference.
-* **Positions and order.** Each contextual token takes the placeholder slot (and position; on Qwen the M-RoPE id)
-  of its target token, so the LLM sees all survivors in the host's own token order. The reference instead
-  appends the ``C`` contextual tokens after the dominant ones (``[CLS, dominant in raster order, contextual]``,
-  contiguous positions); the LightCompress Qwen port places them at their targets as here.
-* Selection math is done in fp32; merged features are returned in the input dtype.
-
-Every original token ends up in exactly one ``groups`` entry whenever anything is merged (``C >= 1``); with
-``C = 0`` (k = 1) the dropped tokens belong to no group, as in any pruning method.
+``D`` top-attention tokens of one layer survive; the others cluster around ``C`` evenly strided targets by key
+similarity and each cluster becomes one token in its target's slot (``D + C = k``, paper split 54:10). Merging after
+the projector keeps the LLM's token order. See docs/methods/visionzip.md (budget split, deviations from the reference).
 """
 
 from __future__ import annotations
@@ -59,7 +16,7 @@ from ..compressor import Compressor, VisualTokens, register, top_k_sorted
 from ..selection import Details, Selection
 from ..signals import Signal, SignalKind, TowerInfo
 
-#: The paper's split for 64 tokens (README ``visionzip(model, dominant=54, contextual=10)``); 128 = 108+20 and
+#: The paper's split for 64 tokens (its README: ``visionzip(model, dominant=54, contextual=10)``); 128 = 108+20 and
 #: 192 = 162+30 keep the same proportion.
 DEFAULT_DOMINANT = 54
 DEFAULT_CONTEXTUAL = 10
@@ -96,16 +53,17 @@ def _check_count(name: str, value) -> None:
 @register
 @dataclass
 class VisionZip(Compressor):
-    """VisionZip: keep the top-attention (dominant) tokens, merge the rest into a few contextual tokens.
+    """VisionZip: keep the top-attention (dominant) tokens, merge the rest (docs/methods/visionzip.md).
 
     Options:
-      dominant: dominant tokens per image (see the module doc for how it combines with ``contextual`` and the
-        budget); default: the paper's 54:10 split of the budget.
-      contextual: contextual (merged) tokens per image; default: ``round(k * 10 / 64)``, at least 1 for k >= 2.
-      merge: ``"mean"`` (paper: average of the target and its members) or ``"target_plus_mean"`` (reference code:
-        target + mean of members).
+      dominant: dominant tokens per image (how it combines with ``contextual`` and the budget: ``split``); default
+        the paper's 54:10 split of the budget.
+      contextual: contextual (merged) tokens per image; default ``round(k * 10 / 64)`` (the paper's proportion), at
+        least 1 for k >= 2.
+      merge: ``"mean"`` (default, the paper: average of the target and its members) or ``"target_plus_mean"``
+        (the reference code: target + mean of members).
       layer: the vision layer whose attention and keys are read (negative = from the end); default the feature
-        layer (22 on CLIP-L/14-336, the last block on Qwen2.5-VL).
+        layer, as the paper (22 on CLIP-L/14-336, the last block on Qwen2.5-VL).
 
     Records: ``Selection.scores`` ``[N]`` the attention that ranks the dominant tokens, ``details`` a
     ``VisionZipDetails`` (layer, dominant and contextual tokens).
