@@ -33,9 +33,9 @@ test: $(STAMP) $(CHROMIUM)
 ## benchmarks: signal-capture overhead and selection cost vs a CLIP-L/14-336-shaped tower, prefill speedup vs the
 ## ideal on a LLaVA-1.5-shaped model (ratios from one run each)
 bench: $(STAMP)
-	$(PY) -m vtc.eval.bench_capture
-	$(PY) -m vtc.eval.bench_selection
-	$(PY) -m vtc.eval.bench_prefill
+	$(PY) -m vtc.eval.bench.capture
+	$(PY) -m vtc.eval.bench.selection
+	$(PY) -m vtc.eval.bench.prefill
 
 ## lmms-eval sweep on the embedded model: every compressor at 33 % / 11 % on the offline tasks (./vtc_eval)
 eval: $(STAMP)
@@ -43,12 +43,12 @@ eval: $(STAMP)
 
 ## retrain the embedded default model into the package (about an hour on 2 CPU cores), then measure it
 default-model: $(STAMP)
-	$(PY) -m vtc.eval.train_default --out integrations/transformers/default_model
-	$(PY) -m vtc.eval.default_fidelity --out integrations/transformers/default_model/fidelity.json
+	$(PY) -m vtc.eval.default_model.train --out integrations/transformers/default_model
+	$(PY) -m vtc.eval.default_model.fidelity --out integrations/transformers/default_model/fidelity.json
 
 ## accuracy of the embedded model at 100 / 33 / 11 % of its visual tokens, for every compressor
 fidelity: $(STAMP)
-	$(PY) -m vtc.eval.default_fidelity
+	$(PY) -m vtc.eval.default_model.fidelity
 
 ## the web demo on http://127.0.0.1:7860: which visual tokens survive, for images and videos
 demo: $(STAMP)

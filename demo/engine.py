@@ -37,7 +37,7 @@ import torch
 from PIL import Image
 
 import vtc
-from vtc.eval import synthetic
+from vtc.eval.default_model import synthetic
 from vtc.eval.measure import FirstTokenClock
 from vtc.image_io import to_rgb
 from vtc.integrations.transformers.default import unknown_words_message
@@ -327,7 +327,8 @@ def _atomic(path: pathlib.Path, write) -> None:
 
 
 def write_examples(folder=None) -> list[Example]:
-    """Two held-out test images and one 8-frame test video of ``vtc.eval.synthetic``, with their known answers.
+    """Two held-out test images and one 8-frame test video of ``vtc.eval.default_model.synthetic``, with their known
+    answers.
 
     Deterministic (the test split is a pure function of the index), written to ``folder`` (default: a folder in
     the system temp dir). The video needs PyAV; without it only the images are offered.

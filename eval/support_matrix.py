@@ -2,10 +2,11 @@
 
     python -m vtc.eval.support_matrix [--readme README.md]
 
-Runs the generated registry x family equality tests (keep-all == unwrapped, compressed == hand-built prompt,
-batch of 2 == singles, forward path; the multi-image prompt test; and for video families the video tests: keep-all,
-hand-built, image + video in one prompt, exact video budgets) and rewrites the block between the ``support-matrix``
-markers of the README. A cell is "yes" only when every one of its tests passed in that run.
+Runs the tests marked ``@pytest.mark.support(column)`` -- the generated registry x family equality tests
+(keep-all == unwrapped, compressed == hand-built prompt, batch of 2 == singles, forward path; the multi-image prompt
+test; and for video families the video tests: keep-all, hand-built, image + video in one prompt, exact video budgets)
+-- and rewrites the block between the ``support-matrix`` markers of the README. A cell is "yes" only when every one
+of its tests passed in that run; ``tests/conftest.py`` collects the outcomes (``--support-matrix PATH``).
 """
 
 from __future__ import annotations
@@ -16,21 +17,8 @@ import re
 import sys
 import tempfile
 
-#: generated registry x family tests (tests/test_cut.py) that make up a matrix cell, by column
-SUPPORT_TESTS = {
-    "test_keep_all_generate_equals_unwrapped": "image",
-    "test_compressed_generate_equals_hand_built_prompt": "image",
-    "test_batch_of_two_equals_single_runs": "image",
-    "test_forward_path_equals_hand_built_and_shrinks_labels": "image",
-    "test_multi_image_prompt_each_image_gets_its_budget": "multi-image",
-    # tests/test_video_cut.py
-    "test_keep_all_video_generate_equals_unwrapped": "video",
-    "test_compressed_video_generate_equals_hand_built_prompt": "video",
-    "test_image_and_video_each_get_their_own_budget": "video",
-    "test_video_budget_resolves_and_reaches_the_llm_exactly": "video",
-}
-TEST_FILES = ("tests/test_cut.py", "tests/test_video_cut.py")
 START, END = "<!-- support-matrix:start -->", "<!-- support-matrix:end -->"
+#: a cell's columns: the argument of ``@pytest.mark.support(...)`` on the tests that make it up
 COLUMNS = ("image", "multi-image", "video")
 
 
@@ -74,8 +62,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         out = pathlib.Path(tmp) / "matrix.md"
-        code = pytest.main(["-q", "-p", "no:cacheprovider", *TEST_FILES, "-k", " or ".join(SUPPORT_TESTS),
-                            "--support-matrix", str(out)])
+        code = pytest.main(["-q", "-p", "no:cacheprovider", "tests", "-m", "support", "--support-matrix", str(out)])
         if code not in (0, 1) or not out.exists():
             print(f"error: the support tests did not run (pytest exit {code})", file=sys.stderr)
             return 1

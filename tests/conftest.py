@@ -1,27 +1,14 @@
-"""Shared fixtures: tiny random-weight models of the real transformers classes, saved and reloaded from disk."""
+"""Fixtures (tiny random-weight models of the real transformers classes, saved and reloaded from disk) and the
+support-matrix hooks; helpers the tests import live in ``helpers.py``."""
 
 from __future__ import annotations
 
 import pytest
-import torch
 
+from vtc.eval.support_matrix import COLUMNS, render
 from vtc.integrations.transformers import tiny
 
 FAMILIES = tiny.FAMILIES
-
-# image sizes per family: Qwen images differ in size so multi-image prompts mix token counts and windows
-IMAGE_SIZES = {
-    "llava": [(48, 48), (48, 48)],
-    # AnyRes (width, height): NeXT 64x20 -> 1x2 crops with padded rows (3 views, 34 tokens), 48x48 -> 2x2 crops
-    # (5 views, 88 tokens); OneVision 64x40 -> 2x2 crops cut mid-crop by unpadding (5 views, 70 tokens), 128x96 -> 4x4
-    # crops unpadded and downscaled by anyres_max_9 (17 views, 156 tokens). In a multi-image OneVision prompt every
-    # image is its base view plus one newline (17 tokens).
-    "llava_next": [(64, 20), (48, 48)],
-    "llava_onevision": [(64, 40), (128, 96)],
-    "qwen2_5_vl": [(96, 96), (64, 48)],
-    "qwen2_vl": [(96, 96), (64, 48)],
-    "qwen3_vl": [(96, 64), (64, 48)],  # (width, height): 8x12 and 6x8 patch grids, resampled from Qwen3's 8x8
-}
 
 
 @pytest.fixture(scope="session")
@@ -43,52 +30,7 @@ def loaded(tiny_dirs, family):
     return model, processor
 
 
-def make_inputs(processor, family: str, questions: list[str], images_per_prompt: list[int], first_image: int = 0):
-    """Processor inputs for a batch: prompt ``i`` has ``images_per_prompt[i]`` images (left padding).
-
-    Image ``n`` of the batch (counting from ``first_image``) always has the same size and pixels, so a prompt can
-    be rebuilt alone with ``first_image`` set to the index of its first image in the batch.
-    """
-    texts, images, n = [], [], first_image
-    for question, count in zip(questions, images_per_prompt):
-        texts.append(tiny.build_prompt(processor, question, num_images=count))
-        row = []
-        for _ in range(count):
-            width, height = IMAGE_SIZES[family][n % len(IMAGE_SIZES[family])]
-            row.append(tiny.random_image(width, height, seed=n))
-            n += 1
-        images.append(row)
-    kwargs = {"text": texts, "return_tensors": "pt", "padding": True}
-    if n > first_image:
-        # OneVision's processor reads a flat list as one image per prompt (batch_num_images all 1); nest it so a
-        # prompt with several images is a multi-image prompt, as the model's chat template would make it
-        kwargs["images"] = images if len(texts) > 1 or family == "llava_onevision" else images[0]
-    return processor(**kwargs)
-
-
-def greedy(model, inputs, max_new_tokens: int = 6):
-    with torch.no_grad():
-        return model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-
-
-def reduce_by_hand(level: torch.Tensor, selection, merge: str = "mean") -> torch.Tensor:
-    """A selection applied to one image's rows of another feature set: kept rows, or each group merged by hand."""
-    if selection.features is None:
-        return level[selection.indices]
-    merged = []
-    for i, (index, group) in enumerate(zip(selection.indices.tolist(), selection.groups)):
-        if selection.weights is not None:  # the merge states its coefficients (bilinear resize, running means)
-            merged.append(selection.weights[i].float() @ level[group].float())
-        elif merge == "mean":
-            merged.append(level[group].float().mean(dim=0))
-        else:  # visionzip "target_plus_mean": the target (the slot's own token) plus the mean of the other members
-            others = group[group != index]
-            target = level[index].float()
-            merged.append(target + level[others].float().mean(dim=0) if others.numel() else target)
-    return torch.stack(merged).to(level.dtype)
-
-
-# -- the README's support matrix is generated from these tests (python -m vtc.eval.support_matrix) ----------------
+# -- the README's support matrix, from the tests marked @pytest.mark.support(column) ---------------------------------
 
 _support_outcomes: dict[tuple[str, str, str], list[bool]] = {}
 
@@ -100,23 +42,36 @@ def pytest_addoption(parser):
                      help="tests/test_demo_browser.py also writes its screenshot to docs/demo.png (the README's)")
 
 
+def support_cell(item) -> tuple[str, str, str] | None:
+    """``(family, compressor, column)`` of a test marked ``@pytest.mark.support(column)``; ``None`` when unmarked."""
+    marker = item.get_closest_marker("support")
+    if marker is None:
+        return None
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    family = params.get("family", params.get("video_family"))
+    column = marker.args[0] if len(marker.args) == 1 else None
+    if column not in COLUMNS or family is None or "compressor" not in params:
+        raise pytest.UsageError(f"{item.nodeid}: @pytest.mark.support takes one of {COLUMNS} and marks a test "
+                                "parametrized by compressor and family (or video_family)")
+    return family, params["compressor"], column
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:  # a misplaced support marker fails the run at collection, not silently at report time
+        support_cell(item)
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item, call):
     report = yield
-    from vtc.eval.support_matrix import SUPPORT_TESTS
-
-    column = SUPPORT_TESTS.get(getattr(item, "originalname", ""))
-    params = getattr(getattr(item, "callspec", None), "params", {})
-    family = params.get("family", params.get("video_family"))
-    if column and family and "compressor" in params and (report.when == "call" or report.failed):
-        _support_outcomes.setdefault((family, params["compressor"], column), []).append(report.passed)
+    cell = support_cell(item)
+    if cell is not None and (report.when == "call" or report.failed):
+        _support_outcomes.setdefault(cell, []).append(report.passed)
     return report
 
 
 def pytest_sessionfinish(session):
     path = session.config.getoption("--support-matrix")
     if path:
-        from vtc.eval.support_matrix import render
-
         with open(path, "w") as fh:
             fh.write(render(_support_outcomes))

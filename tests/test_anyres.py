@@ -11,8 +11,7 @@ import pytest
 import torch
 
 import vtc
-from conftest import greedy, make_inputs
-from test_cut import QUESTIONS, hand_built, image_token_id, prompt_ids
+from helpers import QUESTIONS, greedy, hand_built, image_token_id, make_inputs, prompt_ids
 from vtc import SignalKind, create_compressor, top_k_sorted
 from vtc.allocation import (
     GlobalCom2,

@@ -9,7 +9,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import vtc
-from conftest import greedy, make_inputs
+from helpers import greedy, hand_built, make_inputs
 from vtc.integrations.transformers.tiny import ANYRES_FAMILIES, QWEN_FAMILIES
 
 
@@ -154,8 +154,6 @@ ODD_IMAGES = {
 def test_odd_images_work_or_fail_clearly(loaded, family, kind):
     """Tiny, extremely wide / tall, grayscale and RGBA images: either everything works (keep-all is the unwrapped
     model, a compressed prompt equals the hand-built one) or the processor refuses the image with a clear message."""
-    from test_cut import hand_built
-
     from vtc.integrations.transformers import tiny
 
     model, processor = loaded

@@ -1,4 +1,4 @@
-"""Smoke test of the prefill-speedup benchmark script (eval/bench_prefill.py) on a tiny-width LLaVA: it runs, writes
+"""Smoke test of the prefill-speedup benchmark script (eval/bench/prefill.py) on a tiny-width LLaVA: it runs, writes
 sane JSON, and vtc@k really hands the LLM text + k tokens.
 
 No timing assertions and no thresholds on speedups: the figures depend on the machine.
@@ -11,7 +11,7 @@ import math
 
 import pytest
 
-from vtc.eval import bench_prefill
+from vtc.eval.bench import prefill as bench_prefill
 
 TINY = ["--vision-width", "64", "--vision-mlp", "128", "--vision-layers", "2", "--vision-heads", "4",
         "--image-size", "56", "--patch-size", "14",  # 4 x 4 patches -> 16 visual tokens

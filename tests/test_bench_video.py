@@ -1,4 +1,4 @@
-"""Smoke test of the video benchmark script (eval/bench_video.py) on a tiny video: it runs and writes sane JSON.
+"""Smoke test of the video benchmark script (eval/bench/video.py) on a tiny video: it runs and writes sane JSON.
 
 No timing assertions and no thresholds on ratios: the figures depend on the machine.
 """
@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import math
 
-from vtc.eval import bench_video
+from vtc.eval.bench import video as bench_video
 
 
 def test_bench_video_smoke(tmp_path, capsys):

@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AttentionInterface
 
-from conftest import make_inputs
+from helpers import make_inputs
 from vtc import Signal, SignalKind
 from vtc.integrations.transformers import tiny
 from vtc.integrations.transformers.adapter import adapter_for

@@ -9,79 +9,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 import vtc
-from conftest import greedy, make_inputs, reduce_by_hand
+from helpers import QUESTIONS, greedy, hand_built, hook_census, image_token_id, make_inputs, prompt_ids
 from vtc.integrations.transformers.adapter import adapter_for
 from vtc.integrations.transformers.cut import declared_signals
 from vtc.integrations.transformers.tiny import LLAVA_FAMILIES, QWEN_FAMILIES
 
-QUESTIONS = ["what is the color ?", "how many red circle are there in the image ?"]
 
-
-def image_token_id(model) -> int:
-    return int(model.config.image_token_id)
-
-
-def prompt_ids(args, kwargs) -> torch.Tensor:
-    """``input_ids`` of a call to ``model.model`` (LLaVA-NeXT passes it positionally)."""
-    return (kwargs["input_ids"] if "input_ids" in kwargs else args[0]).clone()
-
-
-def hook_census(model) -> list[tuple[str, int, int]]:
-    return [(name, len(m._forward_hooks), len(m._forward_pre_hooks)) for name, m in model.named_modules()]
-
-
-def hand_built(model, inputs, family: str, positions: str = "reindex"):
-    """The shortened prompt built by hand from the recorded selection: the reference the cut must equal."""
-    records = vtc.last_selection(model)
-    enc_keys = {"pixel_values", "image_grid_thw", "image_sizes", "batch_num_images"}
-    with torch.no_grad():
-        full = model.model.get_image_features(**{k: v for k, v in inputs.items() if k in enc_keys}, return_dict=True)
-    feats = [f[r.indices] if r.selection.features is None else r.selection.features
-             for f, r in zip(full.pooler_output, records)]
-    for f, r in zip(full.pooler_output, records):  # the built-in merges (pool, visionzip) are group means
-        if r.selection.features is not None:
-            assert torch.allclose(reduce_by_hand(f, r.selection), r.selection.features, atol=1e-5)
-    ids, mask = inputs["input_ids"], inputs["attention_mask"]
-    is_img = ids == image_token_id(model)
-    keep = torch.ones_like(ids, dtype=torch.bool)
-    slots = is_img.flatten().nonzero().squeeze(-1)
-    keep.view(-1)[slots] = False
-    offset = 0
-    for r in records:
-        keep.view(-1)[slots[offset + r.indices]] = True
-        offset += r.num_tokens
-    assert ids.shape[0] == 1, "hand-built reference is for one prompt"
-    video = None
-    if inputs.get("pixel_values_videos") is not None:  # videos get their own recorded selection (video_budget)
-        from test_video_cut import video_reference
-
-        video = video_reference(model, inputs, keep, family)
-    short = {"input_ids": ids[:, keep[0]], "attention_mask": mask[:, keep[0]]}
-    if family in QWEN_FAMILIES:
-        pos, _ = model.model.get_rope_index(ids, mm_token_type_ids=inputs["mm_token_type_ids"],
-                                            image_grid_thw=inputs["image_grid_thw"], attention_mask=mask,
-                                            video_grid_thw=inputs.get("video_grid_thw"),
-                                            second_per_grid_ts=inputs.get("second_per_grid_ts"))
-        mrope = pos[:, :, keep[0]]
-        text = torch.arange(mrope.shape[-1])[None, None]
-        short["position_ids"] = torch.cat([text, mrope], dim=0)
-        short["mm_token_type_ids"] = inputs["mm_token_type_ids"][:, keep[0]]
-    elif positions == "keep":
-        short["position_ids"] = torch.arange(ids.shape[1])[None, keep[0]]
-    image = BaseModelOutputWithPooling(pooler_output=tuple(feats))
-    if family == "qwen3_vl":  # every deepstack level gets the image's selection too
-        deepstack = [tuple(reduce_by_hand(f, r.selection) for f, r in zip(level, records))
-                     for level in full.deepstack_features]
-        image = type(full)(pooler_output=tuple(feats), deepstack_features=deepstack)
-    short["mm_encoder_outputs"] = {"image": image}
-    if video is not None:
-        short["mm_encoder_outputs"]["video"] = video
-    return short, int(keep.sum())
-
-
+@pytest.mark.support("image")
 @pytest.mark.parametrize("compressor", vtc.list_compressors())
 def test_keep_all_generate_equals_unwrapped(loaded, family, compressor):
     model, processor = loaded
@@ -92,6 +28,7 @@ def test_keep_all_generate_equals_unwrapped(loaded, family, compressor):
     assert all(r.num_kept == r.num_tokens for r in vtc.last_selection(model))
 
 
+@pytest.mark.support("image")
 @pytest.mark.parametrize("compressor", vtc.list_compressors())
 def test_compressed_generate_equals_hand_built_prompt(loaded, family, compressor):
     model, processor = loaded
@@ -123,6 +60,7 @@ def test_llava_keep_positions_equal_hand_built(tiny_dirs, family_name):
         assert not torch.allclose(model(**short).logits, model(**reindexed).logits)
 
 
+@pytest.mark.support("image")
 @pytest.mark.parametrize("compressor", vtc.list_compressors())
 def test_batch_of_two_equals_single_runs(loaded, family, compressor):
     model, processor = loaded
@@ -166,6 +104,7 @@ def test_llm_receives_exactly_the_budget(loaded, family):
     assert prefill.shape[1] == int((original_text + torch.tensor(expected)).max())
 
 
+@pytest.mark.support("multi-image")
 @pytest.mark.parametrize("compressor", vtc.list_compressors())
 def test_multi_image_prompt_each_image_gets_its_budget(loaded, family, compressor):
     model, processor = loaded
@@ -232,6 +171,7 @@ def test_text_only_prompt_passes_through(loaded, family):
     assert vtc.last_selection(model) == []
 
 
+@pytest.mark.support("image")
 @pytest.mark.parametrize("compressor", vtc.list_compressors())
 def test_forward_path_equals_hand_built_and_shrinks_labels(loaded, family, compressor):
     model, processor = loaded

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 import vtc
-from vtc.eval import synthetic as syn
-from vtc.eval import train_default
-from vtc.eval.default_accuracy import answer, evaluate, single_turn_prompt
+from vtc.eval.default_model import synthetic as syn
+from vtc.eval.default_model import train as train_default
+from vtc.eval.default_model.accuracy import answer, evaluate, single_turn_prompt
 from vtc.integrations.transformers.default import DEFAULT_MODEL_DIR
 
 
@@ -123,14 +123,14 @@ def test_training_script_runs_end_to_end_and_is_deterministic(tmp_path):
 
 
 def test_load_default_names_the_fix_for_a_missing_folder(tmp_path):
-    with pytest.raises(FileNotFoundError, match="train_default"):
+    with pytest.raises(FileNotFoundError, match="vtc.eval.default_model.train"):
         vtc.load_default(tmp_path)
 
 
 def test_cls_attention_lands_on_objects(default_model):
     """Stage 1's point: the feature layer's CLS attention concentrates on object patches (uniform attention would
     put exactly the objects' area share there)."""
-    from vtc.eval.default_fidelity import cls_attention_on_objects
+    from vtc.eval.default_model.fidelity import cls_attention_on_objects
 
     model, processor = default_model
     stats = cls_attention_on_objects(model, processor, num_images=10)

@@ -13,7 +13,7 @@ from PIL import Image
 import vtc
 from vtc.demo import render
 from vtc.demo.engine import DemoError, Engine, Limits, Spec, load_media, parse_options, write_examples
-from vtc.eval import synthetic
+from vtc.eval.default_model import synthetic
 from vtc.integrations.transformers import tiny
 from vtc.integrations.transformers.geometry import TokenBoxes
 

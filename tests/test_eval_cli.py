@@ -8,8 +8,8 @@ import json
 import pytest
 
 from vtc import cli
-from vtc.eval import sweep
-from vtc.eval.lmms_model import VtcModel
+from vtc.eval.lmms import sweep
+from vtc.eval.lmms.model import VtcModel
 
 SMALL = ["--task-images", "2", "--task-videos", "1", "--task-questions", "1"]
 

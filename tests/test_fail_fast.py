@@ -227,7 +227,7 @@ def test_cli_plugin_and_demo_fail_fast_on_an_unreachable_hub(hub_unreachable, mo
     with pytest.raises(DemoError, match="neither a local folder nor reachable on the Hugging Face Hub"):
         engine.model(HUB_ID)
     pytest.importorskip("lmms_eval")
-    from vtc.eval.lmms_model import VtcModel
+    from vtc.eval.lmms.model import VtcModel
 
     with pytest.raises(RuntimeError, match="vtc: cannot load model .*neither a local folder nor reachable"):
         VtcModel(pretrained=HUB_ID, progress=False, device="cpu")
@@ -250,7 +250,7 @@ def test_hf_hub_offline_from_the_environment_is_respected(tmp_path):
 
 def test_plugin_checks_compressor_options_before_loading(no_model_loads):
     pytest.importorskip("lmms_eval")
-    from vtc.eval.lmms_model import VtcModel
+    from vtc.eval.lmms.model import VtcModel
 
     for args, message in (("compressor=random,budget=4,seed=a", "option seed must be an int, got 'a'"),
                           ("compressor=nosuch,budget=4", "unknown compressor 'nosuch'"),
@@ -264,7 +264,7 @@ def test_plugin_checks_compressor_options_before_loading(no_model_loads):
 def test_plugin_reads_model_args_by_option_type():
     """lmms-eval hands ``layer=-1`` over as ``-1.0``: it is read as the int the option is."""
     pytest.importorskip("lmms_eval")
-    from vtc.eval.lmms_model import VtcModel
+    from vtc.eval.lmms.model import VtcModel
     from vtc.integrations.transformers import get_state
 
     model, processor = vtc.load_default()
@@ -282,7 +282,7 @@ def test_plugin_reads_model_args_by_option_type():
 
 def test_eval_rejects_unknown_tasks_before_loading(no_model_loads, tmp_path):
     pytest.importorskip("lmms_eval")
-    from vtc.eval import sweep
+    from vtc.eval.lmms import sweep
 
     with pytest.raises(sweep.EvalFailure, match="unknown task"):
         sweep.sweep(None, ["random"], [4], ["no_such_task_vtc"], [], 1, "cpu", 1, tmp_path)
@@ -310,9 +310,9 @@ def test_demo_checks_options_before_loading(tmp_path):
 def default_processor():
     from transformers import AutoProcessor
 
-    from vtc.integrations.transformers.default import default_model_path
+    from vtc.integrations.transformers.default import DEFAULT_MODEL_DIR
 
-    return AutoProcessor.from_pretrained(default_model_path())
+    return AutoProcessor.from_pretrained(DEFAULT_MODEL_DIR)
 
 
 def test_unknown_words_of_the_embedded_model(default_processor):

@@ -15,6 +15,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 import vtc
+from helpers import IMAGE_SIZES
 from vtc.flops import (
     FORMULA,
     FlopsBreakdown,
@@ -25,7 +26,6 @@ from vtc.flops import (
     prefill_flops,
     transformer_flops,
 )
-from conftest import IMAGE_SIZES
 from vtc.integrations.transformers.flops import model_dims, request_flops
 from vtc.integrations.transformers.tiny import FAMILIES, VIDEO_FAMILIES, build_prompt, build_tiny, random_image
 

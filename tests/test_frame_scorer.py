@@ -8,8 +8,7 @@ import pytest
 import torch
 
 import vtc
-from conftest import greedy, make_inputs
-from test_cut import hand_built
+from helpers import greedy, hand_built, make_inputs
 from vtc.integrations.transformers import get_state, tiny
 from vtc.integrations.transformers.frame_scorer import RELEVANCE_PROMPT, SelfFrameScorer
 

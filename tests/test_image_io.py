@@ -273,8 +273,8 @@ def test_demo_reads_the_eight_bit_picture_and_notes_animations(sixteen_bit_png, 
 
 def test_lmms_plugin_converts_task_images_and_its_tasks_read_files(sixteen_bit_png):
     pytest.importorskip("lmms_eval")
-    from vtc.eval import lmms_tasks
-    from vtc.eval.lmms_model import VtcModel
+    from vtc.eval.lmms import tasks as lmms_tasks
+    from vtc.eval.lmms.model import VtcModel
 
     [image] = lmms_tasks.doc_to_image({"image": str(sixteen_bit_png)})
     assert np.array_equal(_pixels(image), _expected_64())

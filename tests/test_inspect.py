@@ -15,8 +15,7 @@ import pytest
 import torch
 
 import vtc
-from conftest import greedy, make_inputs
-from test_video_cut import video_inputs
+from helpers import QUESTIONS, greedy, make_inputs, video_inputs
 from vtc.compressor import VisualTokens, run_compressor
 from vtc.compressors.cls_attention import ClsAttentionDetails
 from vtc.compressors.divprune import DivPruneDetails, divprune_order, nearest_neighbour_distance
@@ -29,7 +28,6 @@ from vtc.multiview import MultiViewDetails
 from vtc.selection import Details, Selection
 from vtc.signals import Signal, SignalKind
 
-QUESTIONS = ["what is the color ?", "how many red circle are there in the image ?"]
 #: compressor -> options for the tests (quota's cheap scorer needs no processor; HiPrune with anchors at small k)
 OPTIONS = {"quota": {"scorer": "similarity"}, "hiprune": {"alpha": 1.0}}
 

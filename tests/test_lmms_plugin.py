@@ -19,8 +19,8 @@ from lmms_eval import evaluator
 from lmms_eval.tasks import TaskManager
 
 import vtc
-from vtc.eval import lmms_tasks
-from vtc.eval.lmms_model import VtcModel
+from vtc.eval.lmms import tasks as lmms_tasks
+from vtc.eval.lmms.model import VtcModel
 from vtc.integrations.transformers import tiny
 
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
@@ -57,14 +57,14 @@ def responses(out, task):
 
 def test_entry_point_registers_the_vtc_model_and_stays_light():
     names = {ep.name: ep.value for ep in entry_points(group="lmms_eval.models")}
-    assert names.get("vtc") == "vtc.eval.lmms_entry:manifests"
+    assert names.get("vtc") == "vtc.eval.lmms.entry:manifests"
     from lmms_eval.models.registry_v2 import ModelRegistryV2
 
     registry = ModelRegistryV2()
     registry.load_entrypoint_manifests()
     assert registry.get_model_class("vtc") is VtcModel
-    code = ("import sys, vtc.eval.lmms_entry as e; e.manifests(); "
-            "print(sorted(m for m in ('transformers', 'vtc.eval.lmms_model', 'vtc.integrations.transformers') "
+    code = ("import sys, vtc.eval.lmms.entry as e; e.manifests(); "
+            "print(sorted(m for m in ('transformers', 'vtc.eval.lmms.model', 'vtc.integrations.transformers') "
             "if m in sys.modules))")
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert loaded.strip() == "[]"  # the model class (and transformers) load only when --model vtc is used
@@ -73,7 +73,7 @@ def test_entry_point_registers_the_vtc_model_and_stays_light():
 def test_written_tasks_hold_the_held_out_questions(tasks_dir):
     rows = [json.loads(line) for line in open(tasks_dir / "image.jsonl")]
     assert len(rows) == IMAGES * QUESTIONS
-    from vtc.eval import synthetic
+    from vtc.eval.default_model import synthetic
 
     first = synthetic.make_image_sample("test", 0).questions[0]
     assert (rows[0]["question"], rows[0]["answer"]) == (first.text, first.answer)

@@ -8,12 +8,11 @@ import pytest
 import torch
 
 import vtc
-from conftest import greedy, make_inputs, reduce_by_hand
+from helpers import QUESTIONS, greedy, make_inputs, reduce_by_hand
 from vtc.compressor import Compressor, VisualTokens
 from vtc.integrations.transformers import tiny
 from vtc.selection import Selection
 
-QUESTIONS = ["what is the color ?", "how many red circle are there in the image ?"]
 CASES = [(name, {}) for name in vtc.list_compressors()] + [("visionzip", {"merge": "target_plus_mean"})]
 
 

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from vtc.eval import synthetic as syn
+from vtc.eval.default_model import synthetic as syn
 
 
 def _pixels(image):

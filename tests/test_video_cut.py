@@ -9,60 +9,16 @@ shortened prompt built by hand from ``vtc.last_video_selection`` and the unwrapp
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
 import vtc
-from conftest import greedy, reduce_by_hand
-from vtc.compressor import VisualTokens
+from helpers import QUESTIONS, greedy, video_inputs, video_reference, video_token_id
 from vtc.integrations.transformers import tiny
-from vtc.integrations.transformers.adapter import adapter_for
-from vtc.video import VideoTokens
 
 VIDEO_FAMILIES = tiny.VIDEO_FAMILIES
-QUESTIONS = ["what is the color ?", "how many red circle are there in the image ?"]
 #: the compressors of the batch test: a pruning one, a merging one, and the two video compressors
 BATCH_COMPRESSORS = ["fastervlm", "pool", "quota", "progressive"]
-
-# video ``n`` of a batch: (frame seeds, width, height). Frames repeat so progressive really folds tokens across
-# frames (on Qwen a temporal step fuses two frames: video 0 is steps A, A, B). OneVision stacks the videos of a batch
-# into one tensor, so its videos share a frame count; Qwen's differ in size and length.
-VIDEOS = {
-    "qwen": [([0, 0, 0, 0, 1, 1], 56, 42), ([3, 3, 4, 4], 84, 56)],
-    "llava_onevision": [([0, 0, 1, 1, 2, 2], 56, 42), ([3, 4, 5, 3, 4, 5], 84, 56)],
-}
-
-
-def video_token_id(model) -> int:
-    return adapter_for(model).video_token_id()
-
-
-def make_video(family: str, n: int) -> np.ndarray:
-    seeds, width, height = VIDEOS["llava_onevision" if family == "llava_onevision" else "qwen"][n]
-    return np.stack([np.array(tiny.random_image(width, height, seed=100 + s)) for s in seeds])
-
-
-def video_inputs(processor, family: str, questions: list[str], first_video: int = 0, image: bool = False):
-    """One video per prompt (video ``first_video + i`` for prompt ``i``), optionally an image before it; left
-    padding."""
-    texts, videos = [], []
-    for i, question in enumerate(questions):
-        content = ([{"type": "image"}] if image else []) + [{"type": "video"}, {"type": "text", "text": question}]
-        texts.append(processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
-                                                   tokenize=False))
-        videos.append(make_video(family, first_video + i))
-    kwargs = {"text": texts, "videos": videos, "return_tensors": "pt", "padding": True}
-    if image:
-        kwargs["images"] = [[tiny.random_image(64, 48, seed=first_video + i)] for i in range(len(questions))]
-    if family == "qwen3_vl":  # keep every frame (its processor otherwise resamples at a default fps)
-        kwargs["do_sample_frames"] = False
-    inputs = processor(**kwargs)
-    if family == "qwen2_5_vl":
-        # 1 s per temporal step (2 fps, as real inputs): without video metadata the processor assumes 24 fps, and every
-        # step would then round to the same temporal M-RoPE id
-        inputs["second_per_grid_ts"] = torch.ones_like(inputs["second_per_grid_ts"])
-    return inputs
 
 
 def prompt_kwargs(args, kwargs) -> dict:
@@ -84,65 +40,6 @@ def prefill_seen(model, inputs, max_new_tokens: int = 2) -> tuple[torch.Tensor, 
     finally:
         hook.remove()
     return out, seen[0]
-
-
-def merge_by_hand(level: torch.Tensor, selection) -> torch.Tensor:
-    """A (flat) selection applied to a video's rows of a feature set: kept rows, a merge stated as coefficients
-    replayed, or else each group's mean (the built-in merges without weights: pool, visionzip)."""
-    if selection.features is None:
-        return level[selection.indices]
-    if selection.weights is not None:
-        rows = [w.float() @ level[g].float() for g, w in zip(selection.groups, selection.weights)]
-        return torch.stack(rows).to(level.dtype)
-    return reduce_by_hand(level, selection)
-
-
-def full_video_features(model, inputs):
-    args = [inputs["pixel_values_videos"]]
-    if inputs.get("video_grid_thw") is not None:  # Qwen; OneVision's frames are fixed-size
-        args.append(inputs["video_grid_thw"])
-    with torch.no_grad():
-        return model.model.get_video_features(*args, return_dict=True)
-
-
-def video_reference(model, inputs, keep: torch.Tensor, family: str):
-    """The video part of a hand-built shortened prompt: clears the unkept video placeholders in ``keep`` (``[B, L]``,
-    edited in place) and returns the ``mm_encoder_outputs["video"]`` holding, per video, the unwrapped model's own
-    features at the kept indices (merged ones checked against the full features), OneVision's newline, and on
-    Qwen3-VL every deepstack level gathered (merged) the same way."""
-    records = vtc.last_video_selection(model)
-    full = full_video_features(model, inputs)
-    slots = (inputs["input_ids"] == video_token_id(model)).flatten().nonzero().squeeze(-1)
-    keep.view(-1)[slots] = False
-    deepstack = list(getattr(full, "deepstack_features", None) or [])
-    kept, kept_levels, offset = [], [[] for _ in deepstack], 0
-    assert len(records) == len(full.pooler_output)
-    for v, record in enumerate(records):
-        n = record.num_tokens
-        feats, suffix = full.pooler_output[v][:n], full.pooler_output[v][n:]
-        assert suffix.shape[0] == record.num_suffix_tokens == (1 if family == "llava_onevision" else 0)
-        sizes = [rows * cols for rows, cols in record.grids]
-        video = VideoTokens([VisualTokens(features=f, grid=g) for f, g in zip(torch.split(feats, sizes), record.grids)])
-        flat = record.selection.flat(video)
-        assert flat.indices.tolist() == torch.cat(
-            [r.selection.indices + o for r, o in zip(record.selection.frames, video.offsets())]).tolist()
-        if flat.features is None:
-            picked = feats[flat.indices]
-        else:  # the recorded merge equals the group means / stated weights of the full features
-            picked = flat.features
-            assert torch.allclose(merge_by_hand(feats, flat), picked, atol=1e-5)
-        kept.append(torch.cat([picked, suffix]))
-        for j, level in enumerate(deepstack):
-            kept_levels[j].append(merge_by_hand(level[v], flat))
-        keep.view(-1)[slots[offset + flat.indices]] = True
-        keep.view(-1)[slots[offset + n: offset + n + suffix.shape[0]]] = True  # the newline, always kept
-        offset += n + suffix.shape[0]
-    assert offset == slots.numel()
-    if family == "llava_onevision":  # the model flattens [videos, tokens, D] itself
-        return type(full)(pooler_output=torch.cat(kept)[None])
-    if deepstack:
-        return type(full)(pooler_output=tuple(kept), deepstack_features=[tuple(level) for level in kept_levels])
-    return type(full)(pooler_output=tuple(kept))
 
 
 def original_mrope(model, inputs) -> torch.Tensor:
@@ -182,6 +79,7 @@ def loaded_video(tiny_dirs, video_family):
 
 # -- 1. keep-all is the unwrapped model ----------------------------------------------------------------------------
 
+@pytest.mark.support("video")
 @pytest.mark.parametrize("compressor", vtc.list_compressors())
 def test_keep_all_video_generate_equals_unwrapped(loaded_video, video_family, compressor):
     model, processor = loaded_video
@@ -196,6 +94,7 @@ def test_keep_all_video_generate_equals_unwrapped(loaded_video, video_family, co
 
 # -- 2. a compressed video is the hand-built shortened prompt ------------------------------------------------------
 
+@pytest.mark.support("video")
 @pytest.mark.parametrize("compressor", vtc.list_compressors())
 def test_compressed_video_generate_equals_hand_built_prompt(loaded_video, video_family, compressor):
     model, processor = loaded_video
@@ -243,6 +142,7 @@ def test_video_batch_of_two_equals_single_runs(loaded_video, video_family, compr
 
 # -- 4. an image and a video in one prompt: each its own budget ----------------------------------------------------
 
+@pytest.mark.support("video")
 @pytest.mark.parametrize("compressor", vtc.list_compressors())
 def test_image_and_video_each_get_their_own_budget(loaded_video, video_family, compressor):
     model, processor = loaded_video
@@ -262,6 +162,7 @@ def test_image_and_video_each_get_their_own_budget(loaded_video, video_family, c
 
 # -- 5. budgets resolve as documented, exactly ---------------------------------------------------------------------
 
+@pytest.mark.support("video")
 @pytest.mark.parametrize("video_budget", [7, 0.3, 10_000])
 @pytest.mark.parametrize("compressor", vtc.list_compressors())
 def test_video_budget_resolves_and_reaches_the_llm_exactly(loaded_video, video_family, compressor, video_budget):

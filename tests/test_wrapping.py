@@ -19,8 +19,7 @@ from accelerate import cpu_offload, dispatch_model
 from accelerate.hooks import AlignDevicesHook, add_hook_to_module, remove_hook_from_module
 
 import vtc
-from conftest import greedy, make_inputs
-from test_cut import QUESTIONS, hand_built, hook_census
+from helpers import QUESTIONS, greedy, hand_built, hook_census, make_inputs
 from vtc.integrations.transformers import tiny
 from vtc.integrations.transformers.cut import WrappedMethod, offloaded_weights_loaded
 

@@ -96,7 +96,7 @@ def last_prompt_lengths(model) -> list[tuple[int, int]]:
 def load_default(path=None, *, dtype=None):
     """``(model, processor)`` of the embedded default model: a small LLaVA trained on synthetic shapes (no download).
 
-    ``path`` loads a folder written by ``python -m vtc.eval.train_default`` instead.
+    ``path`` loads a folder written by ``python -m vtc.eval.default_model.train`` instead.
     """
     from .integrations.transformers.default import load_default as _load_default
 

@@ -54,7 +54,7 @@ def _image_and_question(path: str | None, question: str | None, sample_index: in
     from .image_io import load_image
 
     if path is None:
-        from .eval import synthetic
+        from .eval.default_model import synthetic
 
         sample = synthetic.make_image_sample("test", sample_index)
         if question is None:
@@ -173,14 +173,14 @@ def _chat_prompt(processor, question: str) -> str:
 
 
 def cmd_eval(args) -> int:
-    """Sweep compressors x budgets x tasks through lmms-eval; see ``vtc.eval.sweep``."""
+    """Sweep compressors x budgets x tasks through lmms-eval; see ``vtc.eval.lmms.sweep``."""
     import json
     import pathlib
 
     try:
         from tqdm import tqdm
 
-        from .eval import lmms_tasks, sweep
+        from .eval.lmms import sweep, tasks as lmms_tasks
     except ImportError as exc:
         print(f"error: vtc eval needs lmms-eval, matplotlib and tqdm ({exc}); install them with "
               "pip install 'vtc[eval]'", file=sys.stderr)

@@ -34,7 +34,7 @@ from vtc.image_io import to_rgb
 from vtc.integrations.transformers.preflight import (ModelNotFoundError, check_request, coerce_request_options,
                                                      resolve_model_ref)
 
-from .measure import FirstTokenClock, PeakMemory, make_cpu_memory_measurable, sync
+from ..measure import FirstTokenClock, PeakMemory, make_cpu_memory_measurable, sync
 
 NONE = "none"
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}

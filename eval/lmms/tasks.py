@@ -1,6 +1,6 @@
 """Offline lmms-eval tasks on the embedded default model's held-out data (the synthetic *test* split).
 
-    python -m vtc.eval.lmms_tasks DIR [--images 100 --videos 30 --questions 4]
+    python -m vtc.eval.lmms.tasks DIR [--images 100 --videos 30 --questions 4]
     python -m lmms_eval --model vtc --model_args compressor=hiprune,budget=64 --tasks vtc_shapes \\
         --include_path DIR --output_path out --log_samples
 
@@ -14,7 +14,7 @@ YAMLs, so the whole evaluation path runs on a fresh machine with no hub:
 
 The tag ``vtc_shapes`` runs all three. The YAMLs hold absolute paths because ``datasets`` resolves relative
 ``data_files`` against the working directory, not the YAML's; move the folder and write it again. Questions are the
-first ``--questions`` of each sample, as in ``vtc.eval.default_fidelity``.
+first ``--questions`` of each sample, as in ``vtc.eval.default_model.fidelity``.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import argparse
 import json
 import pathlib
 
-from . import synthetic as syn
+from ..default_model import synthetic as syn
 
 TASKS = ("vtc_shapes_image", "vtc_shapes_video", "vtc_shapes_image_mc")
 TAG = "vtc_shapes"
@@ -84,8 +84,8 @@ metric_list:
 include: _vtc_shapes_template
 """
 
-_UTILS = '''"""Task functions of the vtc_shapes tasks (written by python -m vtc.eval.lmms_tasks)."""
-from vtc.eval.lmms_tasks import doc_to_image, doc_to_text, doc_to_video, process_results  # noqa: F401
+_UTILS = '''"""Task functions of the vtc_shapes tasks (written by python -m vtc.eval.lmms.tasks)."""
+from vtc.eval.lmms.tasks import doc_to_image, doc_to_text, doc_to_video, process_results  # noqa: F401
 '''
 
 
@@ -202,7 +202,7 @@ def write_tasks(directory, images: int = 100, videos: int = 30, questions: int =
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m vtc.eval.lmms_tasks", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m vtc.eval.lmms.tasks", description=__doc__.split("\n\n")[0])
     parser.add_argument("directory")
     parser.add_argument("--images", type=int, default=100)
     parser.add_argument("--videos", type=int, default=30)

@@ -19,7 +19,7 @@ the median over rounds is reported (min too). On CPU it also reports the share o
 other work on the machine skews CPU timings badly, so a low share is flagged. No assertions -- it prints figures
 (and ``--json`` writes them).
 
-    python -m vtc.eval.bench_capture [--device cpu] [--dtype float32] [--batch 1] [--repeats 9] [--json out.json]
+    python -m vtc.eval.bench.capture [--device cpu] [--dtype float32] [--batch 1] [--repeats 9] [--json out.json]
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import time
 
 import torch
 
-from vtc.eval.benchmarking import (
+from vtc.eval.bench.common import (
     NUM_HEADS, NUM_LAYERS, CpuShare, build_clip_l_tower, describe_device, environment, finish, rotating_rounds,
     run_summary, time_once, write_report,
 )
@@ -114,7 +114,7 @@ def sanity(sdpa, eager, pixel_values, last_results) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m vtc.eval.bench.capture", description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     parser.add_argument("--batch", type=int, default=1, help="images per forward (default 1)")

@@ -51,7 +51,7 @@ that delimit the hook and the kernel are added by this script for the memory pas
 one after vtc's, and a record_function around ``received_attention``); they observe, they change nothing. No
 assertions -- it prints figures (and ``--json`` writes them).
 
-    python -m vtc.eval.bench_video [--device cpu] [--dtype float32] [--depth 32] [--frames 64] [--size 224]
+    python -m vtc.eval.bench.video [--device cpu] [--dtype float32] [--depth 32] [--frames 64] [--size 224]
         [--budget 0.25] [--variants plain,progressive,quota,hiprune,fastervlm] [--repeats 5] [--json out.json]
 """
 
@@ -68,7 +68,7 @@ from dataclasses import dataclass, field
 import torch
 
 from vtc.budget import parse_budget, resolve_budget
-from vtc.eval.benchmarking import (
+from vtc.eval.bench.common import (
     CpuShare, describe_device, environment, finish, rotating_rounds, run_summary, sync, time_once, write_report,
 )
 
@@ -405,7 +405,7 @@ def _mib(n) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m vtc.eval.bench.video", description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     parser.add_argument("--depth", type=int, default=DEPTH_7B, help="vision blocks (default 32, the 7B's)")

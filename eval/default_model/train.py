@@ -1,6 +1,6 @@
 """Train the embedded default model (``vtc.load_default()``) from scratch on the synthetic data, on a CPU.
 
-    python -m vtc.eval.train_default --out my-default-model        # ~80 min on 2 CPU cores
+    python -m vtc.eval.default_model.train --out my-default-model        # ~80 min on 2 CPU cores
 
 The model is a real ``LlavaForConditionalGeneration`` -- a CLIP vision tower *with a CLS token* (224 px, patch 16:
 196 visual tokens per image), a 2-layer MLP projector and a small Llama LM over a word-level vocabulary -- so every
@@ -362,7 +362,8 @@ def train_stage2(model, processor, steps: int, batch: int, video_batch: int, vid
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m vtc.eval.train_default", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m vtc.eval.default_model.train",
+                                     description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="output folder (save_pretrained layout)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
@@ -412,7 +413,7 @@ def main(argv=None) -> int:
     model.half().save_pretrained(out)
     processor.save_pretrained(out)
     model.float()
-    from .default_accuracy import evaluate
+    from .accuracy import evaluate
 
     val = evaluate(model, processor, split="validation", num_images=args.eval_images, num_videos=args.eval_videos)
     settings = {k: v for k, v in vars(args).items() if k != "out"}  # no machine paths in the shipped summary

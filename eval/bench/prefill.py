@@ -44,7 +44,7 @@ Time: after the warm-up rounds, each round times every variant once, in a rotati
 rounds are reported. On CPU it also reports the share of CPU the process got while timing (other work on the machine
 skews CPU timings). No assertions -- it prints figures (and ``--json`` writes them).
 
-    python -m vtc.eval.bench_prefill [--device cpu] [--dtype float32] [--llm-layers 4] [--budgets 64,128,192]
+    python -m vtc.eval.bench.prefill [--device cpu] [--dtype float32] [--llm-layers 4] [--budgets 64,128,192]
         [--compressor fastervlm] [--rounds 5] [--warmup 1] [--json out.json]
 """
 
@@ -58,7 +58,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from vtc.eval.benchmarking import (
+from vtc.eval.bench.common import (
     CpuShare, describe_device, environment, finish, rotating_rounds, run_summary, time_once, write_report,
 )
 
@@ -295,7 +295,7 @@ def _parse_budgets(text: str) -> list[int]:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m vtc.eval.bench.prefill", description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     parser.add_argument("--budgets", default="64,128,192", help="comma-separated visual tokens kept (of 576)")

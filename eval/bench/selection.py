@@ -12,7 +12,8 @@ What: in one run,
   selection ``vtc.run_compressor(compressor, tokens, budget)`` for every compressor in ``vtc.list_compressors()``
             at each size, on random fp32 features ``[N, 4096]`` (fixed seed) with random signals for exactly
             what the compressor declares on a CLIP-L ``TowerInfo`` (attention: softmax of a random ``[N]``
-            vector; keys: random ``[N, 64]``). Selection only: capturing the signals is bench_capture's job.
+            vector; keys: random ``[N, 64]``). Selection only: capturing the signals is
+            ``vtc.eval.bench.capture``'s job.
 
 Everything runs under ``torch.inference_mode()``. After one warm-up round, each round times the tower and every
 (compressor, N) once, in a rotating order; medians over rounds are reported. A (compressor, N) whose warm-up call
@@ -20,7 +21,7 @@ takes longer than ``--slow-seconds`` (DivPrune at N = 12,544: its first pick is 
 ``--slow-repeats`` times, and the table says so. On CPU the share of CPU the process got is reported: other work
 on the machine skews the figures. No assertions -- it prints figures (and ``--json`` writes them).
 
-    python -m vtc.eval.bench_selection [--budget 64] [--sizes 576,12544] [--repeats 7] [--json out.json]
+    python -m vtc.eval.bench.selection [--budget 64] [--sizes 576,12544] [--repeats 7] [--json out.json]
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ import zlib
 
 import torch
 
-from vtc.eval.benchmarking import (
+from vtc.eval.bench.common import (
     NUM_LAYERS, CpuShare, build_clip_l_tower, describe_device, environment, finish, rotating_rounds, run_summary,
     time_once, write_report,
 )
@@ -85,7 +86,7 @@ def main(argv=None) -> int:
     import vtc
     from vtc.signals import TowerInfo
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m vtc.eval.bench.selection", description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--budget", default="64", help="tokens kept per image (int) or a ratio (0.25, 25%%)")
     parser.add_argument("--sizes", default="576,12544", help="comma-separated N (perfect squares) or ROWSxCOLS")

@@ -68,7 +68,7 @@ def run_one(model, processor, compressor: str, budget, tasks: list[str], task_ma
     """Evaluate ``tasks`` once with ``compressor`` at ``budget`` (``"none"``: baseline); returns one run entry."""
     from lmms_eval import evaluator
 
-    from .lmms_model import VtcModel
+    from .model import VtcModel
 
     kwargs = {} if compressor == "none" else {"budget": budget}
     lm = VtcModel(model=model, processor=processor, pretrained=model_name, compressor=compressor, device=device,
@@ -170,8 +170,8 @@ def sweep(model_ref: str | None, compressors: list[str], budgets: list, tasks: l
     """Run the baseline and every compressor x budget; returns the JSON-ready result (also written to out_dir)."""
     from lmms_eval.tasks import TaskManager
 
-    from .lmms_model import VtcModel
-    from .measure import make_cpu_memory_measurable
+    from .model import VtcModel
+    from ..measure import make_cpu_memory_measurable
 
     make_cpu_memory_measurable()
     _quiet_lmms_eval()

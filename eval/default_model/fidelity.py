@@ -1,6 +1,6 @@
 """Accuracy of the embedded default model at 100 % / 33 % / 11 % of its visual tokens, for every compressor.
 
-    python -m vtc.eval.default_fidelity [--images 200 --videos 60] [--out results.json]
+    python -m vtc.eval.default_model.fidelity [--images 200 --videos 60] [--out results.json]
 
 The first real fidelity numbers of the project: the same held-out test questions answered with all 196 tokens per
 image (frame) and with each registered compressor keeping a third / a ninth of them. A video's 8 frames are one
@@ -24,15 +24,15 @@ import torch
 import vtc
 
 from . import synthetic as syn
-from .default_accuracy import evaluate
-from .train_default import patch_targets
+from .accuracy import evaluate
+from .train import patch_targets
 
 RATIOS = (0.33, 0.11)
 
 
 def cls_attention_on_objects(model, processor, num_images: int = 100) -> dict:
     """Share of the feature layer's CLS attention on object patches, vs the share of patches that are objects."""
-    from .default_accuracy import single_turn_prompt
+    from .accuracy import single_turn_prompt
 
     vtc.apply(model, "fastervlm", budget=22)
     on_object, area, precision = [], [], []
@@ -56,8 +56,9 @@ def cls_attention_on_objects(model, processor, num_images: int = 100) -> dict:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m vtc.eval.default_fidelity", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", help="folder written by train_default (default: the embedded model)")
+    parser = argparse.ArgumentParser(prog="python -m vtc.eval.default_model.fidelity",
+                                     description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", help="folder written by vtc.eval.default_model.train (default: the embedded model)")
     parser.add_argument("--images", type=int, default=200)
     parser.add_argument("--videos", type=int, default=60)
     parser.add_argument("--questions", type=int, default=4, help="questions per image / video")
