@@ -560,6 +560,20 @@ def _original_positions(state: CutState, user_positions, input_ids: torch.Tensor
     return None
 
 
+def encoder_outputs(adapter: FamilyAdapter, selected: SelectedCall) -> dict:
+    """``mm_encoder_outputs`` for the shortened prompt: per modality, the adapter's copy of its encoder output holding
+    only the kept (or merged) features, and the extra levels with the same selection."""
+    outputs = {}
+    if selected.images is not None:
+        kept = selected.kept_images
+        outputs["image"] = adapter.shrink_output(selected.images, [k.features for k in kept], [k.levels for k in kept])
+    if selected.videos is not None:
+        kept = selected.kept_videos
+        outputs["video"] = adapter.shrink_video_output(selected.videos, [k.features for k in kept],
+                                                       [k.levels for k in kept])
+    return outputs
+
+
 def shrink(state: CutState, inputs: dict, with_labels: bool) -> ShrunkInputs:
     """Stages 1-4: ``select_call``, then the shortened inputs for the original method."""
     model, adapter = state.adapter.model, state.adapter
@@ -588,16 +602,7 @@ def shrink(state: CutState, inputs: dict, with_labels: bool) -> ShrunkInputs:
         out["labels"] = pack(labels, fill=-100)
     if positions is not None:
         out["position_ids"] = adapter.position_ids(pack(positions, fill=1), new_mask)
-    mm_outputs = {}
-    if selected.images is not None:
-        kept = selected.kept_images
-        mm_outputs["image"] = adapter.shrink_output(selected.images, [k.features for k in kept],
-                                                    [k.levels for k in kept])
-    if selected.videos is not None:
-        kept = selected.kept_videos
-        mm_outputs["video"] = adapter.shrink_video_output(selected.videos, [k.features for k in kept],
-                                                          [k.levels for k in kept])
-    out["mm_encoder_outputs"] = mm_outputs
+    out["mm_encoder_outputs"] = encoder_outputs(adapter, selected)
     state.records = selected.records
     state.video_records = selected.video_records
     state.prompt_lengths = selected.prompt_lengths
