@@ -12,6 +12,7 @@ from helpers import QUESTIONS, greedy, make_inputs, reduce_by_hand
 from vtc.compressor import Compressor, VisualTokens
 from vtc.integrations.transformers import tiny
 from vtc.selection import Selection
+from vtc.video import VideoTokens
 
 CASES = [(name, {}) for name in vtc.list_compressors()] + [("visionzip", {"merge": "target_plus_mean"})]
 
@@ -100,3 +101,31 @@ def test_feature_dependent_merge_is_refused_with_a_clear_error(tiny_dirs):
     vtc.apply(other, FeatureNormMerge(), budget=4)
     greedy(other, make_inputs(processor, "qwen2_vl", QUESTIONS[:1], [1]), max_new_tokens=1)
     assert [r.num_kept for r in vtc.last_selection(other)] == [4]
+
+
+@pytest.mark.parametrize("compressor", ["random", "pool", "quota", "progressive"])
+def test_images_as_video_levels_get_the_video_selection(tiny_dirs, compressor):
+    """``images_as_video``: a prompt's images are the frames of one video, and every deepstack level of those images
+    gets the video's selection (kept rows, or the same merge), frame by frame."""
+    model, processor = tiny.load_tiny(tiny_dirs["qwen3_vl"])
+    inputs = make_inputs(processor, "qwen3_vl", QUESTIONS, [2, 1])
+    with torch.no_grad():
+        full = model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"], return_dict=True)
+    vtc.apply(model, compressor, budget=64, video_budget=10, images_as_video=True)
+    seen, handle = capture_llm_inputs(model)
+    greedy(model, inputs, max_new_tokens=2)
+    handle.remove()
+    records, videos = vtc.last_selection(model), vtc.last_video_selection(model)
+    assert [v.num_kept for v in videos] == [10, 10]
+    got = seen[0]["deepstack"]
+    assert got is not None and len(got) == len(full.deepstack_features)
+    for level, received in zip(full.deepstack_features, got):
+        expected = []
+        for video in videos:
+            frames = [r for r in records if r.extra["video"] == video.video_index]
+            rows = [level[r.image_index] for r in frames]
+            flat = video.selection.flat(VideoTokens([VisualTokens(x, grid=r.grid) for x, r in zip(rows, frames)]))
+            expected.append(reduce_by_hand(torch.cat(rows), flat))
+        expected = torch.cat(expected)
+        assert received.shape == expected.shape == (20, level[0].shape[-1])
+        assert torch.allclose(received, expected, atol=1e-6)

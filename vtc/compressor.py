@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Callable, ClassVar, Mapping, TypeVar
+from typing import ClassVar, Mapping, TypeVar
 
 import torch
 
@@ -60,6 +60,13 @@ class Compressor:
     name: ClassVar[str] = ""
     #: True when the compressor needs the text query (the integration then embeds the prompt).
     uses_query: ClassVar[bool] = False
+    #: True when the compressor budgets a whole video itself (``vtc.video.VideoCompressor.select_video``); image
+    #: compressors run on a video frame by frame, each frame an equal share of the budget.
+    handles_video: ClassVar[bool] = False
+    #: True when the compressor reads ``VideoTokens.frame_scores``: per-frame relevance the integration computes
+    #: with the wrapped model (QuoTA's ``scorer="self"``), which the core cannot. A property may decide it per
+    #: instance; the integration then needs the model's processor (``vtc.apply(..., processor=...)``).
+    needs_frame_scores: ClassVar[bool] = False
 
     def signals(self, tower: TowerInfo) -> tuple[Signal, ...]:
         return ()
@@ -146,6 +153,3 @@ def top_k_sorted(scores: torch.Tensor, k: int) -> torch.Tensor:
     """
     order = torch.sort(scores.float(), descending=True, stable=True).indices
     return torch.sort(order[:k]).values
-
-
-ScoreFn = Callable[[VisualTokens], torch.Tensor]

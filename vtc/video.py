@@ -25,6 +25,7 @@ from typing import ClassVar, Sequence
 import torch
 
 from .budget import Budget, resolve_budget, validate_budget
+from .budget_split import even_budgets
 from .compressor import Compressor, VisualTokens, run_compressor
 from .selection import Details, Selection
 from .signals import Signal
@@ -200,9 +201,6 @@ class VideoCompressor(Compressor):
     """Base class of compressors that budget a whole video (frames compete for one budget)."""
 
     handles_video: ClassVar[bool] = True
-    #: True when the compressor wants ``VideoTokens.frame_scores`` from the integration (QuoTA's "self" scorer:
-    #: the wrapped model rates each frame); an instance attribute or property may override it per configuration
-    needs_frame_scores: ClassVar[bool] = False
 
     def select_video(self, video: VideoTokens, budget: int) -> VideoSelection:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -216,7 +214,7 @@ class VideoCompressor(Compressor):
 def run_video_compressor(compressor: Compressor, video: VideoTokens, budget: Budget) -> VideoSelection:
     """Resolve the video budget and run ``compressor`` on ``video``; image compressors go frame by frame."""
     total = resolve_budget(validate_budget(budget), video.num_tokens)
-    if getattr(compressor, "handles_video", False):
+    if compressor.handles_video:
         result = compressor.select_video(video, total)
     else:
         result = select_frames_evenly(compressor, video, total)
@@ -224,23 +222,10 @@ def run_video_compressor(compressor: Compressor, video: VideoTokens, budget: Bud
 
 
 def select_frames_evenly(compressor: Compressor, video: VideoTokens, total: int) -> VideoSelection:
-    """An image compressor on a video: every frame gets the same share (remainder to the first frames; capped at a
-    frame's size, the excess going to the frames after it), then the compressor selects inside each frame."""
-    sizes = video.frame_sizes
-    budgets = [0] * len(sizes)
-    left = min(total, sum(sizes))
-    order = list(range(len(sizes)))
-    while left > 0 and order:
-        share, extra = divmod(left, len(order))
-        nxt = []
-        for pos, t in enumerate(order):
-            want = share + (1 if pos < extra else 0)
-            give = min(want, sizes[t] - budgets[t])
-            budgets[t] += give
-            left -= give
-            if budgets[t] < sizes[t]:
-                nxt.append(t)
-        order = nxt
+    """An image compressor on a video: every frame gets the same share (``even_budgets``: remainder to the first
+    frames, capped at a frame's size, the excess shared by the others), then the compressor selects inside each
+    frame."""
+    budgets = even_budgets(total, video.frame_sizes)
     records = []
     for t, (frame, b) in enumerate(zip(video.frames, budgets)):
         sel = run_compressor(compressor, frame, b) if b > 0 else _empty_selection(frame)

@@ -19,6 +19,8 @@ from vtc.video import VideoRecord
 from .adapter import FamilyAdapter, adapter_for, supported_families
 from .cut import STATE_ATTR as _STATE_ATTR
 from .cut import CutState, unwrap, wrap
+
+#: the options ``apply`` takes itself; every other keyword is the compressor's (``preflight`` splits requests by it)
 _INTEGRATION_OPTIONS = ("positions", "allocation", "video_budget", "processor", "decouple_query", "images_as_video")
 
 
@@ -36,11 +38,12 @@ def apply(model, compressor="cls_attention", budget: Budget = 64, **options):
     embedded default model).
     """
     budget = validate_budget(budget)
-    video_budget = options.pop("video_budget", None)
+    own = {key: options.pop(key) for key in _INTEGRATION_OPTIONS if key in options}
+    video_budget = own.get("video_budget")
     if video_budget is not None:
         video_budget = validate_budget(video_budget)
-    processor = options.pop("processor", None)
-    decouple_query = options.pop("decouple_query", False)
+    processor = own.get("processor")
+    decouple_query = own.get("decouple_query", False)
     frame_scorer = None
     if processor is not None:
         from .frame_scorer import SelfFrameScorer
@@ -48,16 +51,16 @@ def apply(model, compressor="cls_attention", budget: Budget = 64, **options):
         frame_scorer = SelfFrameScorer(processor, decouple=bool(decouple_query))
     elif decouple_query:
         raise ValueError("decouple_query=True asks the model a question in words, which needs processor=processor")
-    images_as_video = options.pop("images_as_video", False)
+    images_as_video = own.get("images_as_video", False)
     if not isinstance(images_as_video, bool):
         raise TypeError(f"images_as_video must be True or False, got {images_as_video!r}")
     adapter = adapter_for(model)
-    positions = options.pop("positions", None) or adapter.position_modes[0]
+    positions = own.get("positions") or adapter.position_modes[0]
     if positions not in adapter.position_modes:
         raise ValueError(
             f"positions={positions!r} is not available for {adapter.family}; choose one of {adapter.position_modes}"
         )
-    allocation = create_allocation(options.pop("allocation", None))
+    allocation = create_allocation(own.get("allocation"))
     if allocation.name != "even" and not adapter.multi_view:
         raise ValueError(
             f"allocation={allocation.name!r} splits the budget of an AnyRes image over its views (base + crops), "

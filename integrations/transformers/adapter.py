@@ -34,13 +34,9 @@ class EncodedImages:
     features: list[torch.Tensor]
     layouts: list[ImageLayout]
     signals: list[dict[Signal, torch.Tensor]]  # per image, laid out like its features
-    extra_outputs: dict[str, Any] = field(default_factory=dict)  # other modalities encoded untouched (video)
-    position_inputs: dict[str, Any] = field(default_factory=dict)  # what the position computation needs
     #: per image: further feature sets laid out like its features that the LLM also reads at the image's
     #: placeholder positions (Qwen3-VL deepstack levels); each gets the same selection as ``features``
     levels: list[list[torch.Tensor]] = field(default_factory=list)
-    #: filled by the cut: per image, ``levels`` with the selection applied (what ``shrink_output`` hands on)
-    kept_levels: list[list[torch.Tensor]] = field(default_factory=list)
     #: per image: for an AnyRes image (``layouts[i].packed`` set) its signals per view, each laid out like the view's
     #: visible grid (``PackedLayout.view_grid``); ``None`` for single-view images (their signals are in ``signals``)
     views: list[list[dict[Signal, torch.Tensor]] | None] = field(default_factory=list)
@@ -119,7 +115,8 @@ class FamilyAdapter:
 
     def shrink_video_output(self, encoded: EncodedVideos, kept: list[torch.Tensor],
                             kept_levels: list[list[torch.Tensor]]) -> Any:
-        """A copy of the video output holding, per video, only its kept (or merged) tokens and its suffix."""
+        """A copy of the video output holding, per video, only its kept (or merged) tokens and its suffix;
+        ``kept_levels[v]``: video ``v``'s ``levels`` with its selection applied."""
         return type(encoded.output)(pooler_output=tuple(kept))
 
     def encoder_kwargs(self, inputs: dict) -> dict:
@@ -131,8 +128,9 @@ class FamilyAdapter:
         raise NotImplementedError
 
     # -- positions -----------------------------------------------------------------------------------------
-    def original_positions(self, input_ids, attention_mask, encoded: EncodedImages) -> torch.Tensor:
-        """Positions of the original sequence as ``[R, B, L]`` (R = 1 for 1-D RoPE, 3 for M-RoPE)."""
+    def original_positions(self, input_ids, attention_mask, position_inputs: dict) -> torch.Tensor:
+        """Positions of the original sequence as ``[R, B, L]`` (R = 1 for 1-D RoPE, 3 for M-RoPE);
+        ``position_inputs``: what ``position_inputs`` took from the call, plus its ``mm_token_type_ids`` if given."""
         positions = attention_mask.long().cumsum(-1) - 1
         return positions.masked_fill(attention_mask == 0, 1)[None]
 
@@ -143,10 +141,11 @@ class FamilyAdapter:
         """
         return kept_positions[0]
 
-    def shrink_output(self, encoded: EncodedImages, kept_features: list[torch.Tensor], selections) -> Any:
-        """A copy of the encoder output holding only the kept (or merged) features."""
-        output = type(encoded.output)(pooler_output=tuple(kept_features))
-        return output
+    def shrink_output(self, encoded: EncodedImages, kept_features: list[torch.Tensor],
+                      kept_levels: list[list[torch.Tensor]]) -> Any:
+        """A copy of the encoder output holding only the kept (or merged) features; ``kept_levels[i]``: image
+        ``i``'s ``levels`` with its selection applied."""
+        return type(encoded.output)(pooler_output=tuple(kept_features))
 
 
 _ADAPTERS: list[type[FamilyAdapter]] = []

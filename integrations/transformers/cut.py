@@ -1,31 +1,38 @@
 """The encoder -> LLM cut: one model-agnostic wrapper around ``generate`` and ``forward``.
 
-Per call with images: (1) ask the compressor (and, for AnyRes families, the allocation strategy) which signals it
-needs, (2) run the family's own ``get_image_features`` with hooks on exactly those layers, (3) select per image --
-an AnyRes image (LLaVA-NeXT / OneVision: base view + crops packed with newlines) by splitting its budget over its
-views and selecting per view (``vtc.multiview``), newlines following the kept rows -- (4) drop the unkept placeholder
-tokens from ``input_ids`` / ``attention_mask`` / ``mm_token_type_ids`` / ``labels`` and re-pack the batch,
-(5) compute positions on the *original* sequence and pass those of the kept tokens, (6) call the original method
-with ``mm_encoder_outputs`` holding only the kept (or merged) features -- and, where a family has extra feature
-levels read at the image positions (Qwen3-VL deepstack), the same selection of every level. Nothing inside the
-model is patched: the placeholder count, ``get_placeholder_mask`` and ``masked_scatter`` stay consistent by
-construction, and the KV cache, masks and decode positions of ``generate`` simply see a shorter prompt.
+A wrapped call with images (``pixel_values``) or videos (``pixel_values_videos``) goes through five stages:
 
-Videos (``pixel_values_videos``) go the same way: the family's ``get_video_features`` split into frames, one budget
-per video shared by its frames (``vtc.video``), unkept video placeholders dropped, positions from the original
-sequence. Calls without ``pixel_values`` or ``pixel_values_videos`` (text-only prompts, and generate's own inner
-forward calls) pass straight through.
+1. **encode** (``encode``) -- the family's own ``get_image_features`` / ``get_video_features`` run with hooks on
+   exactly the layers the compressor (and, for AnyRes families, the allocation strategy) declared; the prompt's
+   text is embedded for query-aware compressors. What the later stages need of the call is a ``CallContext``,
+   passed to them as an argument.
+2. **select** (``select_images``, ``select_videos``) -- one selection per image, on its grid; an AnyRes image
+   (LLaVA-NeXT / OneVision: base view + crops packed with newlines) splits its budget over its views and selects
+   per view (``vtc.multiview``), newlines following the kept rows. The frames of a video share one budget
+   (``select_frames``), and so do the images of one prompt under ``images_as_video``. Every selection is applied to
+   the extra feature levels the LLM reads at the same placeholders (Qwen3-VL deepstack) by ``reduce_level``.
+3. **keep mask** (``keep_mask``) -- the prompt tokens the LLM receives: text always, placeholders as selected
+   (a video's trailing layout tokens always), padding never.
+4. **repack** (``shrink``, ``repack``) -- unkept tokens dropped from ``input_ids`` / ``attention_mask`` /
+   ``mm_token_type_ids`` / ``labels``, rows re-padded to the longest kept prompt; positions computed on the
+   *original* sequence and those of the kept tokens passed (``positions="keep"``); ``mm_encoder_outputs`` holding
+   only the kept (or merged) features and levels.
+5. **call** (``run_generate`` / ``run_forward``) -- the original method on the shortened inputs.
 
-Steps (1)-(3), and the keep-mask over the prompt, are ``select_call``: the one code path shared by the wrapped methods
-(``shrink``) and the dry run (``dry_run``, ``vtc.select``), which returns the records without running the LLM.
+Stages 1-3 are ``select_call``: the one path shared by the wrapped methods and the dry run (``dry_run``,
+``vtc.select``), which returns the records without running the LLM. Nothing inside the model is patched: the
+placeholder count, ``get_placeholder_mask`` and ``masked_scatter`` stay consistent by construction, and the KV cache,
+masks and decode positions of ``generate`` simply see a shorter prompt. Calls without ``pixel_values`` or
+``pixel_values_videos`` (text-only prompts, and generate's own inner forward calls) pass straight through.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -34,7 +41,8 @@ from vtc.budget import Budget
 from vtc.compressor import Compressor, VisualTokens, run_compressor
 from vtc.multiview import MultiViewTokens, select_views
 from vtc.selection import ImageSelection, Selection, SelectionRecords
-from vtc.video import VideoRecord, VideoTokens, run_video_compressor
+from vtc.signals import Signal, TowerInfo
+from vtc.video import VideoRecord, VideoSelection, VideoTokens, run_video_compressor
 
 from .adapter import EncodedImages, EncodedVideos, FamilyAdapter
 
@@ -60,6 +68,52 @@ class CutState:
     images_as_video: bool = False
     #: per prompt of the last call: (tokens it had, tokens the LLM received), padding excluded
     prompt_lengths: list[tuple[int, int]] = field(default_factory=list)
+
+    @property
+    def frames_budget(self) -> Budget:
+        """The budget shared by the frames of one video (or by one prompt's images under ``images_as_video``)."""
+        return self.video_budget if self.video_budget is not None else self.budget
+
+
+@dataclass
+class CallContext:
+    """Per-call data the select stage reads: built by ``encode``, passed as an argument, never stored."""
+
+    state: CutState
+    tower: TowerInfo
+    #: per prompt row: the embeddings of its text tokens (query-aware compressors), else ``None``
+    queries: list[torch.Tensor] | None = None
+    #: per prompt row: its text token ids (a frame scorer asking the wrapped model about the frames), else ``None``
+    text_ids: list[torch.Tensor] | None = None
+
+    @property
+    def compressor(self) -> Compressor:
+        return self.state.compressor
+
+    @functools.cached_property
+    def own_signals(self) -> frozenset[Signal]:
+        """The compressor's signals (not the allocation's, which only the AnyRes views read)."""
+        return frozenset(self.compressor.signals(self.tower))
+
+    def query(self, row: int) -> torch.Tensor | None:
+        return None if self.queries is None else self.queries[row]
+
+    def tokens(self, features: torch.Tensor, grid: tuple[int, int], signals: dict[Signal, torch.Tensor], row: int,
+               num_prefix_tokens: int = 0) -> VisualTokens:
+        """One image or frame as the compressor receives it: its own signals and the query of prompt ``row``."""
+        own = {k: x for k, x in signals.items() if k in self.own_signals}
+        return VisualTokens(features=features, grid=grid, signals=own, query=self.query(row),
+                            num_prefix_tokens=num_prefix_tokens)
+
+
+@dataclass
+class KeptTokens:
+    """What one image or video keeps: places in its placeholder run, and what the LLM receives there."""
+
+    indices: torch.Tensor  # [K] ascending, into the item's placeholder run (a video's layout suffix included)
+    features: torch.Tensor  # [K, D] the kept (or merged) features, in the order of ``indices``
+    #: per extra feature level (Qwen3-VL deepstack): the same selection applied to it (a video's suffix excluded)
+    levels: list[torch.Tensor] = field(default_factory=list)
 
 
 @dataclass
@@ -91,55 +145,7 @@ def offloaded_weights_loaded(model):
         yield
 
 
-def _embed_query(model, input_ids: torch.Tensor, mask: torch.Tensor, placeholder_ids) -> list[torch.Tensor]:
-    """Per batch row: embeddings of its text tokens (for query-aware compressors)."""
-    embeddings = model.get_input_embeddings()
-    out = []
-    for row, row_mask in zip(input_ids, mask):
-        text_mask = row_mask != 0
-        for token_id in placeholder_ids:
-            text_mask &= row != token_id
-        out.append(embeddings(row[text_mask]).detach())
-    return out
-
-
-def replay_merge(selection: Selection, level: torch.Tensor) -> torch.Tensor:
-    """A merge stated as coefficients (``Selection.weights``) applied to another feature set of the same tokens."""
-    rows = [w.to(level.device, torch.float32) @ level[g.to(level.device)].float()
-            for g, w in zip(selection.groups, selection.weights)]
-    return torch.stack(rows).to(level.dtype)
-
-
-def reduce_level(compressor: Compressor, tokens: VisualTokens, selection: Selection,
-                 level: torch.Tensor) -> torch.Tensor:
-    """``selection`` applied to another feature set of the same tokens (a Qwen3-VL deepstack level, ``[N, D]``).
-
-    Kept tokens take their own rows. A merge stated as coefficients (``Selection.weights``) is replayed on the level.
-    Otherwise merged tokens get the same merge: the compressor is run again on the level's
-    features with the same signals, query and budget. Every built-in merging compressor (pool, visionzip) forms
-    its groups from the grid and the captured signals only, so the re-run reproduces the groups and merges the
-    level's rows with the compressor's own rule; a compressor whose groups depend on the features is refused.
-    """
-    if selection.features is None:
-        return level[selection.indices.to(level.device)]
-    if selection.weights is not None:  # the merge is stated as coefficients: replay it on this level
-        return replay_merge(selection, level)
-    again = compressor.select(dataclasses.replace(tokens, features=level), selection.num_kept)
-    same = again.features is not None and torch.equal(again.indices.cpu(), selection.indices.cpu())
-    if same and selection.groups is not None:
-        same = again.groups is not None and all(
-            torch.equal(a.cpu(), b.cpu()) for a, b in zip(again.groups, selection.groups)
-        )
-    if not same:
-        raise RuntimeError(
-            f"compressor {compressor.name!r} merges tokens into groups that depend on the features: run again on "
-            "this model's extra feature levels (Qwen3-VL deepstack features, which must get the same selection) it "
-            "formed different groups, so its merge cannot be applied to every level; on this model use a pruning "
-            "compressor, or a merging one whose groups come from the grid or the captured signals only"
-        )
-    return again.features.to(level.dtype)
-
-
+# ==================================================================================================== 1. encode
 def declared_signals(state: CutState, tower) -> tuple:
     """The compressor's signals, then those of the allocation (multi-view families), without repeats."""
     signals = tuple(state.compressor.signals(tower))
@@ -148,22 +154,92 @@ def declared_signals(state: CutState, tower) -> tuple:
     return tuple(dict.fromkeys(signals))
 
 
-def select_multiview(state: CutState, encoded: EncodedImages, i: int, image_row: int, queries,
-                     tower) -> ImageSelection:
+def _text_ids(input_ids: torch.Tensor, attention_mask: torch.Tensor, placeholder_ids) -> list[torch.Tensor]:
+    """Per batch row: the ids of its text tokens (neither padding nor an image / video placeholder)."""
+    placeholders = torch.tensor([i for i in placeholder_ids if i is not None], dtype=input_ids.dtype,
+                                device=input_ids.device)
+    return [row[(mask != 0) & ~torch.isin(row, placeholders)] for row, mask in zip(input_ids, attention_mask)]
+
+
+def encode(state: CutState, inputs: dict, input_ids: torch.Tensor, attention_mask: torch.Tensor
+           ) -> tuple[CallContext, EncodedImages | None, EncodedVideos | None]:
+    """Stage 1: the call's images and videos through the family's own encoders, capturing the declared signals,
+    and the call's context (tower, per-row query embeddings and text ids where the compressor asks for them)."""
+    adapter = state.adapter
+    tower = adapter.tower_info(inputs)
+    signals = declared_signals(state, tower)
+    compressor = state.compressor
+    text_ids = None
+    if compressor.uses_query or compressor.needs_frame_scores:
+        text_ids = _text_ids(input_ids, attention_mask, (adapter.image_token_id(), adapter.video_token_id()))
+    with offloaded_weights_loaded(adapter.model):
+        images = adapter.encode(inputs, signals) if inputs.get("pixel_values") is not None else None
+        videos = adapter.encode_videos(inputs, signals) if inputs.get("pixel_values_videos") is not None else None
+        queries = None
+        if compressor.uses_query:
+            embeddings = adapter.model.get_input_embeddings()
+            queries = [embeddings(ids).detach() for ids in text_ids]
+    context = CallContext(state, tower, queries, text_ids if compressor.needs_frame_scores else None)
+    return context, images, videos
+
+
+# ==================================================================================================== 2. select
+def replay_merge(selection: Selection, level: torch.Tensor) -> torch.Tensor:
+    """A merge stated as coefficients (``Selection.weights``) applied to another feature set of the same tokens."""
+    rows = [w.to(level.device, torch.float32) @ level[g.to(level.device)].float()
+            for g, w in zip(selection.groups, selection.weights)]
+    return torch.stack(rows).to(level.dtype)
+
+
+def reduce_level(compressor: Compressor, selection: Selection, level: torch.Tensor,
+                 again: Callable[[torch.Tensor], Selection]) -> torch.Tensor:
+    """``selection`` applied to another feature set of the same tokens (``level``, ``[N, D]``: a Qwen3-VL deepstack
+    level of an image or a video).
+
+    Kept tokens take their own rows; a merge stated as coefficients (``Selection.weights``) is replayed. Otherwise
+    ``again(level)`` selects anew on the level's features with the same signals, query and budget: every built-in
+    merging compressor (pool, visionzip) forms its groups from the grid and the captured signals only, so the re-run
+    reproduces the groups and merges the level's rows with the compressor's own rule. A compressor whose groups
+    then differ (they depend on the features) is refused: its merge cannot be applied to every level.
+    """
+    if selection.features is None:
+        return level[selection.indices.to(level.device)]
+    if selection.weights is not None:
+        return replay_merge(selection, level)
+    rerun = again(level)
+    same = rerun.features is not None and torch.equal(rerun.indices.cpu(), selection.indices.cpu())
+    if same and selection.groups is not None:
+        same = rerun.groups is not None and all(
+            torch.equal(a.cpu(), b.cpu()) for a, b in zip(rerun.groups, selection.groups)
+        )
+    if not same:
+        raise RuntimeError(
+            f"compressor {compressor.name!r} merges tokens into groups that depend on the features: run again on "
+            "this model's extra feature levels (Qwen3-VL deepstack features, which must get the same selection) it "
+            "formed different groups, so its merge cannot be applied to every level; on this model use a pruning "
+            "compressor, one that states its merge weights (Selection.weights), or a merging one whose groups come "
+            "from the grid or the captured signals only"
+        )
+    return rerun.features.to(level.dtype)
+
+
+def _kept_features(features: torch.Tensor, selection: Selection) -> torch.Tensor:
+    """The rows the LLM receives for ``selection`` of ``features``: the kept rows, or the merged features."""
+    if selection.features is None:
+        return features[selection.indices.to(features.device)]
+    return selection.features.to(features.dtype)
+
+
+def select_multiview(ctx: CallContext, images: EncodedImages, i: int, row: int) -> ImageSelection:
     """An AnyRes image: allocate the budget over its views, select per view, keep the newlines of kept rows."""
-    layout = encoded.layouts[i].packed
-    image = MultiViewTokens(
-        features=encoded.features[i],
-        layout=layout,
-        view_signals=encoded.views[i],
-        tower=tower,
-        query=queries[image_row] if queries is not None else None,
-    )
-    compressor_signals = set(state.compressor.signals(tower))
-    result = select_views(state.compressor, state.allocation, image, state.budget, compressor_signals)
+    state = ctx.state
+    layout = images.layouts[i].packed
+    image = MultiViewTokens(features=images.features[i], layout=layout, view_signals=images.views[i],
+                            tower=ctx.tower, query=ctx.query(row))
+    result = select_views(state.compressor, state.allocation, image, state.budget, set(ctx.own_signals))
     return ImageSelection(
         image_index=i,
-        batch_index=image_row,
+        batch_index=row,
         num_tokens=layout.num_tokens,
         grid=layout.base,
         budget=result.budget,
@@ -175,69 +251,38 @@ def select_multiview(state: CutState, encoded: EncodedImages, i: int, image_row:
     )
 
 
-def select_images(state: CutState, encoded: EncodedImages, image_rows: list[int], queries,
-                  tower=None) -> list[ImageSelection]:
-    """Run the compressor on every image of the call (step 3); apply each selection to the image's extra levels."""
-    records = []
-    encoded.kept_levels = []
-    for i, (feats, layout, signals) in enumerate(zip(encoded.features, encoded.layouts, encoded.signals)):
-        if layout.packed is not None:
-            if encoded.levels:
-                raise NotImplementedError("extra feature levels of multi-view images are not supported")
-            tower = tower if tower is not None else state.adapter.tower_info()
-            records.append(select_multiview(state, encoded, i, image_rows[i], queries, tower))
-            encoded.kept_levels.append([])
-            continue
-        tokens = VisualTokens(
-            features=feats,
-            grid=layout.grid,
-            signals=signals,
-            query=queries[image_rows[i]] if queries is not None else None,
-            num_prefix_tokens=layout.num_prefix_tokens,
-        )
-        selection = run_compressor(state.compressor, tokens, state.budget)
-        levels = encoded.levels[i] if encoded.levels else []
-        encoded.kept_levels.append([reduce_level(state.compressor, tokens, selection, level) for level in levels])
-        records.append(
-            ImageSelection(
-                image_index=i,
-                batch_index=image_rows[i],
-                num_tokens=tokens.num_tokens,
-                grid=layout.grid,
-                budget=selection.num_kept,  # run_compressor checked it equals the resolved budget
-                selection=_detached(selection),
-                compressor=state.compressor.name,
-                num_prefix_tokens=layout.num_prefix_tokens,
-            )
-        )
-    return records
+def select_image(ctx: CallContext, images: EncodedImages, i: int, row: int) -> tuple[ImageSelection, KeptTokens]:
+    """Image ``i`` (of prompt ``row``) on its own: the budget of one image, its extra levels selected alike."""
+    layout, features = images.layouts[i], images.features[i]
+    levels = images.levels[i] if images.levels else []
+    if layout.packed is not None:
+        if levels:
+            raise NotImplementedError("extra feature levels of multi-view images are not supported")
+        record = select_multiview(ctx, images, i, row)
+        return record, KeptTokens(record.selection.indices, _kept_features(features, record.selection))
+    tokens = ctx.tokens(features, layout.grid, images.signals[i], row, layout.num_prefix_tokens)
+    selection = run_compressor(ctx.compressor, tokens, ctx.state.budget)
+
+    def again(level: torch.Tensor) -> Selection:
+        return ctx.compressor.select(dataclasses.replace(tokens, features=level), selection.num_kept)
+
+    record = ImageSelection(
+        image_index=i,
+        batch_index=row,
+        num_tokens=tokens.num_tokens,
+        grid=layout.grid,
+        budget=selection.num_kept,  # run_compressor checked it equals the resolved budget
+        selection=_detached(selection),
+        compressor=ctx.compressor.name,
+        num_prefix_tokens=layout.num_prefix_tokens,
+    )
+    kept_levels = [reduce_level(ctx.compressor, selection, level, again) for level in levels]
+    return record, KeptTokens(selection.indices, _kept_features(features, record.selection), kept_levels)
 
 
-def reduce_video_level(compressor: Compressor, video: VideoTokens, selection: Selection, level: torch.Tensor,
-                       budget: Budget) -> torch.Tensor:
-    """A video's flat ``selection`` applied to another feature set of its tokens (Qwen3-VL deepstack, ``[N, D]``):
-    kept rows, a merge stated as coefficients replayed, or else the compressor re-run on the level (refused if its
-    groups then differ, as ``reduce_level``)."""
-    if selection.features is None:
-        return level[selection.indices.to(level.device)]
-    if selection.weights is not None:
-        return replay_merge(selection, level)
-    parts = torch.split(level, video.frame_sizes)
-    frames = [dataclasses.replace(f, features=p) for f, p in zip(video.frames, parts)]
-    again = run_video_compressor(compressor, dataclasses.replace(video, frames=frames), budget).flat(video)
-    same = again.features is not None and torch.equal(again.indices.cpu(), selection.indices.cpu()) and all(
-        torch.equal(a.cpu(), b.cpu()) for a, b in zip(again.groups or (), selection.groups or ()))
-    if not same:
-        raise RuntimeError(
-            f"compressor {compressor.name!r} merges video tokens into groups that depend on the features, so its "
-            "merge cannot be applied to this model's extra feature levels (Qwen3-VL deepstack); use a pruning "
-            "compressor or one that states its merge weights"
-        )
-    return again.features.to(level.dtype)
-
-
-def frame_scores(state: CutState, frames: list[torch.Tensor], text_ids: torch.Tensor) -> torch.Tensor:
+def frame_scores(ctx: CallContext, frames: list[torch.Tensor], row: int) -> torch.Tensor:
     """Per-frame relevance from the wrapped model itself (QuoTA's "self" scorer), for compressors that ask."""
+    state = ctx.state
     scorer = state.frame_scorer
     if scorer is None:
         raise ValueError(
@@ -245,72 +290,104 @@ def frame_scores(state: CutState, frames: list[torch.Tensor], text_ids: torch.Te
             f"vtc.apply(model, {state.compressor.name!r}, ..., processor=processor)"
         )
     model = state.adapter.model
-    return scorer.score(model, frames, scorer.prompt(model, scorer.question(text_ids)))
+    return scorer.score(model, frames, scorer.prompt(model, scorer.question(ctx.text_ids[row])))
 
 
-def select_videos(state: CutState, videos: EncodedVideos, video_rows: list[int], queries, tower,
-                  text_ids: list[torch.Tensor] | None = None
-                  ) -> tuple[list[VideoRecord], list[Selection], list[list[torch.Tensor]]]:
-    """Run the compressor on every video of the call: per video its record, its flat selection over the frames'
-    tokens, and the selection applied to its extra feature levels."""
-    budget = state.video_budget if state.video_budget is not None else state.budget
-    own = set(state.compressor.signals(tower))  # not the allocation's: those are for AnyRes images
-    records, flats, kept_levels = [], [], []
-    for v, (frames, grids, signals) in enumerate(zip(videos.frames, videos.grids, videos.signals)):
-        query = queries[video_rows[v]] if queries is not None else None
-        tokens = [VisualTokens(features=f, grid=g, signals={k: x for k, x in sig.items() if k in own}, query=query)
-                  for f, g, sig in zip(frames, grids, signals)]
-        stamps = videos.timestamps[v] if videos.timestamps else None
-        scores = None
-        if getattr(state.compressor, "needs_frame_scores", False) and len(frames) > 1:
-            scores = frame_scores(state, frames, text_ids[video_rows[v]])
-        video = VideoTokens(frames=tokens, timestamps=stamps, query=query, frame_scores=scores)
-        result = run_video_compressor(state.compressor, video, budget)
-        flat = result.flat(video)
-        levels = videos.levels[v] if videos.levels else []
-        kept_levels.append([reduce_video_level(state.compressor, video, flat, level, budget) for level in levels])
-        flats.append(_detached(flat))
-        records.append(VideoRecord(video_index=v, batch_index=video_rows[v], grids=list(grids), selection=result,
-                                   compressor=state.compressor.name, timestamps=stamps,
-                                   num_suffix_tokens=int(videos.suffix[v].shape[0]) if videos.suffix else 0))
-    return records, flats, kept_levels
+def select_frames(ctx: CallContext, frames: list[VisualTokens], row: int, levels: list[torch.Tensor],
+                  timestamps: list[float] | None = None
+                  ) -> tuple[VideoTokens, VideoSelection, Selection, list[torch.Tensor]]:
+    """Frames of prompt ``row`` sharing one budget (``CutState.frames_budget``): a video, or the prompt's images
+    under ``images_as_video``.
+
+    Returns the video, the compressor's selection, that selection flat over the frames' concatenated tokens, and
+    the flat selection applied to each of ``levels`` (``[N_video, D]`` each). Frame scores come from the wrapped
+    model where the compressor asks (``Compressor.needs_frame_scores``); a single frame needs none.
+    """
+    compressor, budget = ctx.compressor, ctx.state.frames_budget
+    scores = None
+    if compressor.needs_frame_scores and len(frames) > 1:
+        scores = frame_scores(ctx, [f.features for f in frames], row)
+    video = VideoTokens(frames=frames, timestamps=timestamps, query=ctx.query(row), frame_scores=scores)
+    result = run_video_compressor(compressor, video, budget)
+    flat = result.flat(video)
+
+    def again(level: torch.Tensor) -> Selection:
+        parts = torch.split(level, video.frame_sizes)
+        on_level = dataclasses.replace(video, frames=[dataclasses.replace(f, features=p)
+                                                      for f, p in zip(video.frames, parts)])
+        return run_video_compressor(compressor, on_level, budget).flat(on_level)
+
+    return video, result, flat, [reduce_level(compressor, flat, level, again) for level in levels]
 
 
-def select_image_sequences(state: CutState, encoded: EncodedImages, image_rows: list[int], queries, tower,
-                           text_ids: list[torch.Tensor] | None) -> tuple[list[ImageSelection], list[VideoRecord]]:
-    """``images_as_video``: the images of each prompt are the frames of one video, selected by the video path; each
-    image keeps its frame's selection, so the rest of the cut is the image cut."""
-    budget = state.video_budget if state.video_budget is not None else state.budget
-    own = set(state.compressor.signals(tower))
+def select_image_sequences(ctx: CallContext, images: EncodedImages, rows: list[int]
+                           ) -> tuple[list[ImageSelection], list[VideoRecord], list[KeptTokens]]:
+    """``images_as_video``: the images of each prompt are the frames of one video (``select_frames``); each image
+    keeps its frame's selection, so the rest of the cut is the image cut."""
     by_row: dict[int, list[int]] = {}
-    for i, row in enumerate(image_rows):
+    for i, row in enumerate(rows):
         by_row.setdefault(row, []).append(i)
-    records: list[ImageSelection | None] = [None] * len(encoded.features)
+    records: list[ImageSelection | None] = [None] * len(images.features)
+    kept: list[KeptTokens | None] = [None] * len(images.features)
     videos = []
+    num_levels = len(images.levels[0]) if images.levels else 0
     for v, (row, members) in enumerate(sorted(by_row.items())):
-        if any(encoded.layouts[i].packed is not None for i in members):
+        if any(images.layouts[i].packed is not None for i in members):
             raise ValueError(
                 "images_as_video treats each image as one frame, but these images are AnyRes (several views); "
                 "pass the frames as a video (pixel_values_videos) or use images_as_video=False"
             )
-        query = queries[row] if queries is not None else None
-        frames = [VisualTokens(features=encoded.features[i], grid=encoded.layouts[i].grid,
-                               signals={k: x for k, x in encoded.signals[i].items() if k in own},
-                               query=query, num_prefix_tokens=encoded.layouts[i].num_prefix_tokens) for i in members]
-        scores = None
-        if getattr(state.compressor, "needs_frame_scores", False) and len(frames) > 1:
-            scores = frame_scores(state, [f.features for f in frames], text_ids[row])
-        video = VideoTokens(frames=frames, query=query, frame_scores=scores)
-        result = run_video_compressor(state.compressor, video, budget)
-        for frame, (i, record) in enumerate(zip(members, result.frames)):
+        frames = [ctx.tokens(images.features[i], images.layouts[i].grid, images.signals[i], row,
+                             images.layouts[i].num_prefix_tokens) for i in members]
+        levels = [torch.cat([images.levels[i][j] for i in members]) for j in range(num_levels)]
+        _, result, _, kept_levels = select_frames(ctx, frames, row, levels)
+        per_frame = [r.num_kept for r in result.frames]
+        frame_levels = [torch.split(level, per_frame) for level in kept_levels]
+        for t, (i, record) in enumerate(zip(members, result.frames)):
             records[i] = ImageSelection(
-                image_index=i, batch_index=row, num_tokens=frames[frame].num_tokens, grid=frames[frame].grid,
-                budget=record.budget, selection=_detached(record.selection), compressor=state.compressor.name,
-                num_prefix_tokens=frames[frame].num_prefix_tokens, extra={"video": v, "frame": frame})
+                image_index=i, batch_index=row, num_tokens=frames[t].num_tokens, grid=frames[t].grid,
+                budget=record.budget, selection=_detached(record.selection), compressor=ctx.compressor.name,
+                num_prefix_tokens=frames[t].num_prefix_tokens, extra={"video": v, "frame": t})
+            kept[i] = KeptTokens(record.selection.indices, _kept_features(images.features[i], records[i].selection),
+                                 [parts[t] for parts in frame_levels])
         videos.append(VideoRecord(video_index=v, batch_index=row, grids=[f.grid for f in frames], selection=result,
-                                  compressor=state.compressor.name))
-    encoded.kept_levels = [[] for _ in encoded.features]
-    return records, videos
+                                  compressor=ctx.compressor.name))
+    return records, videos, kept
+
+
+def select_images(ctx: CallContext, images: EncodedImages, rows: list[int]
+                  ) -> tuple[list[ImageSelection], list[VideoRecord], list[KeptTokens]]:
+    """Stage 2 for the images of the call (image ``i`` in prompt ``rows[i]``): per image its record and what it
+    keeps; under ``images_as_video`` also the record of each prompt's image sequence."""
+    if ctx.state.images_as_video:
+        return select_image_sequences(ctx, images, rows)
+    selected = [select_image(ctx, images, i, row) for i, row in enumerate(rows)]
+    return [record for record, _ in selected], [], [kept for _, kept in selected]
+
+
+def select_videos(ctx: CallContext, videos: EncodedVideos, rows: list[int]
+                  ) -> tuple[list[VideoRecord], list[KeptTokens]]:
+    """Stage 2 for the videos of the call (video ``v`` in prompt ``rows[v]``): per video its record and what it
+    keeps -- the selected frame tokens, then its layout suffix, always kept."""
+    records, kept = [], []
+    for v, row in enumerate(rows):
+        frames = [ctx.tokens(f, g, s, row) for f, g, s in zip(videos.frames[v], videos.grids[v], videos.signals[v])]
+        stamps = videos.timestamps[v] if videos.timestamps else None
+        levels = videos.levels[v] if videos.levels else []
+        video, result, flat, kept_levels = select_frames(ctx, frames, row, levels, stamps)
+        flat = _detached(flat)
+        features = _kept_features(torch.cat(videos.frames[v]), flat)
+        indices = flat.indices
+        suffix = videos.suffix[v] if videos.suffix else features[:0]
+        if suffix.shape[0]:  # layout tokens after the frames (OneVision's newline)
+            features = torch.cat([features, suffix.to(features.dtype)])
+            tail = torch.arange(video.num_tokens, video.num_tokens + suffix.shape[0], device=indices.device)
+            indices = torch.cat([indices, tail])
+        kept.append(KeptTokens(indices, features, kept_levels))
+        records.append(VideoRecord(video_index=v, batch_index=row, grids=list(videos.grids[v]), selection=result,
+                                   compressor=ctx.compressor.name, timestamps=stamps,
+                                   num_suffix_tokens=int(suffix.shape[0])))
+    return records, kept
 
 
 def _detached(selection: Selection) -> Selection:
@@ -324,6 +401,7 @@ def _detached(selection: Selection) -> Selection:
     )
 
 
+# ==================================================================================================== 3. keep mask
 def _image_slots(input_ids: torch.Tensor, image_token_id: int, counts: list[int],
                  what: str = "image") -> tuple[torch.Tensor, list[int]]:
     """Flat (row-major) positions of every image (video) placeholder, and the batch row each one sits in."""
@@ -338,6 +416,35 @@ def _image_slots(input_ids: torch.Tensor, image_token_id: int, counts: list[int]
     return flat, rows
 
 
+@dataclass
+class Placeholders:
+    """Where the images (or the videos) of a call sit in the prompt: one run of placeholder tokens each."""
+
+    slots: torch.Tensor  # flat (row-major) positions of every placeholder, item after item
+    sizes: list[int]  # placeholders of each item
+    rows: list[int]  # the batch row of each item
+
+    @classmethod
+    def find(cls, input_ids: torch.Tensor, token_id: int, sizes: list[int], what: str) -> "Placeholders":
+        slots, rows = _image_slots(input_ids, token_id, sizes, what=what)
+        return cls(slots, sizes, rows)
+
+
+def keep_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor,
+              runs: list[tuple[Placeholders, list[KeptTokens]]]) -> torch.Tensor:
+    """Stage 3: ``[B, L]`` bool, the prompt tokens the LLM receives -- text always, placeholders where their item's
+    ``KeptTokens.indices`` say, padding never (rows are re-padded to the longest kept prompt, not the old length)."""
+    keep = torch.ones(input_ids.numel(), dtype=torch.bool, device=input_ids.device)
+    for where, kept in runs:
+        keep[where.slots] = False
+        offset = 0
+        for size, item in zip(where.sizes, kept):
+            keep[where.slots[offset + item.indices.to(where.slots.device)]] = True
+            offset += size
+    return keep.view_as(input_ids) & (attention_mask != 0)
+
+
+# ================================================================================== stages 1-3, for a call or a dry run
 def _take_prompt(inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """Pop ``input_ids`` and ``attention_mask`` (all ones when absent) from a wrapped call's inputs."""
     input_ids = inputs.pop("input_ids", None)
@@ -356,154 +463,46 @@ def _take_prompt(inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
 
 @dataclass
 class SelectedCall:
-    """What steps 1-3 give for one call: the records, and what the cut needs to apply them."""
+    """What stages 1-3 give for one call: the records, and what the repack needs to apply them."""
 
-    encoded: EncodedImages  # ``kept_levels`` filled
+    images: EncodedImages | None
     videos: EncodedVideos | None
     records: list[ImageSelection]
     video_records: list[VideoRecord]  # images_as_video sequences first, then the call's videos
+    kept_images: list[KeptTokens]
+    kept_videos: list[KeptTokens]
     keep: torch.Tensor  # [B, L] bool: the prompt tokens the LLM receives (padding excluded)
-    kept_features: list[torch.Tensor]  # per image: its kept (or merged) features
-    kept_videos: list[torch.Tensor]  # per video: its kept (or merged) features, then its suffix
-    kept_video_levels: list[list[torch.Tensor]]
     prompt_lengths: list[tuple[int, int]]  # per prompt: (tokens it had, tokens the LLM receives), padding excluded
-    has_images: bool = False
 
 
 def select_call(state: CutState, inputs: dict, input_ids: torch.Tensor,
                 attention_mask: torch.Tensor) -> SelectedCall:
-    """Steps 1-3 -- plan, capture and encode, select -- and the keep-mask over the prompt; ``inputs`` is only read.
+    """Stages 1-3 -- encode, select, keep mask -- for one call; ``inputs`` is only read.
 
     The one path from pixels to records, shared by the wrapped methods (``shrink``) and the dry run (``dry_run``), so
     a dry run's records are those of the call it stands for.
     """
-    model, adapter = state.adapter.model, state.adapter
-    tower = adapter.tower_info(inputs)
-    signals = declared_signals(state, tower)
-    has_images = inputs.get("pixel_values") is not None
-    has_videos = inputs.get("pixel_values_videos") is not None
-    image_token_id, video_token_id = adapter.image_token_id(), adapter.video_token_id()
-    with offloaded_weights_loaded(model):
-        if has_images:
-            encoded = adapter.encode(inputs, signals)
-        else:
-            encoded = EncodedImages(output=None, features=[], layouts=[], signals=[])
-        videos = adapter.encode_videos(inputs, signals) if has_videos else None
-        queries = (
-            _embed_query(model, input_ids, attention_mask, (image_token_id, video_token_id))
-            if state.compressor.uses_query else None
-        )
-    text_ids = None  # per row: the prompt's text tokens, for a scorer that asks the model about the frames
-    if getattr(state.compressor, "needs_frame_scores", False):
-        placeholders = torch.tensor([i for i in (image_token_id, video_token_id) if i is not None])
-        text_ids = [row[(m != 0) & ~torch.isin(row, placeholders.to(row.device))]
-                    for row, m in zip(input_ids, attention_mask)]
-    keep = torch.ones(input_ids.numel(), dtype=torch.bool, device=input_ids.device)
-    records, kept_features, image_videos = [], [], []
-    if has_images:
-        counts = [int(f.shape[0]) for f in encoded.features]
-        flat_slots, image_rows = _image_slots(input_ids, image_token_id, counts)
-        if state.images_as_video:
-            records, image_videos = select_image_sequences(state, encoded, image_rows, queries, tower, text_ids)
-        else:
-            records, image_videos = select_images(state, encoded, image_rows, queries, tower), []
-        # keep-mask over the original sequence: text always, image tokens as selected
-        keep[flat_slots] = False
-        offset = 0
-        for record, feats in zip(records, encoded.features):
-            sel = record.selection
-            keep[flat_slots[offset + sel.indices.to(flat_slots.device)]] = True
-            offset += record.num_tokens
-            kept_features.append(
-                feats[sel.indices.to(feats.device)] if sel.features is None else sel.features.to(feats.dtype))
-    video_records, kept_videos, kept_video_levels = [], [], []
+    adapter = state.adapter
+    ctx, images, videos = encode(state, inputs, input_ids, attention_mask)
+    runs = []
+    records, sequences, kept_images = [], [], []
+    if images is not None:
+        where = Placeholders.find(input_ids, adapter.image_token_id(), [int(f.shape[0]) for f in images.features],
+                                  "image")
+        records, sequences, kept_images = select_images(ctx, images, where.rows)
+        runs.append((where, kept_images))
+    video_records, kept_videos = [], []
     if videos is not None:
-        sizes = [sum(int(f.shape[0]) for f in frames) for frames in videos.frames]
-        suffix = [int(x.shape[0]) for x in videos.suffix] if videos.suffix else [0] * len(sizes)
-        video_slots, video_rows = _image_slots(input_ids, video_token_id, [n + k for n, k in zip(sizes, suffix)],
-                                               what="video")
-        video_records, flats, kept_video_levels = select_videos(state, videos, video_rows, queries, tower, text_ids)
-        keep[video_slots] = False
-        offset = 0
-        for v, (flat, n, k) in enumerate(zip(flats, sizes, suffix)):
-            keep[video_slots[offset + flat.indices.to(video_slots.device)]] = True
-            keep[video_slots[offset + n: offset + n + k]] = True  # layout tokens after the frames
-            frames = torch.cat(videos.frames[v])
-            kept = frames[flat.indices.to(frames.device)] if flat.features is None else flat.features.to(frames.dtype)
-            if k:
-                kept = torch.cat([kept, videos.suffix[v].to(kept.dtype)])
-            kept_videos.append(kept)
-            offset += n + k
-    real = attention_mask != 0
-    # the batch's old padding goes too: rows are re-padded to the longest kept prompt, not to the old length
-    keep = keep.view_as(input_ids) & real
-    lengths = [(int(n), int(k)) for n, k in zip(real.sum(dim=1).tolist(), keep.sum(dim=1).tolist())]
-    return SelectedCall(encoded=encoded, videos=videos, records=records, video_records=image_videos + video_records,
-                        keep=keep, kept_features=kept_features, kept_videos=kept_videos,
-                        kept_video_levels=kept_video_levels, prompt_lengths=lengths, has_images=has_images)
-
-
-def shrink(state: CutState, inputs: dict, with_labels: bool) -> ShrunkInputs:
-    """Steps 1-5: encode, select (``select_call``), and build the shortened inputs for the original method."""
-    model, adapter = state.adapter.model, state.adapter
-    input_ids, attention_mask = _take_prompt(inputs)
-    user_positions = inputs.pop("position_ids", None)
-    mm_token_type_ids = inputs.pop("mm_token_type_ids", None)
-    labels = inputs.pop("labels", None) if with_labels else None
-
-    selected = select_call(state, inputs, input_ids, attention_mask)
-    encoded, videos, keep = selected.encoded, selected.videos, selected.keep
-    encoded.position_inputs.update(adapter.position_inputs(inputs))
-    if mm_token_type_ids is not None:
-        encoded.position_inputs["mm_token_type_ids"] = mm_token_type_ids
-    for key in adapter.encoder_kwargs(inputs):
-        inputs.pop(key, None)
-    for key in adapter.consumed_keys:
-        inputs.pop(key, None)
-
-    if user_positions is not None:
-        positions = user_positions if user_positions.dim() == 3 else user_positions[None]
-        if positions.shape[0] == 4:  # Qwen's [text row; 3 M-RoPE rows]: the text row is rebuilt below
-            positions = positions[1:]
-    elif state.positions == "keep":
-        positions = adapter.original_positions(input_ids, attention_mask, encoded)
-    else:
-        positions = None
-
-    pad_left = not bool((attention_mask[:, -1] == 0).any())  # right padding shows up as zeros at the end
-    lengths = keep.sum(dim=1)
-    new_length = int(lengths.max())
-    pad_id = _pad_id(model)
-
-    def repack(tensor: torch.Tensor, fill) -> torch.Tensor:
-        rows = []
-        for b in range(input_ids.shape[0]):
-            kept = tensor[..., b, keep[b]]
-            pad = new_length - kept.shape[-1]
-            filler = torch.full((*kept.shape[:-1], pad), fill, dtype=tensor.dtype, device=tensor.device)
-            rows.append(torch.cat([filler, kept] if pad_left else [kept, filler], dim=-1))
-        return torch.stack(rows, dim=-2)
-
-    new_mask = repack(attention_mask, 0)
-    out = {"input_ids": repack(input_ids, pad_id), "attention_mask": new_mask}
-    if mm_token_type_ids is not None:
-        out["mm_token_type_ids"] = repack(mm_token_type_ids, 0)
-    if labels is not None:
-        out["labels"] = repack(labels, -100)
-    if positions is not None:
-        out["position_ids"] = adapter.position_ids(repack(positions, 1), new_mask)
-    mm_outputs = {}
-    if selected.has_images:
-        mm_outputs["image"] = adapter.shrink_output(encoded, selected.kept_features, selected.records)
-    mm_outputs.update(encoded.extra_outputs)
-    if videos is not None:
-        mm_outputs["video"] = adapter.shrink_video_output(videos, selected.kept_videos, selected.kept_video_levels)
-    out["mm_encoder_outputs"] = mm_outputs
-    state.records = selected.records
-    state.video_records = selected.video_records
-    state.prompt_lengths = selected.prompt_lengths
-    inputs.update(out)
-    return ShrunkInputs(kwargs=inputs, original_input_ids=input_ids, new_length=new_length)
+        suffix = [int(x.shape[0]) for x in videos.suffix] if videos.suffix else [0] * len(videos.frames)
+        sizes = [sum(int(f.shape[0]) for f in frames) + k for frames, k in zip(videos.frames, suffix)]
+        where = Placeholders.find(input_ids, adapter.video_token_id(), sizes, "video")
+        video_records, kept_videos = select_videos(ctx, videos, where.rows)
+        runs.append((where, kept_videos))
+    keep = keep_mask(input_ids, attention_mask, runs)
+    had = (attention_mask != 0).sum(dim=1).tolist()
+    lengths = [(int(n), int(k)) for n, k in zip(had, keep.sum(dim=1).tolist())]
+    return SelectedCall(images=images, videos=videos, records=records, video_records=sequences + video_records,
+                        kept_images=kept_images, kept_videos=kept_videos, keep=keep, prompt_lengths=lengths)
 
 
 def dry_run(state: CutState, inputs: dict) -> SelectionRecords:
@@ -528,6 +527,7 @@ def dry_run(state: CutState, inputs: dict) -> SelectionRecords:
                             prompt_lengths=selected.prompt_lengths)
 
 
+# ==================================================================================================== 4. repack
 def _pad_id(model) -> int:
     for source in (model.generation_config, model.config, getattr(model.config, "text_config", None)):
         value = getattr(source, "pad_token_id", None) if source is not None else None
@@ -536,6 +536,81 @@ def _pad_id(model) -> int:
     return 0
 
 
+def repack(tensor: torch.Tensor, keep: torch.Tensor, length: int, fill, pad_left: bool) -> torch.Tensor:
+    """``tensor`` (``[..., B, L]``) with only the ``keep`` (``[B, L]``) columns of each row, padded with ``fill`` to
+    ``length`` on the side the batch was padded."""
+    rows = []
+    for b in range(keep.shape[0]):
+        kept = tensor[..., b, keep[b]]
+        filler = torch.full((*kept.shape[:-1], length - kept.shape[-1]), fill, dtype=tensor.dtype,
+                            device=tensor.device)
+        rows.append(torch.cat([filler, kept] if pad_left else [kept, filler], dim=-1))
+    return torch.stack(rows, dim=-2)
+
+
+def _original_positions(state: CutState, user_positions, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                        position_inputs: dict) -> torch.Tensor | None:
+    """Positions ``[R, B, L]`` of the original prompt, to pass those of the kept tokens (``None``: the model numbers
+    the shortened prompt itself, ``positions="reindex"``). Positions the caller gave win."""
+    if user_positions is not None:
+        positions = user_positions if user_positions.dim() == 3 else user_positions[None]
+        return positions[1:] if positions.shape[0] == 4 else positions  # Qwen's text row is rebuilt from the mask
+    if state.positions == "keep":
+        return state.adapter.original_positions(input_ids, attention_mask, position_inputs)
+    return None
+
+
+def encoder_outputs(adapter: FamilyAdapter, selected: SelectedCall) -> dict:
+    """``mm_encoder_outputs`` for the shortened prompt: per modality, the adapter's copy of its encoder output holding
+    only the kept (or merged) features, and the extra levels with the same selection."""
+    outputs = {}
+    if selected.images is not None:
+        kept = selected.kept_images
+        outputs["image"] = adapter.shrink_output(selected.images, [k.features for k in kept], [k.levels for k in kept])
+    if selected.videos is not None:
+        kept = selected.kept_videos
+        outputs["video"] = adapter.shrink_video_output(selected.videos, [k.features for k in kept],
+                                                       [k.levels for k in kept])
+    return outputs
+
+
+def shrink(state: CutState, inputs: dict, with_labels: bool) -> ShrunkInputs:
+    """Stages 1-4: ``select_call``, then the shortened inputs for the original method."""
+    model, adapter = state.adapter.model, state.adapter
+    input_ids, attention_mask = _take_prompt(inputs)
+    user_positions = inputs.pop("position_ids", None)
+    mm_token_type_ids = inputs.pop("mm_token_type_ids", None)
+    labels = inputs.pop("labels", None) if with_labels else None
+
+    selected = select_call(state, inputs, input_ids, attention_mask)
+    position_inputs = dict(adapter.position_inputs(inputs))
+    if mm_token_type_ids is not None:
+        position_inputs["mm_token_type_ids"] = mm_token_type_ids
+    for key in (*adapter.encoder_kwargs(inputs), *adapter.consumed_keys):
+        inputs.pop(key, None)
+    positions = _original_positions(state, user_positions, input_ids, attention_mask, position_inputs)
+
+    keep = selected.keep
+    new_length = int(keep.sum(dim=1).max())
+    pad_left = not bool((attention_mask[:, -1] == 0).any())  # right padding shows up as zeros at the end
+    pack = functools.partial(repack, keep=keep, length=new_length, pad_left=pad_left)
+    new_mask = pack(attention_mask, fill=0)
+    out = {"input_ids": pack(input_ids, fill=_pad_id(model)), "attention_mask": new_mask}
+    if mm_token_type_ids is not None:
+        out["mm_token_type_ids"] = pack(mm_token_type_ids, fill=0)
+    if labels is not None:
+        out["labels"] = pack(labels, fill=-100)
+    if positions is not None:
+        out["position_ids"] = adapter.position_ids(pack(positions, fill=1), new_mask)
+    out["mm_encoder_outputs"] = encoder_outputs(adapter, selected)
+    state.records = selected.records
+    state.video_records = selected.video_records
+    state.prompt_lengths = selected.prompt_lengths
+    inputs.update(out)
+    return ShrunkInputs(kwargs=inputs, original_input_ids=input_ids, new_length=new_length)
+
+
+# ==================================================================================================== 5. call
 def _bind(original, args: tuple, kwargs: dict) -> dict:
     """Turn positional arguments into keywords so the inputs can be edited by name."""
     if not args:

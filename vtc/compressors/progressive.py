@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..allocation import split_budget
+from ..budget_split import split_budget
 from ..compressor import VisualTokens, register
 from ..selection import Details, Selection
 from ..signals import Signal, SignalKind, TowerInfo

@@ -18,7 +18,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from ..allocation import water_fill
+from ..budget_split import water_fill
 from ..compressor import VisualTokens, create_compressor, get_compressor_class, register, run_compressor, top_k_sorted
 from ..selection import Details, Selection
 from ..signals import Signal, TowerInfo
@@ -293,7 +293,7 @@ class Quota(VideoCompressor):
         except ValueError as error:
             raise ValueError(f"quota within must be 'resize', 'pool' or a registered image compressor; {error}") \
                 from None
-        if getattr(cls, "handles_video", False):
+        if cls.handles_video:
             raise ValueError(f"quota within={self.within!r} is a video compressor; within must be 'resize', 'pool' "
                              f"or an image compressor that selects inside one frame")
         self._inner = create_compressor(self.within, **(self.within_options or {}))

@@ -158,8 +158,8 @@ class QwenVLAdapter(FamilyAdapter):
         return EncodedVideos(output=output, frames=frames, grids=grids, signals=frame_signals,
                              suffix=[feats[:0] for feats in videos], timestamps=stamps)
 
-    def original_positions(self, input_ids, attention_mask, encoded: EncodedImages) -> torch.Tensor:
-        mm_token_type_ids = encoded.position_inputs.get("mm_token_type_ids")
+    def original_positions(self, input_ids, attention_mask, position_inputs: dict) -> torch.Tensor:
+        mm_token_type_ids = position_inputs.get("mm_token_type_ids")
         if mm_token_type_ids is None:  # the processor returns it; rebuild it for hand-made inputs
             config = self.model.config
             mm_token_type_ids = torch.zeros_like(input_ids, dtype=torch.int)
@@ -168,9 +168,9 @@ class QwenVLAdapter(FamilyAdapter):
         positions, _ = self.model.model.get_rope_index(
             input_ids,
             mm_token_type_ids=mm_token_type_ids,
-            image_grid_thw=encoded.position_inputs.get("image_grid_thw"),
-            video_grid_thw=encoded.position_inputs.get("video_grid_thw"),
-            second_per_grid_ts=encoded.position_inputs.get("second_per_grid_ts"),
+            image_grid_thw=position_inputs.get("image_grid_thw"),
+            video_grid_thw=position_inputs.get("video_grid_thw"),
+            second_per_grid_ts=position_inputs.get("second_per_grid_ts"),
             attention_mask=attention_mask,
         )
         return positions  # [3, B, L]

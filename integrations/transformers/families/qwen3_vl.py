@@ -49,9 +49,9 @@ class Qwen3VLAdapter(QwenVLAdapter):
         encoded.levels = [[level[i] for level in levels] for i in range(len(encoded.features))]
         return encoded
 
-    def shrink_output(self, encoded: EncodedImages, kept_features, selections):
+    def shrink_output(self, encoded: EncodedImages, kept_features, kept_levels):
         num_levels = len(encoded.levels[0]) if encoded.levels else 0
-        deepstack = [tuple(kept[j] for kept in encoded.kept_levels) for j in range(num_levels)]
+        deepstack = [tuple(levels[j] for levels in kept_levels) for j in range(num_levels)]
         return type(encoded.output)(pooler_output=tuple(kept_features), deepstack_features=deepstack)
 
     def encode_videos(self, inputs, signals) -> EncodedVideos:
