@@ -10,7 +10,8 @@ import torch
 import vtc
 from conftest import greedy, make_inputs
 from test_cut import hand_built
-from vtc.integrations.transformers import get_state, tiny
+from vtc import testing as tiny
+from vtc.integrations.transformers import get_state
 from vtc.integrations.transformers.frame_scorer import RELEVANCE_PROMPT, SelfFrameScorer
 
 

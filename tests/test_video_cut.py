@@ -16,7 +16,7 @@ import torch
 import vtc
 from conftest import greedy, reduce_by_hand
 from vtc.compressor import VisualTokens
-from vtc.integrations.transformers import tiny
+from vtc import testing as tiny
 from vtc.integrations.transformers.adapter import adapter_for
 from vtc.video import VideoTokens
 

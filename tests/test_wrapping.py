@@ -21,7 +21,7 @@ from accelerate.hooks import AlignDevicesHook, add_hook_to_module, remove_hook_f
 import vtc
 from conftest import greedy, make_inputs
 from test_cut import QUESTIONS, hand_built, hook_census
-from vtc.integrations.transformers import tiny
+from vtc import testing as tiny
 from vtc.integrations.transformers.cut import WrappedMethod, offloaded_weights_loaded
 
 MAX_NEW = 6
