@@ -234,13 +234,17 @@ def register_adapter(cls: type[FamilyAdapter]) -> type[FamilyAdapter]:
         raise TypeError(f"register_adapter takes a FamilyAdapter subclass, got {cls!r}")
     if not cls.family:
         raise ValueError(f"{cls.__name__} has no family name (set the class attribute family)")
-    other = next((a for a in _ADAPTERS if a.family == cls.family and a is not cls), None)
-    if other is not None:
-        raise ValueError(f"family {cls.family!r} is already registered by {other.__name__}")
     if cls.supports_video and cls.encode_videos is FamilyAdapter.encode_videos:
         raise TypeError(f"{cls.__name__} sets supports_video but does not implement encode_videos")
-    if cls not in _ADAPTERS:
-        _ADAPTERS.append(cls)
+    other = next((a for a in _ADAPTERS if a.family == cls.family and a is not cls), None)
+    if other is None:
+        if cls not in _ADAPTERS:
+            _ADAPTERS.append(cls)
+    elif (other.__module__, other.__qualname__) == (cls.__module__, cls.__qualname__):  # its module was reloaded
+        _ADAPTERS[_ADAPTERS.index(other)] = cls
+        _TINY.pop(other, None)
+    else:
+        raise ValueError(f"family {cls.family!r} is already registered by {other.__name__}")
     return cls
 
 
