@@ -527,15 +527,14 @@ class Engine:
             return list(self._cache)
 
     def _load(self, key: str) -> LoadedModel:
-        from vtc.integrations.transformers.adapter import FamilyAdapter, adapter_for
+        from vtc.integrations.transformers.adapter import adapter_for
 
         (model, processor), label = self._loader(None if key == EMBEDDED else key)
         try:
             adapter = adapter_for(model)
         except TypeError as exc:
             raise DemoError(f"{label}: {exc}") from None
-        video_input = adapter.video_token_id() is not None and \
-            type(adapter).encode_videos is not FamilyAdapter.encode_videos
+        video_input = adapter.supports_video and adapter.video_token_id() is not None
         entry = LoadedModel(key, label, model, processor, video_input)
         # one throw-away answer, so the first user's time to first token is not the model's first call
         blank = Media("image", [Image.new("RGB", (224, 224), (128, 128, 128))], "warm-up", "")

@@ -9,26 +9,16 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 import vtc
 from vtc.compressor import VisualTokens
-from vtc.integrations.transformers import tiny
+from vtc import testing as tiny
 from vtc.integrations.transformers.adapter import adapter_for
-from vtc.integrations.transformers.tiny import QWEN_FAMILIES
+from vtc.testing import QWEN_FAMILIES
 from vtc.video import VideoTokens
 
 QUESTIONS = ["what is the color ?", "how many red circle are there in the image ?"]
 
-# image sizes per family: Qwen images differ in size so multi-image prompts mix token counts and windows
-IMAGE_SIZES = {
-    "llava": [(48, 48), (48, 48)],
-    # AnyRes (width, height): NeXT 64x20 -> 1x2 crops with padded rows (3 views, 34 tokens), 48x48 -> 2x2 crops
-    # (5 views, 88 tokens); OneVision 64x40 -> 2x2 crops cut mid-crop by unpadding (5 views, 70 tokens), 128x96 -> 4x4
-    # crops unpadded and downscaled by anyres_max_9 (17 views, 156 tokens). In a multi-image OneVision prompt every
-    # image is its base view plus one newline (17 tokens).
-    "llava_next": [(64, 20), (48, 48)],
-    "llava_onevision": [(64, 40), (128, 96)],
-    "qwen2_5_vl": [(96, 96), (64, 48)],
-    "qwen2_vl": [(96, 96), (64, 48)],
-    "qwen3_vl": [(96, 64), (64, 48)],  # (width, height): 8x12 and 6x8 patch grids, resampled from Qwen3's 8x8
-}
+# (width, height) of the test images per family, from its tiny model (``register_tiny`` in families/<family>.py); Qwen
+# images differ in size so multi-image prompts mix token counts and windows
+IMAGE_SIZES = tiny.IMAGE_SIZES
 
 
 def make_inputs(processor, family: str, questions: list[str], images_per_prompt: list[int], first_image: int = 0):

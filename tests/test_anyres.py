@@ -23,10 +23,11 @@ from vtc.allocation import (
     region_sums,
     resize_map,
 )
-from vtc.integrations.transformers import get_state, tiny
+from vtc import testing as tiny
+from vtc.integrations.transformers import get_state
 from vtc.integrations.transformers.adapter import adapter_for
 from vtc.integrations.transformers.cut import declared_signals
-from vtc.integrations.transformers.tiny import ANYRES_FAMILIES
+from vtc.testing import ANYRES_FAMILIES
 
 
 @pytest.fixture(params=ANYRES_FAMILIES)

@@ -10,7 +10,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import vtc
 from helpers import greedy, hand_built, make_inputs
-from vtc.integrations.transformers.tiny import ANYRES_FAMILIES, QWEN_FAMILIES
+from vtc.testing import ANYRES_FAMILIES, QWEN_FAMILIES
 
 
 @pytest.mark.parametrize("budget, error", [(0, ValueError), (-5, ValueError), (math.nan, ValueError), (1.5, ValueError),
@@ -52,7 +52,7 @@ def test_unsupported_model_names_supported_families():
 
 @pytest.mark.parametrize("family", QWEN_FAMILIES)
 def test_position_mode_not_available_for_qwen(tiny_dirs, family):
-    from vtc.integrations.transformers import tiny
+    from vtc import testing as tiny
 
     model, _ = tiny.load_tiny(tiny_dirs[family])
     with pytest.raises(ValueError, match=f"positions='reindex' is not available for {family}"):
@@ -86,7 +86,7 @@ def _odd_grid(inputs):
     (_odd_grid, "not divisible by the spatial merge size"),
 ], ids=["no-grid", "4d-pixels", "patch-count", "patch-width", "odd-grid"])
 def test_bad_qwen_vision_inputs_are_named(tiny_dirs, family, spoil, message):
-    from vtc.integrations.transformers import tiny
+    from vtc import testing as tiny
 
     model, processor = tiny.load_tiny(tiny_dirs[family])
     inputs = make_inputs(processor, family, ["what is the color ?"], [1])
@@ -136,7 +136,7 @@ def test_budget_above_token_count_keeps_all(loaded, family):
 
 # ---------------------------------------------------------------------------------------------- odd images
 def _image(width, height, mode="RGB"):
-    from vtc.integrations.transformers import tiny
+    from vtc import testing as tiny
 
     return tiny.random_image(width, height, seed=3).convert(mode)
 
@@ -154,7 +154,7 @@ ODD_IMAGES = {
 def test_odd_images_work_or_fail_clearly(loaded, family, kind):
     """Tiny, extremely wide / tall, grayscale and RGBA images: either everything works (keep-all is the unwrapped
     model, a compressed prompt equals the hand-built one) or the processor refuses the image with a clear message."""
-    from vtc.integrations.transformers import tiny
+    from vtc import testing as tiny
 
     model, processor = loaded
     text = tiny.build_prompt(processor, "what is the color ?", 1)
@@ -178,7 +178,7 @@ def test_odd_images_work_or_fail_clearly(loaded, family, kind):
 
 @pytest.mark.parametrize("family_name", ANYRES_FAMILIES)
 def test_budget_below_the_number_of_views_works(tiny_dirs, family_name):
-    from vtc.integrations.transformers import tiny
+    from vtc import testing as tiny
 
     model, processor = tiny.load_tiny(tiny_dirs[family_name])
     inputs = make_inputs(processor, family_name, ["what is the color ?"], [1], first_image=1)
@@ -224,7 +224,7 @@ def _other_strategy(family, inputs):
     (_other_strategy, "vision_feature_select_strategy="),
 ], ids=["no-sizes", "view-size", "other-sizes", "stacked", "zero-size", "strategy"])
 def test_bad_anyres_inputs_are_named(tiny_dirs, family_name, spoil, message):
-    from vtc.integrations.transformers import tiny
+    from vtc import testing as tiny
 
     model, processor = tiny.load_tiny(tiny_dirs[family_name])
     inputs = make_inputs(processor, family_name, ["what is the color ?"], [1])
@@ -237,7 +237,7 @@ def test_bad_anyres_inputs_are_named(tiny_dirs, family_name, spoil, message):
 
 
 def test_onevision_batch_num_images_must_count_the_images(tiny_dirs):
-    from vtc.integrations.transformers import tiny
+    from vtc import testing as tiny
 
     model, processor = tiny.load_tiny(tiny_dirs["llava_onevision"])
     inputs = make_inputs(processor, "llava_onevision", ["what is the color ?"], [1])

@@ -10,9 +10,9 @@ from transformers import AttentionInterface
 
 from helpers import make_inputs
 from vtc import Signal, SignalKind
-from vtc.integrations.transformers import tiny
+from vtc import testing as tiny
 from vtc.integrations.transformers.adapter import adapter_for
-from vtc.integrations.transformers.tiny import QWEN_FAMILIES
+from vtc.testing import QWEN_FAMILIES
 
 
 def test_clip_signals_equal_eager_attentions(tiny_dirs):

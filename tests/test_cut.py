@@ -14,7 +14,7 @@ import vtc
 from helpers import QUESTIONS, greedy, hand_built, hook_census, image_token_id, make_inputs, prompt_ids
 from vtc.integrations.transformers.adapter import adapter_for
 from vtc.integrations.transformers.cut import declared_signals
-from vtc.integrations.transformers.tiny import LLAVA_FAMILIES, QWEN_FAMILIES
+from vtc.testing import LLAVA_FAMILIES, QWEN_FAMILIES
 
 
 @pytest.mark.support("image")
@@ -45,7 +45,7 @@ def test_compressed_generate_equals_hand_built_prompt(loaded, family, compressor
 
 @pytest.mark.parametrize("family_name", LLAVA_FAMILIES)
 def test_llava_keep_positions_equal_hand_built(tiny_dirs, family_name):
-    from vtc.integrations.transformers import tiny
+    from vtc import testing as tiny
 
     model, processor = tiny.load_tiny(tiny_dirs[family_name])
     inputs = make_inputs(processor, family_name, QUESTIONS[:1], [1])
@@ -126,7 +126,7 @@ def test_qwen_video_in_the_same_call_is_compressed(tiny_dirs, family_name, compr
     1.0, untouched at 1.0; either way the call equals the hand-built shortened prompt."""
     import numpy as np
 
-    from vtc.integrations.transformers import tiny
+    from vtc import testing as tiny
 
     model, processor = tiny.load_tiny(tiny_dirs[family_name])
     content = [{"type": "image"}, {"type": "video"}, {"type": "text", "text": QUESTIONS[0]}]

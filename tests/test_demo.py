@@ -14,7 +14,7 @@ import vtc
 from vtc.demo import render
 from vtc.demo.engine import DemoError, Engine, Limits, Spec, load_media, parse_options, write_examples
 from vtc.eval.default_model import synthetic
-from vtc.integrations.transformers import tiny
+from vtc import testing as tiny
 from vtc.integrations.transformers.geometry import TokenBoxes
 
 pytest.importorskip("av")  # the bundled video example and the video tests write H.264 files

@@ -27,7 +27,7 @@ from vtc.flops import (
     transformer_flops,
 )
 from vtc.integrations.transformers.flops import model_dims, request_flops
-from vtc.integrations.transformers.tiny import FAMILIES, VIDEO_FAMILIES, build_prompt, build_tiny, random_image
+from vtc.testing import FAMILIES, VIDEO_FAMILIES, build_prompt, build_tiny, random_image
 
 TOLERANCE = 0.05  # the bound; the tiny models measure 0.00 % except Qwen2.5-VL's partial windows
 

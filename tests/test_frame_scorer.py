@@ -9,7 +9,8 @@ import torch
 
 import vtc
 from helpers import greedy, hand_built, make_inputs
-from vtc.integrations.transformers import get_state, tiny
+from vtc import testing as tiny
+from vtc.integrations.transformers import get_state
 from vtc.integrations.transformers.frame_scorer import RELEVANCE_PROMPT, SelfFrameScorer
 
 

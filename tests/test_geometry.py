@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 
 import vtc
-from vtc.integrations.transformers import tiny
+from vtc import testing as tiny
 from vtc.integrations.transformers.geometry import TokenBoxes, image_token_boxes, video_token_boxes
 
 QUESTION = "what is in the image ?"
@@ -402,41 +402,43 @@ def real_geometry(family: str):
     towers have checkpoint resolution but tiny widths."""
     import transformers as tf
 
+    from vtc.integrations.transformers.families.qwen2_5_vl import qwen_text_config, qwen_token_ids
+
     tok = tiny.build_tokenizer(family)
     ids = tok.convert_tokens_to_ids
     vision = dict(hidden_size=16, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2, patch_size=14)
     if family == "llava_next":
         pinpoints = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
         config = tf.LlavaNextConfig(vision_config=tf.CLIPVisionConfig(image_size=336, **vision),
-                                    text_config=tiny._tiny_text(tf.LlamaConfig, tok), image_token_index=ids("<image>"),
+                                    text_config=tiny.tiny_text_config(tf.LlamaConfig, tok), image_token_index=ids("<image>"),
                                     image_grid_pinpoints=pinpoints)
         processor = tf.LlavaNextProcessor(
             image_processor=tf.LlavaNextImageProcessor(size={"shortest_edge": 336},
                                                        crop_size={"height": 336, "width": 336},
                                                        image_grid_pinpoints=pinpoints),
             tokenizer=tok, patch_size=14, vision_feature_select_strategy="default", num_additional_image_tokens=1,
-            chat_template=tiny._TEMPLATES[family])
+            chat_template=tok.chat_template)
         model = tf.LlavaNextForConditionalGeneration(config)
     elif family == "llava_onevision":
         image_processor = tf.LlavaOnevisionImageProcessor()  # 384x384 views, the 36 checkpoint pinpoints
         config = tf.LlavaOnevisionConfig(vision_config=tf.SiglipVisionConfig(image_size=384, **vision),
-                                         text_config=tiny._tiny_text(tf.Qwen2Config, tok),
+                                         text_config=tiny.tiny_text_config(tf.Qwen2Config, tok),
                                          image_token_index=ids("<image>"), video_token_index=ids("<video>"),
                                          vision_feature_layer=-1, vision_feature_select_strategy="full",
                                          image_grid_pinpoints=image_processor.image_grid_pinpoints)
         processor = tf.LlavaOnevisionProcessor(
             image_processor=image_processor, tokenizer=tok, video_processor=tf.LlavaOnevisionVideoProcessor(),
             num_image_tokens=27 * 27, vision_feature_select_strategy="full", vision_aspect_ratio="anyres_max_9",
-            chat_template=tiny._TEMPLATES[family])
+            chat_template=tok.chat_template)
         model = tf.LlavaOnevisionForConditionalGeneration(config)
     else:
-        config = tf.Qwen2VLConfig(text_config=tiny._qwen_text_config(tok),
+        config = tf.Qwen2VLConfig(text_config=qwen_text_config(tok),
                                   vision_config=dict(depth=1, embed_dim=16, hidden_size=64, mlp_ratio=1, num_heads=2,
                                                      patch_size=14, spatial_merge_size=2, temporal_patch_size=2),
-                                  **tiny._qwen_token_ids(tok))
+                                  **qwen_token_ids(tok))
         processor = tf.Qwen2VLProcessor(image_processor=tf.Qwen2VLImageProcessor(), tokenizer=tok,
                                         video_processor=tf.Qwen2VLVideoProcessor(),
-                                        chat_template=tiny._TEMPLATES[family])
+                                        chat_template=tok.chat_template)
         model = tf.Qwen2VLForConditionalGeneration(config)
     model.generation_config.pad_token_id = tok.pad_token_id
     return model.eval(), processor

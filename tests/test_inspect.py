@@ -23,7 +23,8 @@ from vtc.compressors.hiprune import HiPruneDetails, num_anchors
 from vtc.compressors.progressive import ProgressiveDetails
 from vtc.compressors.quota import QuotaDetails, ResizeDetails
 from vtc.compressors.visionzip import VisionZipDetails
-from vtc.integrations.transformers import get_state, tiny
+from vtc import testing as tiny
+from vtc.integrations.transformers import get_state
 from vtc.multiview import MultiViewDetails
 from vtc.selection import Details, Selection
 from vtc.signals import Signal, SignalKind

@@ -160,7 +160,7 @@ SIZES = [(20, 64), (48, 48), (40, 64), (96, 128), (64, 40), (1, 1), (400, 1), (1
 
 @pytest.fixture(scope="module", params=["llava_next", "llava_onevision"])
 def anyres(request):
-    from vtc.integrations.transformers import tiny
+    from vtc import testing as tiny
     from vtc.integrations.transformers.adapter import adapter_for
 
     model, _ = tiny.build_tiny(request.param)
@@ -209,7 +209,7 @@ def test_layout_matches_pack_image_features(anyres, size):
 @pytest.mark.parametrize("size", SIZES)
 def test_layout_length_matches_the_processor(anyres, size):
     family, model, adapter = anyres
-    from vtc.integrations.transformers import tiny
+    from vtc import testing as tiny
 
     _, processor = tiny.build_tiny(family)
     layout = adapter.packed_layout(size, True, adapter._aspect_limit({}))

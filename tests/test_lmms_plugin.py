@@ -21,7 +21,7 @@ from lmms_eval.tasks import TaskManager
 import vtc
 from vtc.eval.lmms import tasks as lmms_tasks
 from vtc.eval.lmms.model import VtcModel
-from vtc.integrations.transformers import tiny
+from vtc import testing as tiny
 
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
                "OMP_NUM_THREADS": "1"}

@@ -10,7 +10,7 @@ import torch
 import vtc
 from helpers import QUESTIONS, greedy, make_inputs, reduce_by_hand
 from vtc.compressor import Compressor, VisualTokens
-from vtc.integrations.transformers import tiny
+from vtc import testing as tiny
 from vtc.selection import Selection
 from vtc.video import VideoTokens
 

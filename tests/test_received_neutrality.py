@@ -17,7 +17,7 @@ from transformers import AttentionInterface
 
 import vtc
 from vtc import Signal, SignalKind
-from vtc.integrations.transformers import tiny
+from vtc import testing as tiny
 from vtc.integrations.transformers.adapter import adapter_for
 from vtc.kernels import received_attention, received_attention_reference
 

@@ -5,7 +5,7 @@ import re
 
 import vtc
 from vtc.eval.support_matrix import END, START, render
-from vtc.integrations.transformers import tiny
+from vtc import testing as tiny
 
 README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
 

@@ -14,7 +14,7 @@ import torch
 
 import vtc
 from helpers import QUESTIONS, greedy, video_inputs, video_reference, video_token_id
-from vtc.integrations.transformers import tiny
+from vtc import testing as tiny
 
 VIDEO_FAMILIES = tiny.VIDEO_FAMILIES
 #: the compressors of the batch test: a pruning one, a merging one, and the two video compressors

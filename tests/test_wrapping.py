@@ -20,7 +20,7 @@ from accelerate.hooks import AlignDevicesHook, add_hook_to_module, remove_hook_f
 
 import vtc
 from helpers import QUESTIONS, greedy, hand_built, hook_census, make_inputs
-from vtc.integrations.transformers import tiny
+from vtc import testing as tiny
 from vtc.integrations.transformers.cut import WrappedMethod, offloaded_weights_loaded
 
 MAX_NEW = 6

@@ -75,7 +75,7 @@ LM = dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_atten
 
 
 def build_tokenizer():
-    from vtc.integrations.transformers.tiny import word_level_tokenizer
+    from vtc.testing import word_level_tokenizer
 
     return word_level_tokenizer(SPECIALS, CHAT_WORDS + tuple(syn.vocabulary()), CHAT_TEMPLATE)
 

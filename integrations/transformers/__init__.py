@@ -16,7 +16,16 @@ from vtc.compressor import create_compressor
 from vtc.selection import ImageSelection, SelectionRecords
 from vtc.video import VideoRecord
 
-from .adapter import FamilyAdapter, adapter_for, supported_families
+from . import families as _families  # noqa: F401  (registers the built-in family adapters)
+from .adapter import (
+    FamilyAdapter,
+    TinyModel,
+    adapter_for,
+    register_adapter,
+    register_tiny,
+    supported_families,
+    unregister_adapter,
+)
 from .cut import STATE_ATTR as _STATE_ATTR
 from .cut import CutState, unwrap, wrap
 
@@ -127,6 +136,6 @@ def get_state(model) -> CutState:
     return state
 
 
-__all__ = ["FamilyAdapter", "apply", "get_state", "is_applied", "last_prompt_lengths", "last_selection",
-           "last_video_selection", "remove", "select",
-           "supported_families"]
+__all__ = ["FamilyAdapter", "TinyModel", "apply", "get_state", "is_applied", "last_prompt_lengths", "last_selection",
+           "last_video_selection", "register_adapter", "register_tiny", "remove", "select",
+           "supported_families", "unregister_adapter"]

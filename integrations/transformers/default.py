@@ -22,7 +22,7 @@ def load_default(path=None, *, dtype=None):
     missing on many CPUs). The model is in eval mode.
     """
     import torch
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
+    from transformers import AutoModelForImageTextToText, AutoProcessor
 
     folder = pathlib.Path(path) if path is not None else DEFAULT_MODEL_DIR
     if not (folder / "config.json").is_file() or not (folder / "model.safetensors").is_file():
@@ -31,7 +31,7 @@ def load_default(path=None, *, dtype=None):
             "ships inside the vtc package: reinstall vtc, or train one with "
             "`python -m vtc.eval.default_model.train --out DIR` and pass that folder."
         )
-    model = LlavaForConditionalGeneration.from_pretrained(folder, dtype=dtype or torch.float32)
+    model = AutoModelForImageTextToText.from_pretrained(folder, dtype=dtype or torch.float32)
     model.eval()
     processor = AutoProcessor.from_pretrained(folder)
     return model, processor

@@ -16,21 +16,42 @@ Videos: each temporal step (``temporal_patch_size = 2`` fused frames) is one fra
 (``encode_videos``); kept video tokens keep their original M-RoPE ids too (Qwen2.5-VL's are time-aligned through
 ``second_per_grid_ts``), so a dropped frame leaves a gap in time, never a renumbering.
 
+Pixels (``image_token_boxes`` / ``video_token_boxes``): the whole image (frame) resized to ``image_grid_thw``
+(``video_grid_thw``) patches; one token per ``spatial_merge_size``-square unit of patches (``unit = (2, 2)``), raster
+order. A video's LLM frame is one temporal step (``temporal_patch_size`` fused frames share the same boxes). The
+boxes hold for any resize of the user's picture handed to the processor.
+
+FLOPs: one tower pass of ``h*w`` patches per temporal step (each step is its own ``cu_seqlens`` span), the merger(s)
+on every patch; Qwen2.5-VL's attention windows are counted exactly.
+
 ``QwenVLAdapter`` holds what Qwen2-VL (``qwen2_vl.py``), Qwen2.5-VL and Qwen3-VL (``qwen3_vl.py``) share; a family
 names its classes and tower, and Qwen2.5-VL adds the window permutation.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
+import math
 from typing import ClassVar
 
 import torch
 
+from vtc.flops import TransformerDims, VisionDims, VLMDims
 from vtc.signals import Signal, TowerInfo
 
-from ..adapter import EncodedImages, EncodedVideos, FamilyAdapter, ImageLayout, register_adapter
+from ..adapter import (
+    EncodedImages,
+    EncodedVideos,
+    FamilyAdapter,
+    ImageLayout,
+    TinyModel,
+    register_adapter,
+    register_tiny,
+)
 from ..capture import QwenBlockCapture
+from ..flops import TowerPasses, linear_shapes, llm_dims, positive_int, vocab_size
+from ..geometry import TokenBoxes, check_index, copy_boxes, finish_boxes, grid_boxes
 
 VIDEO_KEYS = ("pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
 
@@ -39,6 +60,8 @@ class QwenVLAdapter(FamilyAdapter):
     """Common code of the Qwen-VL adapters (not registered itself)."""
 
     position_modes = ("keep",)
+    supports_video = True
+    mrope = True
     #: the family's name in error messages, e.g. "Qwen2.5-VL"
     display_name: ClassVar[str] = "Qwen-VL"
     #: ``TowerInfo.name`` of its ViT
@@ -179,6 +202,140 @@ class QwenVLAdapter(FamilyAdapter):
         text_row = (new_mask.long().cumsum(-1) - 1).masked_fill(new_mask == 0, 1)
         return torch.cat([text_row[None].to(kept_positions.device), kept_positions], dim=0)  # [4, B, L']
 
+    # -- pixels ------------------------------------------------------------------------------------------------
+    def image_token_counts(self, inputs: dict) -> list[int]:
+        grid = torch.as_tensor(inputs.get("image_grid_thw"))
+        merge = int(self.visual.spatial_merge_size)
+        return [int(t) * int(h) * int(w) // merge**2 for t, h, w in grid.tolist()]
+
+    def image_token_boxes(self, processor, inputs: dict, image_index: int, width: int, height: int) -> TokenBoxes:
+        t, gh, gw = _grid_of(inputs, "image_grid_thw", "pixel_values", image_index, "image")
+        boxes = self._frame_boxes(gh, gw, width, height)
+        return TokenBoxes(boxes.boxes.repeat(t, 1), boxes.views.repeat(t), boxes.unit)
+
+    def video_token_boxes(self, processor, inputs: dict, video_index: int, width: int, height: int,
+                          offset: int = 0) -> list[TokenBoxes]:
+        t, gh, gw = _grid_of(inputs, "video_grid_thw", "pixel_values_videos", video_index, "video", offset=offset)
+        boxes = self._frame_boxes(gh, gw, width, height)
+        return [copy_boxes(boxes) for _ in range(t)]
+
+    def _frame_boxes(self, grid_h: int, grid_w: int, width: int, height: int) -> TokenBoxes:
+        """One frame of ``grid_h x grid_w`` patches: the whole picture resized, one token per merge x merge unit."""
+        merge = int(self.visual.spatial_merge_size)
+        if grid_h % merge or grid_w % merge:
+            raise ValueError(f"a grid of {grid_h}x{grid_w} patches does not split into {merge}x{merge} merge units; "
+                             "build inputs with the model's own processor")
+        rows, cols = grid_h // merge, grid_w // merge
+        ys = [(r * merge * height / grid_h, (r + 1) * merge * height / grid_h) for r in range(rows)]
+        xs = [(c * merge * width / grid_w, (c + 1) * merge * width / grid_w) for c in range(cols)]
+        return finish_boxes(grid_boxes(ys, xs), torch.zeros(rows * cols, dtype=torch.long), (merge, merge))
+
+    # -- dimensions --------------------------------------------------------------------------------------------
+    def _vision_windows(self) -> tuple[int | None, tuple[int, ...] | None]:
+        """(merged-token patches per attention window, full-attention blocks) of the tower; (None, None): every block
+        attends over whole images."""
+        return None, None
+
+    def _window_sizes(self, h: int, w: int) -> tuple[int, ...] | None:
+        """Patches of every attention window of one temporal step of an ``h x w`` patch grid (None: no windows)."""
+        return None
+
+    def model_dims(self, vision_tokens_per_image: int | None = None, views_per_image: int | None = None) -> VLMDims:
+        model = self.model
+        visual = model.model.visual
+        vcfg = model.config.vision_config
+        unit = vcfg.spatial_merge_size**2
+        if vision_tokens_per_image is None:
+            raise ValueError(
+                f"{type(model).__name__} encodes each image at its own resolution; pass vision_tokens_per_image, the "
+                f"image's patch count before the {vcfg.spatial_merge_size}x{vcfg.spatial_merge_size} merge "
+                "(int(image_grid_thw[i].prod()) from the processor; a video counts as grid_t images of grid_h*grid_w)"
+            )
+        patches = positive_int("vision_tokens_per_image", vision_tokens_per_image)
+        if patches % unit:
+            raise ValueError(
+                f"vision_tokens_per_image={patches} is not a multiple of {unit}: Qwen merges "
+                f"{vcfg.spatial_merge_size}x{vcfg.spatial_merge_size} patches into one LLM token, so the patch count "
+                "is grid_h*grid_w with both sides even (image_grid_thw[i].prod())"
+            )
+        if views_per_image not in (None, 1):
+            raise ValueError(f"views_per_image={views_per_image!r}: Qwen VLMs have no AnyRes views; leave it unset")
+        block = visual.blocks[0]
+        hidden = block.attn.qkv.in_features
+        heads = vcfg.num_heads
+        gated = hasattr(block.mlp, "gate_proj")  # Qwen2.5-VL: SwiGLU; Qwen2-VL / Qwen3-VL: fc1/fc2
+        intermediate = block.mlp.gate_proj.out_features if gated else linear_shapes(block.mlp)[0][1]
+        window, full_layers = self._vision_windows()
+        mergers = [visual.merger]
+        mergers += list(getattr(visual, "deepstack_merger_list", None) or ())  # Qwen3-VL: one per deepstack level
+        vision = VisionDims(
+            transformer=TransformerDims(
+                num_layers=len(visual.blocks),
+                hidden=hidden,
+                intermediate=intermediate,
+                num_heads=heads,
+                num_kv_heads=heads,
+                head_dim=hidden // heads,
+                gated_mlp=gated,
+            ),
+            tokens_per_image=patches,
+            patch_embed_in=math.prod(visual.patch_embed.proj.weight.shape[1:]),
+            window=window,
+            full_attention_layers=full_layers,
+        )
+        return VLMDims(
+            vision=vision,
+            projector=tuple(layer for merger in mergers for layer in linear_shapes(merger)),
+            projector_tokens_per_image=patches // unit,
+            llm=llm_dims(model),
+            vocab_size=vocab_size(model),
+        )
+
+    def image_passes(self, inputs: dict) -> list[TowerPasses]:
+        grid = inputs.get("image_grid_thw")
+        return [] if grid is None else self._passes(_grid_rows(grid, "image_grid_thw"))
+
+    def video_passes(self, inputs: dict) -> list[TowerPasses]:
+        grid = inputs.get("video_grid_thw")
+        return [] if grid is None else self._passes(_grid_rows(grid, "video_grid_thw"))
+
+    def _passes(self, grids: list[tuple[int, int, int]]) -> list[TowerPasses]:
+        """Images / videos of ``t`` temporal steps of ``h x w`` patches, each step its own attention span in the
+        tower (``cu_seqlens`` repeats ``h*w`` ``t`` times), ``t*h*w / merge^2`` tokens in the LLM."""
+        unit = self.model.config.vision_config.spatial_merge_size ** 2
+        out = []
+        for t, h, w in grids:
+            dims = self.model_dims(h * w)
+            window_sizes = self._window_sizes(h, w)
+            if window_sizes is not None:
+                dims = dataclasses.replace(dims, vision=dataclasses.replace(dims.vision, window_sizes=window_sizes))
+            out.append(TowerPasses(t * h * w // unit, dims, t))
+        return out
+
+
+def _grid_of(inputs: dict, key: str, pixels_key: str, index: int, what: str, offset: int = 0) -> tuple[int, ...]:
+    """Row ``index`` of the call's ``key`` grid (``t, h, w`` in patches), checked (``offset``: for messages)."""
+    grid = inputs.get(key)
+    if grid is None:
+        raise ValueError(f"Qwen-VL token boxes need the call's {key} (the processor returns it next to {pixels_key}); "
+                         "pass the inputs the model was called with")
+    grid = torch.as_tensor(grid)
+    if grid.dim() != 2 or grid.shape[-1] != 3:
+        raise ValueError(f"{key} must be [num_{what}s, 3] (t, h, w in patches), got shape {tuple(grid.shape)}")
+    index = check_index(index, f"{what}_index")
+    if index >= grid.shape[0]:
+        raise IndexError(f"{what}_index {index + offset} is out of range: {key} of this call holds {grid.shape[0]} "
+                         f"{what}(s)" + (f" (after {offset} image sequence(s))" if offset else ""))
+    return tuple(int(v) for v in grid[index].tolist())
+
+
+def _grid_rows(value, key: str) -> list[tuple[int, int, int]]:
+    """A ``[n, 3]`` grid input (``image_grid_thw`` / ``video_grid_thw``) as ``(t, h, w)`` tuples."""
+    grid = torch.as_tensor(value)
+    if grid.dim() != 2 or grid.shape[-1] != 3:
+        raise ValueError(f"{key} must be [n, 3] (t, h, w patches per image / video), got shape {tuple(grid.shape)}")
+    return [(int(t), int(h), int(w)) for t, h, w in grid.tolist()]
+
 
 @register_adapter
 class Qwen2_5_VLAdapter(QwenVLAdapter):
@@ -207,3 +364,122 @@ class Qwen2_5_VLAdapter(QwenVLAdapter):
 
     def _restore_order(self, grid_thw: torch.Tensor) -> torch.Tensor:
         return torch.argsort(self._window_index(grid_thw).to(grid_thw.device))
+
+    def _vision_windows(self) -> tuple[int, tuple[int, ...]]:
+        vcfg = self.model.config.vision_config
+        # get_vision_window_index: windows of (window_size // merge // patch) merged tokens per side
+        side = vcfg.window_size // vcfg.spatial_merge_size // vcfg.patch_size * vcfg.spatial_merge_size
+        return side * side, tuple(int(i) for i in (vcfg.fullatt_block_indexes or ()))
+
+    def _window_sizes(self, h: int, w: int) -> tuple[int, ...]:
+        """``get_vision_window_index``: windows of ``window_size // merge // patch`` merged tokens per side from the
+        top left, the last row / column of windows partial where the merged grid does not divide."""
+        vcfg = self.model.config.vision_config
+        merge = vcfg.spatial_merge_size
+        side = vcfg.window_size // merge // vcfg.patch_size
+
+        def spans(n: int) -> list[int]:
+            return [side] * (n // side) + ([n % side] if n % side else [])
+
+        return tuple(r * c * merge * merge for r in spans(h // merge) for c in spans(w // merge))
+
+
+# ---------------------------------------------------------------------------------------- tiny checkpoint (tests)
+#: the Qwen-VL placeholder and chat tokens of the tiny tokenizers
+QWEN_SPECIALS = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>", "<|im_start|>", "<|im_end|>")
+#: a minimal Qwen-VL chat template (images and videos); it takes list-of-items and plain string content
+QWEN_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' %}{{ '<|vision_start|><|image_pad|><|vision_end|>' }}"
+    "{% elif item['type'] == 'video' %}{{ '<|vision_start|><|video_pad|><|vision_end|>' }}"
+    "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}"
+    "{{ '<|im_end|>\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+TINY_PATCH = 8
+#: test images of the tiny Qwen-VL models: sides rounded to multiples of 16 (patch 8 x merge 2), pixel count bounded
+#: to [16*16, 128*128]; tokens = (H/16)*(W/16): 64x48 -> 12, 96x64 -> 24, 96x96 -> 36, 128x128 -> 64
+TINY_IMAGE_SIZES = ((96, 96), (64, 48))
+
+
+def qwen_text_config(tok, **overrides) -> dict:
+    """The tiny Qwen LLM config (2 layers, width 64, M-RoPE sections summing to head_dim / 2)."""
+    rope = {"rope_type": "default", "rope_theta": 1e4, "mrope_section": [4, 2, 2]}
+    rope.update(overrides.pop("rope_parameters", {}))
+    config = dict(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=128,
+        vocab_size=len(tok),
+        rope_parameters=rope,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
+    config.update(overrides)
+    return config
+
+
+def qwen_token_ids(tok) -> dict:
+    """The config's image / video / vision start and end token ids in ``tok``."""
+    ids = tok.convert_tokens_to_ids
+    return dict(
+        image_token_id=ids("<|image_pad|>"),
+        video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"),
+        vision_end_token_id=ids("<|vision_end|>"),
+    )
+
+
+def qwen_processor(processor_cls, tok, video_processor_cls=None):
+    """A Qwen-VL processor of the tiny geometry (8 px patches, 2x2 merge, 2 fused frames)."""
+    from transformers import Qwen2VLImageProcessor, Qwen2VLVideoProcessor
+
+    # size = pixel-count bounds: shortest_edge = min_pixels, longest_edge = max_pixels.
+    common = dict(
+        patch_size=TINY_PATCH,
+        merge_size=2,
+        temporal_patch_size=2,
+        size={"shortest_edge": 16 * 16, "longest_edge": 128 * 128},
+    )
+    return processor_cls(
+        image_processor=Qwen2VLImageProcessor(**common),
+        tokenizer=tok,
+        video_processor=(video_processor_cls or Qwen2VLVideoProcessor)(**common),
+        chat_template=QWEN_TEMPLATE,
+    )
+
+
+def build_tiny(tok):
+    """Tiny Qwen2.5-VL: windowed and full-attention vision blocks (32 px windows = 2x2 merged tokens, so images above
+    32x32 use several windows), 2x2 patch merging, M-RoPE."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
+
+    config = Qwen2_5_VLConfig(
+        text_config=qwen_text_config(tok),
+        vision_config=dict(
+            depth=4,
+            hidden_size=32,
+            intermediate_size=64,
+            num_heads=2,
+            out_hidden_size=64,
+            patch_size=TINY_PATCH,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            window_size=32,
+            fullatt_block_indexes=[1, 3],
+        ),
+        **qwen_token_ids(tok),
+    )
+    return Qwen2_5_VLForConditionalGeneration(config), qwen_processor(Qwen2_5_VLProcessor, tok)
+
+
+register_tiny(Qwen2_5_VLAdapter, TinyModel(build=build_tiny, placeholders=QWEN_SPECIALS, chat_template=QWEN_TEMPLATE,
+                                           image_sizes=TINY_IMAGE_SIZES))
