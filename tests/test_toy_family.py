@@ -19,14 +19,7 @@ from test_cut import (  # noqa: F401  (the generated tests, collected here again
     test_keep_all_generate_equals_unwrapped,
     test_multi_image_prompt_each_image_gets_its_budget,
 )
-from transformers import (
-    CLIPImageProcessor,
-    CLIPVisionConfig,
-    LlamaConfig,
-    LlavaConfig,
-    LlavaForConditionalGeneration,
-    LlavaProcessor,
-)
+from transformers import CLIPImageProcessor, CLIPVisionConfig, LlavaForConditionalGeneration, LlavaProcessor
 
 from vtc import testing
 from vtc.integrations.transformers import (
@@ -37,7 +30,14 @@ from vtc.integrations.transformers import (
     supported_families,
     unregister_adapter,
 )
-from vtc.integrations.transformers.families.llava import LLAVA_TEMPLATE, LlavaAdapter
+from vtc.integrations.transformers.families.llava import (
+    LLAVA_TEMPLATE,
+    TINY_PATCH,
+    LlavaAdapter,
+    build_tiny_llava,
+    square_views,
+)
+
 
 # ------------------------------------------------------------------------------------------------ the toy family
 class ToyLlava(LlavaForConditionalGeneration):
@@ -52,26 +52,15 @@ class ToyAdapter(LlavaAdapter):
         return (ToyLlava,)
 
 
-TOY_IMAGE, TOY_PATCH = 40, 8
+TOY_IMAGE = 40
 
 
 def build_toy(tok):
     """Tiny ToyLlava: a 3-layer CLIP tower of width 32 on 40 px images (5x5 = 25 tokens), a 2-layer Llama LLM."""
-    config = LlavaConfig(
-        vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
-                                       image_size=TOY_IMAGE, patch_size=TOY_PATCH),
-        text_config=testing.tiny_text_config(LlamaConfig, tok),
-        image_token_id=tok.convert_tokens_to_ids("<image>"),
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
-    )
-    processor = LlavaProcessor(
-        image_processor=CLIPImageProcessor(size={"shortest_edge": TOY_IMAGE},
-                                           crop_size={"height": TOY_IMAGE, "width": TOY_IMAGE}),
-        tokenizer=tok, patch_size=TOY_PATCH, vision_feature_select_strategy="default", num_additional_image_tokens=1,
-        chat_template=LLAVA_TEMPLATE,
-    )
-    return ToyLlava(config), processor
+    tower = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
+                             image_size=TOY_IMAGE, patch_size=TINY_PATCH)
+    return build_tiny_llava(tok, ToyLlava, LlavaProcessor, square_views(CLIPImageProcessor, TOY_IMAGE), tower,
+                            image_token_id=tok.convert_tokens_to_ids("<image>"))
 
 
 TOY = TinyModel(build=build_toy, placeholders=("<image>",), chat_template=LLAVA_TEMPLATE,

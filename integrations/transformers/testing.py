@@ -138,8 +138,9 @@ def build_tokenizer(family: str) -> transformers.PreTrainedTokenizerFast:
 
 
 def tiny_text_config(config_cls, tok, **overrides):
-    """A tiny LLM config of ``config_cls`` (width 64, 2 layers, 4 heads over 2 KV heads) for ``tok``'s vocabulary."""
-    return config_cls(
+    """A tiny LLM config of ``config_cls`` (width 64, 2 layers, 4 heads over 2 KV heads) for ``tok``'s vocabulary;
+    ``overrides`` replace or add fields (``config_cls=dict`` gives the fields as a dict)."""
+    fields = dict(
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=2,
@@ -149,8 +150,9 @@ def tiny_text_config(config_cls, tok, **overrides):
         pad_token_id=tok.pad_token_id,
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
-        **overrides,
     )
+    fields.update(overrides)
+    return config_cls(**fields)
 
 
 def build_tiny(family: str, seed: int = 0):

@@ -256,38 +256,38 @@ def tiny_tower_config(config_cls, image_size: int, **overrides):
                       image_size=image_size, patch_size=TINY_PATCH, **overrides)
 
 
-def build_tiny(tok):
-    """Tiny LLaVA-1.5: a CLIP tower of 48 px images in 8 px patches (6x6 = 36 tokens per image, every image resized
-    and center-cropped to 48x48), a 2-layer Llama LLM."""
-    from transformers import (
-        CLIPImageProcessor,
-        CLIPVisionConfig,
-        LlamaConfig,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-        LlavaProcessor,
-    )
+def build_tiny_llava(tok, model_cls, processor_cls, image_processor, tower, **config):
+    """``(model, processor)`` of a tiny LLaVA-1.5-style checkpoint of ``model_cls``: the ``tower`` vision config under
+    the tiny Llama LLM, features of tower layer -2 without CLS, ``TINY_PATCH`` px patches, the LLaVA chat template;
+    ``config``: the family's other config fields (its image token id among them). Shared by LLaVA-1.5 and -NeXT."""
+    from transformers import LlamaConfig
 
     from ..testing import tiny_text_config
 
-    config = LlavaConfig(
-        vision_config=tiny_tower_config(CLIPVisionConfig, _TINY_IMAGE),
-        text_config=tiny_text_config(LlamaConfig, tok),
-        image_token_id=tok.convert_tokens_to_ids("<image>"),
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
-    )
-    model = LlavaForConditionalGeneration(config)
-    processor = LlavaProcessor(
-        image_processor=CLIPImageProcessor(size={"shortest_edge": _TINY_IMAGE},
-                                           crop_size={"height": _TINY_IMAGE, "width": _TINY_IMAGE}),
-        tokenizer=tok,
-        patch_size=TINY_PATCH,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,
-        chat_template=LLAVA_TEMPLATE,
-    )
+    model = model_cls(model_cls.config_class(vision_config=tower, text_config=tiny_text_config(LlamaConfig, tok),
+                                             vision_feature_layer=-2, vision_feature_select_strategy="default",
+                                             **config))
+    processor = processor_cls(image_processor=image_processor, tokenizer=tok, patch_size=TINY_PATCH,
+                              vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                              chat_template=LLAVA_TEMPLATE)
     return model, processor
+
+
+def square_views(image_processor_cls, side: int, **kwargs):
+    """An image processor of ``image_processor_cls`` that resizes the shortest edge to ``side`` px and center-crops
+    ``side`` x ``side`` (the CLIP preprocessing)."""
+    return image_processor_cls(size={"shortest_edge": side}, crop_size={"height": side, "width": side}, **kwargs)
+
+
+def build_tiny(tok):
+    """Tiny LLaVA-1.5: a CLIP tower of 48 px images in 8 px patches (6x6 = 36 tokens per image, every image resized
+    and center-cropped to 48x48), a 2-layer Llama LLM."""
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, LlavaForConditionalGeneration, LlavaProcessor
+
+    return build_tiny_llava(tok, LlavaForConditionalGeneration, LlavaProcessor,
+                            square_views(CLIPImageProcessor, _TINY_IMAGE),
+                            tiny_tower_config(CLIPVisionConfig, _TINY_IMAGE),
+                            image_token_id=tok.convert_tokens_to_ids("<image>"))
 
 
 register_tiny(LlavaAdapter, TinyModel(build=build_tiny, placeholders=("<image>",), chat_template=LLAVA_TEMPLATE,

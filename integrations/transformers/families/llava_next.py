@@ -66,7 +66,7 @@ from ..geometry import (
     size_field,
     view_chain,
 )
-from .llava import LLAVA_TEMPLATE, TINY_PATCH, LlavaAdapter, tiny_tower_config
+from .llava import LLAVA_TEMPLATE, LlavaAdapter, build_tiny_llava, square_views, tiny_tower_config
 
 
 class AnyResAdapter(LlavaAdapter):
@@ -400,38 +400,15 @@ def build_tiny(tok):
     16 + 64 + 8 = 88; 64x40 -> 2x2 crops, 8x8 unpadded to 6x8: 16 + 48 + 6 = 70."""
     from transformers import (
         CLIPVisionConfig,
-        LlamaConfig,
-        LlavaNextConfig,
         LlavaNextForConditionalGeneration,
         LlavaNextImageProcessor,
         LlavaNextProcessor,
     )
 
-    from ..testing import tiny_text_config
-
-    config = LlavaNextConfig(
-        vision_config=tiny_tower_config(CLIPVisionConfig, TINY_VIEW),
-        text_config=tiny_text_config(LlamaConfig, tok),
-        image_token_index=tok.convert_tokens_to_ids("<image>"),
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
-        image_grid_pinpoints=_TINY_PINPOINTS,
-    )
-    model = LlavaNextForConditionalGeneration(config)
-    image_processor = LlavaNextImageProcessor(
-        size={"shortest_edge": TINY_VIEW},
-        crop_size={"height": TINY_VIEW, "width": TINY_VIEW},
-        image_grid_pinpoints=_TINY_PINPOINTS,
-    )
-    processor = LlavaNextProcessor(
-        image_processor=image_processor,
-        tokenizer=tok,
-        patch_size=TINY_PATCH,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,
-        chat_template=LLAVA_TEMPLATE,
-    )
-    return model, processor
+    return build_tiny_llava(tok, LlavaNextForConditionalGeneration, LlavaNextProcessor,
+                            square_views(LlavaNextImageProcessor, TINY_VIEW, image_grid_pinpoints=_TINY_PINPOINTS),
+                            tiny_tower_config(CLIPVisionConfig, TINY_VIEW),
+                            image_token_index=tok.convert_tokens_to_ids("<image>"), image_grid_pinpoints=_TINY_PINPOINTS)
 
 
 # 64x20 -> 1x2 crops with padded rows (3 views, 34 tokens), 48x48 -> 2x2 crops (5 views, 88 tokens)

@@ -405,26 +405,17 @@ TINY_PATCH = 8
 #: test images of the tiny Qwen-VL models: sides rounded to multiples of 16 (patch 8 x merge 2), pixel count bounded
 #: to [16*16, 128*128]; tokens = (H/16)*(W/16): 64x48 -> 12, 96x64 -> 24, 96x96 -> 36, 128x128 -> 64
 TINY_IMAGE_SIZES = ((96, 96), (64, 48))
+#: the vision tower of the tiny Qwen2.5-VL and Qwen3-VL: 4 blocks of width 32, merged to the LLM width 64
+TINY_VIT = dict(depth=4, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64)
 
 
 def qwen_text_config(tok, **overrides) -> dict:
-    """The tiny Qwen LLM config (2 layers, width 64, M-RoPE sections summing to head_dim / 2)."""
+    """The tiny Qwen LLM config (2 layers, width 64, M-RoPE sections summing to head_dim / 2) as a dict."""
+    from ..testing import tiny_text_config
+
     rope = {"rope_type": "default", "rope_theta": 1e4, "mrope_section": [4, 2, 2]}
     rope.update(overrides.pop("rope_parameters", {}))
-    config = dict(
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=128,
-        vocab_size=len(tok),
-        rope_parameters=rope,
-        pad_token_id=tok.pad_token_id,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-    )
-    config.update(overrides)
-    return config
+    return tiny_text_config(dict, tok, rope_parameters=rope, **overrides)
 
 
 def qwen_token_ids(tok) -> dict:
@@ -457,29 +448,30 @@ def qwen_processor(processor_cls, tok, video_processor_cls=None):
     )
 
 
+def build_tiny_qwen(tok, model_cls, processor_cls, vision: dict, video_processor_cls=None, **text):
+    """``(model, processor)`` of a tiny Qwen-VL checkpoint of ``model_cls``: ``vision`` (the family's vision_config
+    fields) on ``TINY_PATCH`` px patches, 2x2 merge units and 2 fused frames; the tiny LLM (``text``: overrides of
+    ``qwen_text_config``); the Qwen-VL token ids and processor (``qwen_processor``). Shared by the Qwen-VL families."""
+    config = model_cls.config_class(
+        text_config=qwen_text_config(tok, **text),
+        vision_config=dict(vision, patch_size=TINY_PATCH, spatial_merge_size=2, temporal_patch_size=2),
+        **qwen_token_ids(tok),
+    )
+    return model_cls(config), qwen_processor(processor_cls, tok, video_processor_cls)
+
+
+def qwen_tiny_model(build, image_sizes=TINY_IMAGE_SIZES) -> TinyModel:
+    """The ``TinyModel`` of a Qwen-VL family: its ``build`` with the Qwen-VL placeholders and chat template."""
+    return TinyModel(build=build, placeholders=QWEN_SPECIALS, chat_template=QWEN_TEMPLATE, image_sizes=image_sizes)
+
+
 def build_tiny(tok):
     """Tiny Qwen2.5-VL: windowed and full-attention vision blocks (32 px windows = 2x2 merged tokens, so images above
     32x32 use several windows), 2x2 patch merging, M-RoPE."""
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
+    from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
 
-    config = Qwen2_5_VLConfig(
-        text_config=qwen_text_config(tok),
-        vision_config=dict(
-            depth=4,
-            hidden_size=32,
-            intermediate_size=64,
-            num_heads=2,
-            out_hidden_size=64,
-            patch_size=TINY_PATCH,
-            spatial_merge_size=2,
-            temporal_patch_size=2,
-            window_size=32,
-            fullatt_block_indexes=[1, 3],
-        ),
-        **qwen_token_ids(tok),
-    )
-    return Qwen2_5_VLForConditionalGeneration(config), qwen_processor(Qwen2_5_VLProcessor, tok)
+    return build_tiny_qwen(tok, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor,
+                           dict(TINY_VIT, window_size=32, fullatt_block_indexes=[1, 3]))
 
 
-register_tiny(Qwen2_5_VLAdapter, TinyModel(build=build_tiny, placeholders=QWEN_SPECIALS, chat_template=QWEN_TEMPLATE,
-                                           image_sizes=TINY_IMAGE_SIZES))
+register_tiny(Qwen2_5_VLAdapter, qwen_tiny_model(build_tiny))

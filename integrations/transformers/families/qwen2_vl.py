@@ -9,17 +9,8 @@ M-RoPE ``(t, h, w)`` ids. Videos in the same call pass through untouched.
 
 from __future__ import annotations
 
-from ..adapter import TinyModel, register_adapter, register_tiny
-from .qwen2_5_vl import (
-    QWEN_SPECIALS,
-    QWEN_TEMPLATE,
-    TINY_IMAGE_SIZES,
-    TINY_PATCH,
-    QwenVLAdapter,
-    qwen_processor,
-    qwen_text_config,
-    qwen_token_ids,
-)
+from ..adapter import register_adapter, register_tiny
+from .qwen2_5_vl import QwenVLAdapter, build_tiny_qwen, qwen_tiny_model
 
 
 @register_adapter
@@ -38,25 +29,11 @@ class Qwen2VLAdapter(QwenVLAdapter):
 
 def build_tiny(tok):
     """Tiny Qwen2-VL: full-attention vision blocks, 2x2 patch merging, M-RoPE."""
-    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor
+    from transformers import Qwen2VLForConditionalGeneration, Qwen2VLProcessor
 
-    config = Qwen2VLConfig(
-        text_config=qwen_text_config(tok),
-        # Qwen2-VL names the ViT width embed_dim; its hidden_size is the merger output (= the LLM width).
-        vision_config=dict(
-            depth=3,
-            embed_dim=32,
-            hidden_size=64,
-            mlp_ratio=2,
-            num_heads=2,
-            patch_size=TINY_PATCH,
-            spatial_merge_size=2,
-            temporal_patch_size=2,
-        ),
-        **qwen_token_ids(tok),
-    )
-    return Qwen2VLForConditionalGeneration(config), qwen_processor(Qwen2VLProcessor, tok)
+    # Qwen2-VL names the ViT width embed_dim; its hidden_size is the merger output (= the LLM width).
+    vision = dict(depth=3, embed_dim=32, hidden_size=64, mlp_ratio=2, num_heads=2)
+    return build_tiny_qwen(tok, Qwen2VLForConditionalGeneration, Qwen2VLProcessor, vision)
 
 
-register_tiny(Qwen2VLAdapter, TinyModel(build=build_tiny, placeholders=QWEN_SPECIALS, chat_template=QWEN_TEMPLATE,
-                                        image_sizes=TINY_IMAGE_SIZES))
+register_tiny(Qwen2VLAdapter, qwen_tiny_model(build_tiny))

@@ -17,16 +17,8 @@ Videos (``encode_videos``): every deepstack level of a video gets the video's se
 
 from __future__ import annotations
 
-from ..adapter import EncodedImages, EncodedVideos, TinyModel, register_adapter, register_tiny
-from .qwen2_5_vl import (
-    QWEN_SPECIALS,
-    QWEN_TEMPLATE,
-    TINY_PATCH,
-    QwenVLAdapter,
-    qwen_processor,
-    qwen_text_config,
-    qwen_token_ids,
-)
+from ..adapter import EncodedImages, EncodedVideos, register_adapter, register_tiny
+from .qwen2_5_vl import TINY_VIT, QwenVLAdapter, build_tiny_qwen, qwen_tiny_model
 
 
 @register_adapter
@@ -85,29 +77,13 @@ class Qwen3VLAdapter(QwenVLAdapter):
 def build_tiny(tok):
     """Tiny Qwen3-VL: interpolated learned position embeddings (an 8x8 grid, bilinearly resampled to each image's
     patch grid), interleaved M-RoPE and two deepstack levels (added after LLM layers 0 and 1 of 3)."""
-    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLProcessor, Qwen3VLVideoProcessor
+    from transformers import Qwen3VLForConditionalGeneration, Qwen3VLProcessor, Qwen3VLVideoProcessor
 
-    config = Qwen3VLConfig(
-        text_config=qwen_text_config(tok, num_hidden_layers=3, head_dim=16,
-                                     rope_parameters={"mrope_interleaved": True}),
-        vision_config=dict(
-            depth=4,
-            hidden_size=32,
-            intermediate_size=64,
-            num_heads=2,
-            out_hidden_size=64,
-            patch_size=TINY_PATCH,
-            spatial_merge_size=2,
-            temporal_patch_size=2,
-            num_position_embeddings=64,
-            deepstack_visual_indexes=[1, 2],
-        ),
-        **qwen_token_ids(tok),
-    )
-    processor = qwen_processor(Qwen3VLProcessor, tok, video_processor_cls=Qwen3VLVideoProcessor)
-    return Qwen3VLForConditionalGeneration(config), processor
+    return build_tiny_qwen(tok, Qwen3VLForConditionalGeneration, Qwen3VLProcessor,
+                           dict(TINY_VIT, num_position_embeddings=64, deepstack_visual_indexes=[1, 2]),
+                           video_processor_cls=Qwen3VLVideoProcessor, num_hidden_layers=3, head_dim=16,
+                           rope_parameters={"mrope_interleaved": True})
 
 
 # (width, height): 8x12 and 6x8 patch grids, resampled from Qwen3's 8x8
-register_tiny(Qwen3VLAdapter, TinyModel(build=build_tiny, placeholders=QWEN_SPECIALS, chat_template=QWEN_TEMPLATE,
-                                        image_sizes=((96, 64), (64, 48))))
+register_tiny(Qwen3VLAdapter, qwen_tiny_model(build_tiny, image_sizes=((96, 64), (64, 48))))
