@@ -18,7 +18,6 @@ that does not load) and everything that must be safe between users (one model in
 
 from __future__ import annotations
 
-import ast
 import collections
 import hashlib
 import importlib.util
@@ -39,6 +38,7 @@ from PIL import Image
 import vtc
 from vtc.eval.default_model import synthetic
 from vtc.eval.measure import FirstTokenClock
+from vtc.options import parse_literal
 from vtc.image_io import to_rgb
 from vtc.integrations.transformers.default import unknown_words_message
 from vtc.integrations.transformers.flops import request_flops
@@ -389,11 +389,9 @@ def _split_items(text: str) -> list[str]:
 
 
 def _value(text: str):
-    for parse in (json.loads, ast.literal_eval):
-        try:
-            return parse(text)
-        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
-            pass
+    value = parse_literal(text)
+    if value is not text:
+        return value
     lowered = text.lower()
     if lowered in ("true", "false", "none", "null"):
         return {"true": True, "false": False}.get(lowered)

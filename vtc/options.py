@@ -21,7 +21,7 @@ import types
 import typing
 from typing import Any
 
-__all__ = ["coerce_options", "coerce_text", "field_types", "matches", "option_type_errors", "describe"]
+__all__ = ["coerce_options", "coerce_text", "describe", "field_types", "matches", "option_type_errors", "parse_literal"]
 
 _NONE_WORDS = ("none", "null")
 _TRUE_WORDS = ("true", "yes", "on", "1")
@@ -148,7 +148,7 @@ def coerce_text(text: str, tp, who: str, key: str):
             return text
         origin, args = typing.get_origin(tp), typing.get_args(tp)
         if origin in (tuple, list) or tp in (tuple, list):
-            value = _literal(stripped)
+            value = parse_literal(stripped)
             if isinstance(value, str) or isinstance(value, numbers.Number):  # "1,2" / "1 2" / "3"
                 items = [part for part in stripped.replace(",", " ").split() if part]
             elif isinstance(value, (list, tuple)):
@@ -160,9 +160,9 @@ def coerce_text(text: str, tp, who: str, key: str):
                       else coerce_value(item, inner, who, key) for item in items]
             value = tuple(values) if (origin or tp) is tuple else list(values)
         elif origin is dict or tp is dict:
-            value = _literal(stripped)
+            value = parse_literal(stripped)
         else:
-            value = _literal(stripped)
+            value = parse_literal(stripped)
     except (ValueError, TypeError):
         raise ValueError(_message(who, key, tp, text)) from None
     if not matches(value, tp):
@@ -170,7 +170,8 @@ def coerce_text(text: str, tp, who: str, key: str):
     return value
 
 
-def _literal(text: str):
+def parse_literal(text: str):
+    """``text`` as a JSON or Python literal (``"3"`` -> 3, ``"[1, 2]"`` -> [1, 2]); otherwise the text itself."""
     for parse in (json.loads, ast.literal_eval):
         try:
             return parse(text)
