@@ -42,13 +42,16 @@ metadata:
   version: {version}
 """
 
-_GENERATE = """\
+_HEADER = """\
 task: {task}
 tag: {tag}
 dataset_path: json
 dataset_kwargs:
   data_files:
     test: {data}
+"""
+
+_GENERATE = _HEADER + """\
 output_type: generate_until
 doc_to_visual: !function utils.{visual}
 generation_kwargs:
@@ -67,13 +70,7 @@ metric_list:
 include: _vtc_shapes_template
 """
 
-_MULTIPLE_CHOICE = """\
-task: {task}
-tag: {tag}
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
+_MULTIPLE_CHOICE = _HEADER + """\
 output_type: multiple_choice
 doc_to_visual: !function utils.doc_to_image
 doc_to_choice: choices
