@@ -7,6 +7,7 @@ are sent as their frames, several images in one prompt), with a break-down by qu
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 
 import torch
@@ -44,14 +45,18 @@ def _items(split: str, num_images: int, num_videos: int, questions_per_sample: i
 
 
 def evaluate(model, processor, split: str = "test", num_images: int = 200, num_videos: int = 60,
-             questions_per_sample: int = 4, num_frames: int = 8, batch_size: int = 16, on_batch=None) -> dict:
+             questions_per_sample: int = 4, num_frames: int = 8, batch_size: int = 16, on_batch=None,
+             per_question: bool = False) -> dict:
     """Accuracy on the first ``num_images`` images and ``num_videos`` videos of ``split``.
 
-    Returns ``image_accuracy``, ``video_accuracy`` (``None`` when no such items), counts, and ``by_kind``
-    accuracies. ``on_batch(n)`` is called after each batch (progress bars).
+    Returns ``image_accuracy``, ``video_accuracy`` (``None`` when no such items), counts, their standard errors
+    (``image_stderr``, ``video_stderr``: sqrt(p(1-p)/n)) and ``by_kind`` accuracies; with ``per_question`` also
+    ``correct`` = {"image": [0/1 ...], "video": [...]} in question order, for paired comparisons between runs on the
+    same questions. ``on_batch(n)`` is called after each batch (progress bars).
     """
     right: dict[str, int] = defaultdict(int)
     total: dict[str, int] = defaultdict(int)
+    correct: dict[str, list[int]] = {"image": [], "video": []}
     batch: list = []
 
     def flush():
@@ -60,6 +65,7 @@ def evaluate(model, processor, split: str = "test", num_images: int = 200, num_v
         # one medium per batch keeps prompt lengths (and padding) similar
         got = answer(model, processor, [q.text for _, q, _ in batch], [imgs for _, _, imgs in batch])
         for (medium, q, _), a in zip(batch, got):
+            correct[medium].append(int(a == q.answer))
             for key in (medium, f"{medium}/{q.kind}"):
                 total[key] += 1
                 right[key] += int(a == q.answer)
@@ -79,11 +85,31 @@ def evaluate(model, processor, split: str = "test", num_images: int = 200, num_v
     def acc(key):
         return right[key] / total[key] if total[key] else None
 
-    return {
+    def stderr(key):
+        return math.sqrt(acc(key) * (1 - acc(key)) / total[key]) if total[key] else None
+
+    result = {
         "split": split,
         "image_accuracy": acc("image"),
         "video_accuracy": acc("video"),
         "image_questions": total["image"],
         "video_questions": total["video"],
+        "image_stderr": stderr("image"),
+        "video_stderr": stderr("video"),
         "by_kind": {k: round(right[k] / total[k], 4) for k in sorted(total) if "/" in k},
     }
+    if per_question:
+        result["correct"] = correct
+    return result
+
+
+def paired_difference(a: list[int], b: list[int]) -> tuple[float, float]:
+    """``(mean(a) - mean(b), its standard error)`` for two runs scored on the same questions (0/1 each): the
+    standard error of the mean per-question difference, which is what separates two methods asked the same
+    questions (smaller than combining the two runs' own errors when their mistakes overlap)."""
+    if len(a) != len(b) or not a:
+        raise ValueError(f"paired runs need the same non-zero number of questions, got {len(a)} and {len(b)}")
+    diffs = [x - y for x, y in zip(a, b)]
+    mean = sum(diffs) / len(diffs)
+    var = sum((d - mean) ** 2 for d in diffs) / max(1, len(diffs) - 1)
+    return mean, math.sqrt(var / len(diffs))

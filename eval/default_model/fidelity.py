@@ -1,19 +1,27 @@
-"""Accuracy of the embedded default model at 100 % / 33 % / 11 % of its visual tokens, for every compressor.
+"""Accuracy of the embedded default model at 100 % / 33 % / 11 % of its visual tokens, for every compressor, under
+both position modes.
 
-    python -m vtc.eval.default_model.fidelity [--images 200 --videos 60] [--out results.json]
+    python -m vtc.eval.default_model.fidelity [--images 300 --videos 60] [--out results.json]
 
-The first real fidelity numbers of the project: the same held-out test questions answered with all 196 tokens per
-image (frame) and with each registered compressor keeping a third / a ninth of them. A video's 8 frames are one
-video (``images_as_video=True``): its budget is that fraction of all its frames' tokens, which image compressors
-split evenly over the frames and the video compressors (quota, progressive) allot by relevance / novelty. Also
-measures where the CLS
-attention of the tower's feature layer goes -- the share of it that lands on object patches versus the share of
-patches that are objects -- since that is what CLS-attention pruning relies on.
+The same held-out test questions are answered with all 196 tokens per image (frame) and with each registered
+compressor keeping a third / a ninth of them. A video's 8 frames are one video (``images_as_video=True``): its
+budget is that fraction of all its frames' tokens, which image compressors split evenly over the frames and the
+video compressors (quota, progressive) allot by relevance / novelty.
+
+Every compressed cell is run twice, with ``positions="reindex"`` (the kept tokens are numbered 0..k-1, what the
+papers' reference code does on LLaVA-1.5) and ``positions="keep"`` (they keep their original position ids, what
+FastV and the Qwen families do): on a model that locates things partly by position id the two differ.
+
+Each cell carries its standard error, sqrt(p(1-p)/n). Two runs answer the *same* questions, so methods are compared
+by the paired standard error of their per-question difference; the report lists which differences exceed twice
+it. Also measures where the CLS attention of the tower's feature layer goes -- the share that lands on object
+patches versus the share of patches that are objects -- since that is what CLS-attention pruning relies on.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import pathlib
 import time
@@ -24,10 +32,12 @@ import torch
 import vtc
 
 from . import synthetic as syn
-from .accuracy import evaluate
+from .accuracy import evaluate, paired_difference
 from .train import patch_targets
 
 RATIOS = (0.33, 0.11)
+POSITION_MODES = ("reindex", "keep")
+MEDIA = ("image", "video")
 
 
 def cls_attention_on_objects(model, processor, num_images: int = 100) -> dict:
@@ -55,62 +65,142 @@ def cls_attention_on_objects(model, processor, num_images: int = 100) -> dict:
             "top22_object_precision": float(np.mean(precision)), "images": num_images}
 
 
+def separated_pairs(correct: dict[str, list[int]], medium: str) -> list[dict]:
+    """Pairs of runs (names -> per-question 0/1 on the same questions) whose accuracy difference on ``medium``
+    exceeds twice its paired standard error, largest first."""
+    out = []
+    for a, b in itertools.combinations(sorted(correct), 2):
+        xa, xb = correct[a][medium], correct[b][medium]
+        if not xa:
+            continue
+        diff, se = paired_difference(xa, xb)
+        if abs(diff) > 2 * se:
+            better, worse = (a, b) if diff > 0 else (b, a)
+            out.append({"better": better, "worse": worse, "points": round(100 * abs(diff), 1),
+                        "stderr_points": round(100 * se, 2)})
+    return sorted(out, key=lambda r: -r["points"])
+
+
+def run_table(model, processor, names: list[str], ratios=RATIOS, modes=POSITION_MODES, on_batch=None,
+              **eval_kwargs) -> dict:
+    """Every (compressor, position mode, ratio) cell plus the all-tokens baseline, with the pairs each cell's
+    comparisons separate (``separated``: per mode / ratio / medium, compressors compared with each other and with
+    all tokens; ``positions_effect``: per compressor / ratio / medium, keep vs reindex)."""
+    full = evaluate(model, processor, per_question=True, on_batch=on_batch, **eval_kwargs)
+    correct: dict = {}
+    rows: dict = {"none": {"1.0": {k: v for k, v in full.items() if k != "correct"}}}
+    for name in names:
+        rows[name] = {}
+        for mode in modes:
+            rows[name][mode] = {}
+            for ratio in ratios:
+                vtc.apply(model, name, budget=ratio, video_budget=ratio, images_as_video=True, positions=mode)
+                try:
+                    result = evaluate(model, processor, per_question=True, on_batch=on_batch, **eval_kwargs)
+                finally:
+                    vtc.remove(model)
+                correct[(name, mode, ratio)] = result.pop("correct")
+                rows[name][mode][str(ratio)] = result
+    separated: dict = {}
+    for mode, ratio, medium in itertools.product(modes, ratios, MEDIA):
+        runs = {name: correct[(name, mode, ratio)] for name in names}
+        runs["all tokens"] = full["correct"]
+        separated[f"{mode}/{ratio}/{medium}"] = separated_pairs(runs, medium)
+    positions_effect: dict = {}
+    if len(modes) == 2:
+        for name, ratio, medium in itertools.product(names, ratios, MEDIA):
+            a, b = correct[(name, modes[1], ratio)][medium], correct[(name, modes[0], ratio)][medium]
+            if a:
+                diff, se = paired_difference(a, b)
+                positions_effect[f"{name}/{ratio}/{medium}"] = {
+                    f"{modes[1]}_minus_{modes[0]}_points": round(100 * diff, 1), "stderr_points": round(100 * se, 2)}
+    return {"results": rows, "separated": separated, "positions_effect": positions_effect}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m vtc.eval.default_model.fidelity",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", help="folder written by vtc.eval.default_model.train (default: the embedded model)")
-    parser.add_argument("--images", type=int, default=200)
+    parser.add_argument("--images", type=int, default=300)
     parser.add_argument("--videos", type=int, default=60)
     parser.add_argument("--questions", type=int, default=4, help="questions per image / video")
     parser.add_argument("--compressor", action="append", help="repeatable; default: every registered one")
+    parser.add_argument("--positions", action="append", choices=POSITION_MODES,
+                        help="repeatable; default: both reindex and keep")
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args(argv)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    names = args.compressor or vtc.list_compressors()
+    for name in names:
+        vtc.get_compressor_class(name)  # fail before loading the model on an unknown name
+    modes = tuple(args.positions or POSITION_MODES)
 
     from tqdm import tqdm
 
     model, processor = vtc.load_default(args.model)
-    names = args.compressor or vtc.list_compressors()
     per_run = args.images * args.questions + args.videos * args.questions
-    bar = tqdm(total=per_run * (1 + len(names) * len(RATIOS)), desc="fidelity", unit="q", mininterval=5)
-    kwargs = dict(split="test", num_images=args.images, num_videos=args.videos,
-                  questions_per_sample=args.questions, on_batch=bar.update)
+    bar = tqdm(total=per_run * (1 + len(names) * len(RATIOS) * len(modes)), desc="fidelity", unit="q",
+               mininterval=5)
     start = time.perf_counter()
-    full = evaluate(model, processor, **kwargs)
-    rows = {"none": {"1.0": full}}
-    for name in names:
-        rows[name] = {}
-        for ratio in RATIOS:
-            vtc.apply(model, name, budget=ratio, video_budget=ratio, images_as_video=True)
-            try:
-                rows[name][str(ratio)] = evaluate(model, processor, **kwargs)
-            finally:
-                vtc.remove(model)
+    table = run_table(model, processor, names, RATIOS, modes, on_batch=bar.update, split="test",
+                      num_images=args.images, num_videos=args.videos, questions_per_sample=args.questions)
     bar.close()
     attention = cls_attention_on_objects(model, processor)
-    result = {"model": args.model or "embedded default", "ratios": RATIOS, "tokens_per_image": 196,
-              "results": rows, "cls_attention": attention, "seconds": round(time.perf_counter() - start)}
+    result = {"model": args.model or "embedded default", "ratios": RATIOS, "positions": modes,
+              "tokens_per_image": 196, **table, "cls_attention": attention,
+              "seconds": round(time.perf_counter() - start), "threads": torch.get_num_threads()}
     if args.out:
         pathlib.Path(args.out).write_text(json.dumps(result, indent=2))
     print(markdown_table(result))
+    print()
+    print(separation_summary(result))
     print(f"\nCLS attention (feature layer) on object patches: {attention['attention_on_objects']:.1%} "
           f"(objects cover {attention['object_area']:.1%} of patches); fastervlm's 22 kept tokens are object "
           f"patches {attention['top22_object_precision']:.1%} of the time")
     return 0
 
 
+def _pct(run: dict, medium: str) -> str:
+    value = run[f"{medium}_accuracy"]
+    return "–" if value is None else f"{value:.1%}"
+
+
 def markdown_table(result: dict) -> str:
+    """One row per compressor: image and video accuracy at each ratio under each position mode; the all-tokens
+    baseline and the largest standard error of each column in the header."""
     full = result["results"]["none"]["1.0"]
-    head = ("| compressor | image 100 % | image 33 % | image 11 % | video 100 % | video 33 % | video 11 % |\n"
-            "|---|---|---|---|---|---|---|")
-    lines = [head]
-    for name, runs in result["results"].items():
-        if name == "none":
-            continue
-        cells = [f"{full['image_accuracy']:.1%}"] + [f"{runs[str(r)]['image_accuracy']:.1%}" for r in result["ratios"]]
-        cells += [f"{full['video_accuracy']:.1%}"] + [f"{runs[str(r)]['video_accuracy']:.1%}"
-                                                      for r in result["ratios"]]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    modes, ratios = result.get("positions", ("reindex",)), result["ratios"]
+    runs = {n: r for n, r in result["results"].items() if n != "none"}
+    columns = [(medium, mode, r) for medium in MEDIA for mode in modes for r in ratios]
+
+    def worst_se(medium, mode, r):
+        ses = [run[mode][str(r)][f"{medium}_stderr"] for run in runs.values()]
+        ses = [s for s in ses if s is not None]
+        return f" ±{100 * max(ses):.1f}" if ses else ""
+
+    head = "| compressor | " + " | ".join(f"{m} {int(round(100 * r))} % {mode}{worst_se(m, mode, r)}"
+                                           for m, mode, r in columns) + " |"
+    lines = [f"all tokens: image {_pct(full, 'image')} (±{100 * (full['image_stderr'] or 0):.1f}, "
+             f"n={full['image_questions']}), video {_pct(full, 'video')} (±{100 * (full['video_stderr'] or 0):.1f}, "
+             f"n={full['video_questions']}); ± = the column's largest standard error, in points", "",
+             head, "|---" * (len(columns) + 1) + "|"]
+    for name, run in runs.items():
+        lines.append(f"| {name} | " + " | ".join(_pct(run[mode][str(r)], m) for m, mode, r in columns) + " |")
+    return "\n".join(lines)
+
+
+def separation_summary(result: dict) -> str:
+    """Per cell, which differences exceed twice their paired standard error (the rest are within the noise)."""
+    lines = ["Differences beyond 2 paired standard errors (points):"]
+    for cell, pairs in result["separated"].items():
+        shown = ", ".join(f"{p['better']} > {p['worse']} by {p['points']}" for p in pairs) or "none"
+        lines.append(f"- {cell}: {shown}")
+    effects = result.get("positions_effect", {})
+    if effects:
+        lines.append("keep minus reindex, same compressor and ratio (points, ± paired standard error):")
+        for key, e in effects.items():
+            diff = next(v for k, v in e.items() if k.endswith("_points") and k != "stderr_points")
+            mark = " *" if abs(diff) > 2 * e["stderr_points"] else ""
+            lines.append(f"- {key}: {diff:+.1f} ± {e['stderr_points']:.1f}{mark}")
     return "\n".join(lines)
 
 
