@@ -58,6 +58,8 @@ def stats_markdown(run: RunResult, baseline: RunResult, expected: str | None) ->
     else:
         budget = run.budget if isinstance(run.budget, int) else f"{run.budget:g} = {run.budget_tokens} tokens"
         lines.append(f"**kept {run.kept} / {run.visual_in} visual tokens** (budget {budget})")
+        if run.positions:
+            lines.append(f"positions: `{run.positions}` ({vtc.POSITION_MODES.get(run.positions, '')})")
     lines.append(f"visual tokens in → out: {run.visual_in} → {run.visual_out}")
     speed = "" if run.compressor is None or not baseline.prefill_seconds or not run.prefill_seconds else \
         f" ({baseline.prefill_seconds / run.prefill_seconds:.2f}× faster)"

@@ -145,6 +145,7 @@ class RunResult:
     frames: list[FrameInfo] = field(default_factory=list)
     selections: list = field(default_factory=list)  # vtc.ImageSelection records
     videos: list = field(default_factory=list)  # vtc.video.VideoRecord records
+    positions: str | None = None  # the position mode of the run (``vtc.position_modes``); None for all tokens
 
 
 @dataclass
@@ -601,7 +602,7 @@ class Engine:
                 try:
                     gen = _generate(entry, inputs, max_new_tokens)
                     records = (vtc.last_selection(entry.model), vtc.last_video_selection(entry.model),
-                               vtc.last_prompt_lengths(entry.model))
+                               vtc.last_prompt_lengths(entry.model), vtc.position_modes(entry.model)[0])
                 except (ValueError, TypeError) as exc:  # vtc explains inputs it cannot compress
                     raise DemoError(f"compressor {p.slot} ({p.compressor}): {exc}") from exc
                 finally:
@@ -632,7 +633,7 @@ class Engine:
             generate_seconds=base[2], flops=request_flops(entry.model, inputs)[0].total, picture=picture,
             frames=base_frames)
         runs = []
-        for p, (answer, first, total), (records, videos, lengths) in outcomes:
+        for p, (answer, first, total), (records, videos, lengths, positions) in outcomes:
             n_in, n_out = lengths[0]
             real_videos = videos if media.kind == "video" and entry.video_input else []
             kept = sum(r.num_kept_visual for r in records) + sum(v.num_kept for v in real_videos)
@@ -649,7 +650,7 @@ class Engine:
                 visual_in=visual_in, visual_out=visual_in - (n_in - n_out), kept=kept, budget_tokens=budget_tokens,
                 prefill_seconds=first, generate_seconds=total,
                 flops=request_flops(entry.model, inputs, [n for _, n in lengths])[0].total, picture=picture,
-                frames=frames, selections=records, videos=videos))
+                frames=frames, selections=records, videos=videos, positions=positions))
         example = self.example_for(media)
         return Result(kind=media.kind, media_name=media.name, question=question,
                       expected=None if example is None else example.answers.get(question),

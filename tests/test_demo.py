@@ -161,6 +161,18 @@ def test_compare_mode_runs_two_compressors_on_one_input(engine, image):
     assert np.abs(_brightness(a.picture) - _brightness(b.picture)).mean() > 5
 
 
+def test_each_run_says_its_position_mode(engine, image):
+    from vtc.demo.app import stats_markdown
+
+    result = engine.run(image, "how many shapes are there ?",
+                        [Spec("random", "20"), Spec("random", "20", "positions=keep")])
+    a, b = result.runs
+    assert (result.baseline.positions, a.positions, b.positions) == (None, "reindex", "keep")
+    assert "positions: `reindex` (kept tokens renumbered" in stats_markdown(a, result.baseline, None)
+    assert "positions: `keep` (kept tokens keep their original" in stats_markdown(b, result.baseline, None)
+    assert "positions" not in stats_markdown(result.baseline, result.baseline, None)
+
+
 def test_vtc_errors_are_shown_in_vtcs_own_words(engine, image):
     model = engine.model().model
     with pytest.raises(TypeError) as direct:

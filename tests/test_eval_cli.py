@@ -54,6 +54,24 @@ def test_sweep_writes_json_plot_and_table(tmp_path, tasks_dir, capsys):
     assert (out / "vtc_eval.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert len(list((out / "samples").glob("*.jsonl"))) == 5 * 3
     assert "prefill FLOPs" in printed and "fastervlm" in printed
+    assert result["positions"] == "reindex" and "positions: reindex (kept tokens renumbered" in printed
+
+
+def test_positions_option_reaches_every_compressed_run(tmp_path, tasks_dir, capsys, monkeypatch):
+    import vtc
+
+    assert set(cli.POSITION_CHOICES) == set(vtc.POSITION_MODES)
+    applied = []
+    real_apply = vtc.apply
+    monkeypatch.setattr(vtc, "apply", lambda model, *a, **k: applied.append(k.get("positions")) or
+                        real_apply(model, *a, **k))
+    out = tmp_path / "out"
+    rc = cli.main(["eval", "--compressor", "random", "--budget", "16", "--positions", "keep", *SMALL,
+                   "--tasks", "vtc_shapes_image", "--tasks-dir", str(tasks_dir), "--out", str(out)])
+    assert rc == 0
+    assert json.loads((out / "vtc_eval.json").read_text())["positions"] == "keep"
+    assert applied and set(applied) == {"keep"}
+    assert "positions: keep" in capsys.readouterr().out
 
 
 def test_unloadable_model_fails_loudly(tmp_path, tasks_dir, capsys):

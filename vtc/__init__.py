@@ -109,7 +109,23 @@ def is_applied(model) -> bool:
     return _is_applied(model)
 
 
+#: what each ``positions=`` mode does to the position ids of the kept visual tokens
+POSITION_MODES = {"reindex": "kept tokens renumbered, as the papers' LLaVA code does",
+                  "keep": "kept tokens keep their original position ids"}
+
+
+def position_modes(model) -> tuple[str, ...]:
+    """The ``positions=`` values ``apply`` accepts for this model's family; the first is the one used when
+    ``positions`` is not given (``"reindex"`` on the LLaVA families, as the papers' reference code does; ``"keep"``
+    on the Qwen-VL families, whose M-RoPE ids locate each token). With ``model`` wrapped, the mode in use comes
+    first."""
+    from .integrations.transformers import position_modes as _modes
+
+    return _modes(model)
+
+
 __all__ = [
+    "POSITION_MODES",
     "Budget",
     "Compressor",
     "Details",
@@ -130,6 +146,7 @@ __all__ = [
     "list_compressors",
     "load_default",
     "parse_budget",
+    "position_modes",
     "register",
     "remove",
     "resolve_budget",

@@ -133,7 +133,8 @@ def cmd_run(args) -> int:
     prompt_len = inputs["input_ids"].shape[1]
     print(f"model: {label}\nimage: {image_label}\nquestion: {question!r}"
           + (f" (expected answer: {expected!r})" if expected is not None else "")
-          + f"\nbudget: {budget!r} visual tokens per image\n")
+          + f"\nbudget: {budget!r} visual tokens per image"
+          + f"\npositions: {_positions_line(model, options)}\n")
     rows = []
 
     def run_once(name):
@@ -165,6 +166,21 @@ def cmd_run(args) -> int:
         verdict = "" if expected is None else ("  (right)" if answer.split()[:1] == [expected] else "  (wrong)")
         print(f"{name:<20} {n_in:>9} {n_out:>10} {secs:>10.3f}  {answer!r}{verdict}")
     return 0
+
+
+def _positions_line(model, options: dict[str, dict]) -> str:
+    """Which position mode the run uses (the family default unless ``--option positions=...``) and the others."""
+    import vtc
+
+    modes = vtc.position_modes(model)
+    used = {opts.get("positions") or modes[0] for opts in options.values()} or {modes[0]}
+    others = [m for m in modes if m not in used]
+    text = (f"{next(iter(used))} ({vtc.POSITION_MODES.get(next(iter(used)), '')})" if len(used) == 1
+            else "per compressor (" + ", ".join(f"{n}: {o.get('positions') or modes[0]}" for n, o in options.items()) + ")")
+    return text + (f"; also available: {', '.join(others)} (--option positions={others[0]})" if others else "")
+
+
+POSITION_CHOICES = ("reindex", "keep")
 
 
 def _chat_prompt(processor, question: str) -> str:
@@ -203,7 +219,7 @@ def cmd_eval(args) -> int:
     try:
         with tqdm(total=runs, desc="vtc eval", unit="run") as bar:
             result = sweep.sweep(args.model, compressors, budgets, tasks, include, args.limit, args.device,
-                                 args.batch_size, out, progress=bar)
+                                 args.batch_size, out, progress=bar, positions=args.positions)
         (out / "vtc_eval.json").write_text(json.dumps(result, indent=1))
         sweep.plot(result, out / "vtc_eval.png")
         print(sweep.table(result))
@@ -279,6 +295,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--task-videos", type=int, default=15, help="held-out videos in the offline tasks")
     ev.add_argument("--task-questions", type=int, default=2, help="questions per image / video")
     ev.add_argument("--limit", type=int, help="at most this many documents per task")
+    ev.add_argument("--positions", choices=sorted(POSITION_CHOICES),
+                    help="position ids of the kept tokens in every compressed run: reindex (renumbered, the LLaVA "
+                         "default) or keep (original ids); default: the model family's, printed with the table")
     ev.add_argument("--device", default="cpu", help="cpu or cuda[:i] (default cpu)")
     ev.add_argument("--batch-size", type=int, default=1, help="prompts per generate call (default 1: latency per "
                                                               "request)")

@@ -29,8 +29,8 @@ import time
 import vtc
 
 #: top-level keys of vtc_eval.json
-RESULT_KEYS = ("vtc_version", "model", "device", "tasks", "limit", "budgets", "compressors", "flops_formula",
-               "seconds", "runs")
+RESULT_KEYS = ("vtc_version", "model", "device", "tasks", "limit", "budgets", "compressors", "positions",
+               "flops_formula", "seconds", "runs")
 #: keys of each entry of ``runs`` (the baseline first: compressor "none", budget null)
 RUN_KEYS = ("compressor", "budget", "accuracy", "metrics", "samples", "empty_answers", "visual_tokens_in",
             "visual_tokens_out", "visual_tokens_by_task", "prefill_flops", "prefill_flops_parts", "first_token_seconds", "peak_memory_bytes",
@@ -64,13 +64,16 @@ def _median(values):
 
 
 def run_one(model, processor, compressor: str, budget, tasks: list[str], task_manager, limit, device: str,
-            batch_size: int, samples_dir: pathlib.Path | None, model_name: str) -> dict:
-    """Evaluate ``tasks`` once with ``compressor`` at ``budget`` (``"none"``: baseline); returns one run entry."""
+            batch_size: int, samples_dir: pathlib.Path | None, model_name: str, positions: str | None = None) -> dict:
+    """Evaluate ``tasks`` once with ``compressor`` at ``budget`` (``"none"``: baseline) and ``positions`` (None: the
+    family's default); returns one run entry."""
     from lmms_eval import evaluator
 
     from .model import VtcModel
 
     kwargs = {} if compressor == "none" else {"budget": budget}
+    if compressor != "none" and positions is not None:
+        kwargs["positions"] = positions
     lm = VtcModel(model=model, processor=processor, pretrained=model_name, compressor=compressor, device=device,
                   batch_size=batch_size, progress=False, **kwargs)
     chatter = io.StringIO()  # lmms-eval's and datasets' per-task progress bars: shown only if the run fails
@@ -166,8 +169,10 @@ def _quiet_lmms_eval() -> None:
 
 
 def sweep(model_ref: str | None, compressors: list[str], budgets: list, tasks: list[str], include_path,
-          limit, device: str, batch_size: int, out_dir: pathlib.Path, progress=None) -> dict:
-    """Run the baseline and every compressor x budget; returns the JSON-ready result (also written to out_dir)."""
+          limit, device: str, batch_size: int, out_dir: pathlib.Path, progress=None, positions: str | None = None
+          ) -> dict:
+    """Run the baseline and every compressor x budget; returns the JSON-ready result (also written to out_dir).
+    ``positions``: the position mode of every compressed run (None: the model family's default, recorded)."""
     from lmms_eval.tasks import TaskManager
 
     from .model import VtcModel
@@ -184,13 +189,17 @@ def sweep(model_ref: str | None, compressors: list[str], budgets: list, tasks: l
                           "vtc eval itself), others need --include-path DIR or an installed lmms-eval task")
     loader = VtcModel(pretrained=model_ref, compressor="none", device=device, progress=False)  # loads or fails
     model, processor, model_name = loader.model, loader.processor, loader.pretrained
+    modes = vtc.position_modes(model)
+    if positions is not None and positions not in modes:
+        raise EvalFailure(f"--positions {positions} is not available for this model; choose one of {list(modes)}")
+    positions = positions or modes[0]
     plan = [("none", None)] + [(c, b) for c in compressors for b in budgets]
     runs = []
     for compressor, budget in plan:
         if progress:
             progress.set_postfix_str(f"{compressor} @ {budget}" if budget is not None else "baseline")
         runs.append(run_one(model, processor, compressor, budget, tasks, task_manager, limit, device, batch_size,
-                            out_dir / "samples", model_name))
+                            out_dir / "samples", model_name, positions))
         if progress:
             progress.update(1)
     add_relative(runs)
@@ -204,6 +213,7 @@ def sweep(model_ref: str | None, compressors: list[str], budgets: list, tasks: l
         "limit": limit,
         "budgets": list(budgets),
         "compressors": list(compressors),
+        "positions": positions,
         "flops_formula": FORMULA,
         "seconds": round(time.perf_counter() - start, 1),
         "runs": runs,
@@ -251,7 +261,9 @@ def table(result: dict) -> str:
     lines = ["  ".join(str(x).ljust(w) for x, w in zip(row, widths)) for row in [head, *rows]]
     lines.insert(1, "  ".join("-" * w for w in widths))
     source = next((r["peak_memory_source"] for r in result["runs"] if r["peak_memory_source"]), None)
-    notes = ["accuracy: exact match of the first word (generate tasks), argmin loss among the choices (_mc); "
+    notes = [f"positions: {result['positions']} ({vtc.POSITION_MODES.get(result['positions'], '')}) in every "
+             "compressed run (vtc eval --positions to change)",
+             "accuracy: exact match of the first word (generate tasks), argmin loss among the choices (_mc); "
              "in brackets the change from the baseline",
              "prefill FLOPs: analytic, per request (formula in vtc_eval.json 'flops_formula'); first token: median "
              "time to first token of generate requests; peak mem: highest " +

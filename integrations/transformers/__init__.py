@@ -103,6 +103,15 @@ def remove(model):
     return model
 
 
+def position_modes(model) -> tuple[str, ...]:
+    """See ``vtc.position_modes``."""
+    modes = adapter_for(model).position_modes
+    state = getattr(model, "__dict__", {}).get(_STATE_ATTR)
+    if isinstance(state, CutState):
+        return (state.positions,) + tuple(m for m in modes if m != state.positions)
+    return tuple(modes)
+
+
 def is_applied(model) -> bool:
     return isinstance(getattr(model, "__dict__", {}).get(_STATE_ATTR), CutState)
 
@@ -137,5 +146,5 @@ def get_state(model) -> CutState:
 
 
 __all__ = ["FamilyAdapter", "TinyModel", "apply", "get_state", "is_applied", "last_prompt_lengths", "last_selection",
-           "last_video_selection", "register_adapter", "register_tiny", "remove", "select",
+           "last_video_selection", "position_modes", "register_adapter", "register_tiny", "remove", "select",
            "supported_families", "unregister_adapter"]
