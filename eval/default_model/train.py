@@ -660,7 +660,7 @@ def main(argv=None) -> int:
                         help="mean norm the visual tokens are rescaled to after stage 1 (0: leave as trained)")
     parser.add_argument("--pool-images", type=int, default=12000, help="training images cached for stage 2")
     parser.add_argument("--pool-videos", type=int, default=2000, help="training videos cached for stage 2")
-    parser.add_argument("--stage2-steps", type=int, default=4500)
+    parser.add_argument("--stage2-steps", type=int, default=4000)
     parser.add_argument("--batch", type=int, default=8, help="images per stage-2 step")
     parser.add_argument("--video-batch", type=int, default=2, help="videos per stage-2 video step")
     parser.add_argument("--video-every", type=int, default=2, help="every n-th step is a video step ...")

@@ -1,0 +1,248 @@
+"""Selection rules and schedules of the visual-token pruners that act *inside* the LLM (FastV, PyramidDrop,
+SparseVLM, DART): pure tensor functions, LLM signals in, kept visual indices (or per-layer token counts) out.
+
+A schedule is a tuple of ``Stage(layer, keep)``: layers ``0 .. layer-1`` see every visual token of the image, layers
+``>= layer`` only the ``keep`` tokens selected when the sequence reaches ``layer`` (a later stage selects among the
+previous stage's survivors). Papers quote budgets in two ways, and both are computed here:
+
+- *kept*: the visual tokens left after the last drop (``schedule[-1].keep``);
+- *equivalent*: the average number of visual tokens per LLM layer (``average_tokens``), which is what FastV,
+  PyramidDrop and SparseVLM tables mean by "64 tokens" (the FLOPs of the visual part scale with it).
+
+Sources (facts and numbers, not code): FastV (Chen et al., ECCV'24, arXiv 2403.06764), PyramidDrop (Xing et al.,
+CVPR'25, arXiv 2410.17247), SparseVLM (Zhang et al., ICML'25, arXiv 2410.04417), DART (Wen et al., EMNLP'25, arXiv
+2502.11494); see docs/methods/ for each rule and the reference code's quirks.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+__all__ = [
+    "Stage",
+    "average_tokens",
+    "validate_schedule",
+    "fastv_schedule",
+    "pdrop_schedule",
+    "pdrop_average",
+    "sparsevlm_schedule",
+    "SPARSEVLM_TABLE",
+    "top_scores",
+    "sparsevlm_raters",
+    "sparsevlm_scores",
+    "dart_counts",
+    "dart_select",
+]
+
+
+@dataclass(frozen=True)
+class Stage:
+    """Layers ``>= layer`` see ``keep`` visual tokens of each image (those selected on entering ``layer``)."""
+
+    layer: int
+    keep: int
+
+
+def validate_schedule(stages: Sequence[Stage], num_visual: int, num_layers: int) -> tuple[Stage, ...]:
+    """The schedule, checked: layers strictly increasing in ``1 .. num_layers-1`` (layer 0 must see every token:
+    the signals come from earlier layers), counts non-increasing in ``0 .. num_visual``."""
+    stages = tuple(stages)
+    if not stages:
+        raise ValueError("a schedule needs at least one stage")
+    previous_layer, previous_keep = 0, num_visual
+    for stage in stages:
+        if not isinstance(stage.layer, int) or not 1 <= stage.layer < num_layers:
+            raise ValueError(f"a drop at layer {stage.layer} is outside 1..{num_layers - 1} of this {num_layers}-layer "
+                             "LLM (layers before the first drop produce the signals)")
+        if stage.layer <= previous_layer and stage is not stages[0]:
+            raise ValueError(f"drop layers must increase, got {[s.layer for s in stages]}")
+        if not isinstance(stage.keep, int) or not 0 <= stage.keep <= previous_keep:
+            raise ValueError(f"kept counts must be ints that never grow from {num_visual} visual tokens, got "
+                             f"{[s.keep for s in stages]}")
+        previous_layer, previous_keep = stage.layer, stage.keep
+    return stages
+
+
+def average_tokens(stages: Sequence[Stage], num_visual: int, num_layers: int) -> float:
+    """Visual tokens per LLM layer, averaged over the ``num_layers`` layers (the papers' equivalent budget)."""
+    total, layer, count = 0, 0, num_visual
+    for stage in stages:
+        total += (stage.layer - layer) * count
+        layer, count = stage.layer, stage.keep
+    total += (num_layers - layer) * count
+    return total / num_layers
+
+
+# -- schedules ----------------------------------------------------------------------------------------------
+
+
+def fastv_schedule(num_visual: int, num_layers: int, budget: int, layer: int = 2, mode: str = "kept") -> tuple[Stage, ...]:
+    """FastV: one drop at ``layer`` (K, paper default 2). ``mode="kept"``: ``budget`` tokens survive it;
+    ``"equivalent"``: the count after K that makes the per-layer average ``budget``,
+    ``k = round((budget * layers - K * N) / (layers - K))`` (576 tokens, 32 layers, K=2: 192/128/64 -> 166/98/30)."""
+    if mode == "kept":
+        keep = budget
+    elif mode == "equivalent":
+        floor = layer * num_visual / num_layers
+        if budget < floor:
+            raise ValueError(f"an average of {budget} visual tokens per layer is below the {floor:.1f} that the "
+                             f"{layer} full layers before the drop already cost; lower the drop layer or raise "
+                             "the budget")
+        keep = round((budget * num_layers - layer * num_visual) / (num_layers - layer))
+    else:
+        raise ValueError(f"unknown budget mode {mode!r}; expected 'kept' or 'equivalent'")
+    return validate_schedule((Stage(layer, min(int(keep), num_visual)),), num_visual, num_layers)
+
+
+def pdrop_average(ratio: float, layers: Sequence[int], num_visual: int, num_layers: int) -> float:
+    """PyramidDrop's average visual tokens per layer for ratio ``lambda`` and drop layers ``layers`` (the counts
+    are ``int(N * lambda**t)`` after the t-th drop, as the reference code truncates)."""
+    return average_tokens(_pdrop_stages(ratio, layers, num_visual), num_visual, num_layers)
+
+
+def _pdrop_stages(ratio: float, layers: Sequence[int], num_visual: int) -> tuple[Stage, ...]:
+    return tuple(Stage(int(layer), int(num_visual * ratio ** (t + 1))) for t, layer in enumerate(layers))
+
+
+def pdrop_schedule(num_visual: int, num_layers: int, budget: float | None = None, layers: Sequence[int] | None = None,
+                   ratio: float | None = None) -> tuple[Stage, ...]:
+    """PyramidDrop: drops at ``layers`` keeping ``N * ratio**t`` after the t-th (paper default: layers at 1/4, 1/2
+    and 3/4 of the depth, ratio 0.5 -- 270 tokens on average for 576 tokens and 32 layers).
+
+    With ``budget`` (the average tokens per layer, as the paper's 192/128/64 rows) the ratio is solved for; the drop
+    layers default to 1/4, 1/2, 3/4 of the depth when that can reach the budget, else to (2, 1/4, 1/2) -- the
+    earlier first stage the authors recommend for low budgets ([2, 8, 16] on 32 layers, ratio 0.19 for 64)."""
+    if (budget is None) == (ratio is None):
+        raise ValueError("give PyramidDrop either a budget (average tokens per layer) or a ratio, not both")
+    quarter = max(1, num_layers // 4)
+    default = (quarter, 2 * quarter, 3 * quarter)
+    if ratio is not None:
+        if not 0 <= ratio <= 1:
+            raise ValueError(f"ratio must be in [0, 1], got {ratio}")
+        chosen = tuple(layers) if layers is not None else default
+        return validate_schedule(_pdrop_stages(ratio, chosen, num_visual), num_visual, num_layers)
+    candidates = [tuple(layers)] if layers is not None else [default, (min(2, quarter), quarter, 2 * quarter)]
+    for chosen in candidates:
+        low, high = pdrop_average(0.0, chosen, num_visual, num_layers), pdrop_average(1.0, chosen, num_visual,
+                                                                                     num_layers)
+        if low <= budget <= high:
+            lo, hi = 0.0, 1.0
+            for _ in range(60):  # the average grows with the ratio: bisection
+                mid = (lo + hi) / 2
+                if pdrop_average(mid, chosen, num_visual, num_layers) < budget:
+                    lo = mid
+                else:
+                    hi = mid
+            return validate_schedule(_pdrop_stages(hi, chosen, num_visual), num_visual, num_layers)
+    floor = min(pdrop_average(0.0, c, num_visual, num_layers) for c in candidates)
+    raise ValueError(f"an average of {budget} visual tokens per layer is out of PyramidDrop's reach here "
+                     f"({floor:.1f} .. {num_visual}); give earlier drop layers or a larger budget")
+
+
+#: SparseVLM v1.5's kept counts after its three pruning layers (2, 6, 15: each layer runs on the full sequence, its
+#: output is pruned), per equivalent budget, for 576 visual tokens (the reference code's table).
+SPARSEVLM_TABLE = {192: (300, 200, 110), 128: (303, 110, 36), 96: (238, 48, 26), 64: (66, 30, 17)}
+SPARSEVLM_LAYERS = (2, 6, 15)
+
+
+def sparsevlm_schedule(num_visual: int, num_layers: int, budget: int, layers: Sequence[int] = SPARSEVLM_LAYERS
+                       ) -> tuple[Stage, ...]:
+    """SparseVLM: the table row of ``budget`` (192/128/96/64 for 576 tokens; for other token counts the budget and
+    the row scale by ``N / 576``, a documented extension: the paper defines the table for LLaVA-1.5 only). A pruning
+    *layer* ``l`` runs in full and prunes its output, so the stage starts at ``l + 1``."""
+    scale = num_visual / 576
+    row = next((counts for b, counts in SPARSEVLM_TABLE.items() if round(b * scale) == budget), None)
+    if row is None:
+        known = ", ".join(str(round(b * scale)) for b in SPARSEVLM_TABLE)
+        raise ValueError(f"SparseVLM defines schedules for budgets {known} with {num_visual} visual tokens, not "
+                         f"{budget}; pass one of them or an explicit schedule")
+    stages = tuple(Stage(l + 1, min(num_visual, round(c * scale))) for l, c in zip(layers, row))
+    return validate_schedule(stages, num_visual, num_layers)
+
+
+# -- selection rules ----------------------------------------------------------------------------------------
+
+
+def top_scores(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the ``k`` highest ``scores`` [N], ascending (FastV / PyramidDrop: attention received by each
+    visual token from the last prompt token); ties go to the lower index."""
+    if not 0 <= k <= scores.shape[-1]:
+        raise ValueError(f"cannot keep {k} of {scores.shape[-1]} tokens")
+    order = torch.sort(scores.float(), descending=True, stable=True).indices[:k]
+    return torch.sort(order).values
+
+
+def sparsevlm_raters(visual_embeds: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
+    """SparseVLM's text raters: ``r = mean_v softmax_t(E_v . E_t)`` over the text tokens after the image (input
+    embeddings, no 1/sqrt(d) scaling); a text token rates when ``r_t > mean(r)``. Returns a bool mask [T]."""
+    relevance = torch.softmax(visual_embeds.float() @ text_embeds.float().T, dim=-1).mean(0)
+    return relevance > relevance.mean()
+
+
+def sparsevlm_scores(attention: torch.Tensor) -> torch.Tensor:
+    """Visual-token scores from the raters' attention rows [heads, raters, N] (or [raters, N]): mean over heads,
+    then over raters."""
+    attention = attention.float()
+    if attention.dim() == 3:
+        attention = attention.mean(0)
+    return attention.mean(0)
+
+
+def dart_counts(budget: int, image_pivots: int = 4, text_pivots: int = 4, mode: str = "exact") -> list[int]:
+    """Tokens each DART pivot selects (in pivot order), besides the image pivots themselves.
+
+    ``"exact"``: ``budget`` tokens in all -- ``(budget - image_pivots) // pivots`` each, the remainder to the last
+    pivot. ``"official"``: ``budget // 8`` each (the reference code's LLaVA script, 4 + 8 * (budget // 8) tokens:
+    132 for 128)."""
+    pivots = image_pivots + text_pivots
+    if mode == "official":
+        return [budget // pivots] * pivots
+    if mode != "exact":
+        raise ValueError(f"unknown DART budget mode {mode!r}; expected 'exact' or 'official'")
+    rest = max(0, budget - image_pivots)
+    counts = [rest // pivots] * pivots
+    counts[-1] += rest - sum(counts)
+    return counts
+
+
+def dart_select(visual_keys: torch.Tensor, text_keys: torch.Tensor, visual_hidden: torch.Tensor,
+                text_hidden: torch.Tensor, budget: int, image_pivots: int = 4, text_pivots: int = 4,
+                mode: str = "exact") -> torch.Tensor:
+    """DART: kept visual indices (ascending) of one image.
+
+    ``*_keys``: post-RoPE keys of layer K-1, heads flattened ([N, Hkv*D] visual, [T, Hkv*D] the tokens after the
+    image); ``*_hidden``: the same tokens' layer-K input after the LM's final norm. Pivots are the ``image_pivots``
+    visual and ``text_pivots`` text tokens with the largest key L1 norm; each pivot in turn (image pivots by
+    decreasing norm, then text pivots) adds the candidates *least* cosine-similar to it (the least duplicated),
+    which leave the candidate pool. Kept = image pivots + everything the pivots added."""
+    n = visual_keys.shape[0]
+    if not 0 <= budget <= n:
+        raise ValueError(f"cannot keep {budget} of {n} visual tokens")
+    p_img = min(image_pivots, n, budget if mode == "exact" else image_pivots)
+    image_order = torch.sort(visual_keys.float().abs().sum(-1), descending=True, stable=True).indices
+    pivots_img = image_order[:p_img]
+    p_txt = min(text_pivots, text_keys.shape[0])
+    text_order = torch.sort(text_keys.float().abs().sum(-1), descending=True, stable=True).indices[:p_txt]
+    counts = dart_counts(budget, image_pivots, text_pivots, mode)[: p_img + p_txt] if budget > p_img else []
+    if counts and p_img + p_txt < image_pivots + text_pivots:  # fewer pivots than asked: the last takes the rest
+        counts[-1] += max(0, budget - p_img - sum(counts)) if mode == "exact" else 0
+    candidates = torch.ones(n, dtype=torch.bool)
+    candidates[pivots_img] = False
+    visual = torch.nn.functional.normalize(visual_hidden.float(), dim=-1)
+    pivot_vectors = [visual[i] for i in pivots_img.tolist()]
+    pivot_vectors += [torch.nn.functional.normalize(text_hidden[i].float(), dim=-1) for i in text_order.tolist()]
+    chosen = [pivots_img]
+    for vector, count in zip(pivot_vectors, counts):
+        pool = candidates.nonzero().squeeze(-1)
+        take = min(count, pool.numel())
+        if take == 0:
+            continue
+        similarity = visual[pool] @ vector
+        picked = pool[torch.sort(similarity, stable=True).indices[:take]]
+        candidates[picked] = False
+        chosen.append(picked)
+    return torch.sort(torch.cat(chosen)).values
