@@ -11,8 +11,13 @@ from .attention_scores import (
     received_attention,
     received_attention_reference,
 )
+from .llm_attention import apply_rotary, attention_rows, attention_rows_reference, rotate_half
 
 __all__ = [
+    "apply_rotary",
+    "attention_rows",
+    "attention_rows_reference",
+    "rotate_half",
     "cls_attention_row",
     "cls_attention_row_reference",
     "cls_logits_row",
