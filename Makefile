@@ -41,7 +41,7 @@ bench: $(STAMP)
 eval: $(STAMP)
 	$(PY) -m vtc eval
 
-## retrain the embedded default model into the package (about 2 h on 2 CPU cores; resumable: after an interruption
+## retrain the embedded default model into the package (about 95 min on 2 CPU cores; resumable: after an interruption
 ## run it again and it continues from integrations/transformers/default_model.checkpoints/), then measure it
 default-model: $(STAMP)
 	$(PY) -m vtc.eval.default_model.train --out integrations/transformers/default_model

@@ -1,6 +1,6 @@
 """Train the embedded default model (``vtc.load_default()``) from scratch on the synthetic data, on a CPU.
 
-    python -m vtc.eval.default_model.train --out my-default-model        # ~2 h on 2 CPU cores, resumable
+    python -m vtc.eval.default_model.train --out my-default-model        # ~95 min on 2 CPU cores, resumable
 
 The model is a real ``LlavaForConditionalGeneration`` -- a CLIP vision tower *with a CLS token* (224 px, patch 16:
 196 visual tokens per image), a 2-layer MLP projector and a small Llama LM over a word-level vocabulary -- so every
