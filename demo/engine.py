@@ -714,7 +714,7 @@ def _frame_sizes(media: Media, outcomes) -> list[int]:
     """Visual tokens per frame as the LLM receives them (from the first compressed run's records)."""
     if media.kind != "video" or not outcomes:
         return []
-    records, videos, _ = outcomes[0][2]
+    records, videos = outcomes[0][2][:2]
     if videos:
         return [r * c for r, c in videos[0].grids]
     return [r.num_visual_tokens for r in records]
