@@ -270,3 +270,13 @@ def test_separated_pairs_lists_only_differences_beyond_two_standard_errors():
     assert [(p["better"], p["worse"]) for p in pairs] == [("good", "bad"), ("twin", "bad")]
     assert pairs[0]["points"] == 50.0 and pairs[0]["stderr_points"] == pytest.approx(100 * (0.25 * n / (n - 1) / n) ** 0.5,
                                                                                    abs=0.01)
+
+
+@pytest.mark.parametrize("args, message", [(["--pool-images", "4", "--batch", "8"], "--pool-images"),
+                                           (["--pool-videos", "1", "--video-batch", "2"], "--pool-videos"),
+                                           (["--stage2-steps", "0"], "--stage2-steps must be >= 1")])
+def test_training_rejects_bad_settings_before_building_anything(tmp_path, capsys, args, message):
+    with pytest.raises(SystemExit):
+        train_default.main(["--out", str(tmp_path / "m"), *args])
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "m").exists() and not (tmp_path / "m.checkpoints").exists()

@@ -677,6 +677,16 @@ def main(argv=None) -> int:
     parser.add_argument("--eval-images", type=int, default=300, help="validation images after training")
     parser.add_argument("--eval-videos", type=int, default=100, help="validation videos after training")
     args = parser.parse_args(argv)
+    # checked before any model is built or checkpoint read: a typo must not cost a stage
+    if args.pool_images < args.batch:
+        parser.error(f"--pool-images ({args.pool_images}) must hold at least one batch (--batch {args.batch})")
+    if 0 < args.pool_videos < args.video_batch:
+        parser.error(f"--pool-videos ({args.pool_videos}) must be 0 or hold at least one --video-batch "
+                     f"({args.video_batch})")
+    for name in ("stage1_steps", "stage2_steps", "stage1_batch", "batch", "video_batch", "video_every", "turns",
+                 "checkpoint_every", "threads"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
 
     torch.set_num_threads(args.threads)
     out = pathlib.Path(args.out)
