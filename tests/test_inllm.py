@@ -60,8 +60,8 @@ def test_sparsevlm_table_rows_start_after_the_pruning_layer():
     assert stages == (Stage(3, 300), Stage(7, 200), Stage(16, 110))
     # 3 * 576 + 4 * 300 + 9 * 200 + 16 * 110 = 6488 -> 202.75 tokens per layer (the spec's count)
     assert average_tokens(stages, 576, 32) == 202.75
-    # 1152 tokens: budgets and rows scale by 2 (the 128 row serves a budget of 256)
-    assert sparsevlm_schedule(1152, 32, 256) == (Stage(3, 606), Stage(7, 220), Stage(16, 72))
+    # 1152 tokens: the budget names the row, whose counts scale by 2
+    assert sparsevlm_schedule(1152, 32, 128) == (Stage(3, 606), Stage(7, 220), Stage(16, 72))
     with pytest.raises(ValueError, match="budgets 192, 128, 96, 64"):
         sparsevlm_schedule(576, 32, 100)
 

@@ -12,7 +12,7 @@ The core (this package) is pure tensor code; model knowledge lives in ``vtc.inte
 
 from __future__ import annotations
 
-from . import allocation, layout, video, video_io  # noqa: F401  (vtc.allocation.HiRED(...), vtc.layout.PackedLayout)
+from . import allocation, inllm, layout, video, video_io  # noqa: F401  (vtc.allocation.HiRED(...), vtc.layout.PackedLayout)
 from . import compressors as _builtin_compressors  # noqa: F401  (registers the built-in compressors)
 from .budget import Budget, parse_budget, resolve_budget, validate_budget
 from .compressor import (
@@ -82,6 +82,16 @@ def last_video_selection(model):
     return _last_video(model)
 
 
+def last_llm_selection(model):
+    """Per image of the last wrapped call under an LLM-side compressor (FastV, PyramidDrop, SparseVLM, DART): the
+    visual tokens' prompt positions and, per drop, its layer and the kept indices (``vtc.inllm.LLMSelection``; its
+    ``average_tokens`` is the papers' per-layer budget). Empty for encoder-side compressors and calls without
+    images."""
+    from .integrations.transformers import last_llm_selection as _last_llm
+
+    return _last_llm(model)
+
+
 def last_prompt_lengths(model) -> list[tuple[int, int]]:
     """Per prompt of the last wrapped call: ``(tokens it had, tokens the LLM received)``, padding excluded.
 
@@ -140,6 +150,7 @@ __all__ = [
     "create_compressor",
     "get_compressor_class",
     "is_applied",
+    "last_llm_selection",
     "last_prompt_lengths",
     "last_selection",
     "last_video_selection",

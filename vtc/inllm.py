@@ -16,13 +16,22 @@ CVPR'25, arXiv 2410.17247), SparseVLM (Zhang et al., ICML'25, arXiv 2410.04417),
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-from typing import Sequence
+import enum
+from dataclasses import dataclass, field
+from typing import ClassVar, Mapping, Sequence
 
 import torch
 
+from .compressor import Compressor, VisualTokens
+from .selection import Selection
+
 __all__ = [
+    "LLMCompressor",
+    "LLMSignal",
+    "LLMSignalKind",
+    "LLMTokens",
+    "LLMStageRecord",
+    "LLMSelection",
     "Stage",
     "average_tokens",
     "validate_schedule",
@@ -45,6 +54,150 @@ class Stage:
 
     layer: int
     keep: int
+
+
+class LLMSignalKind(str, enum.Enum):
+    """What an LLM-side compressor may ask of a decoder layer (computed from the hidden states *entering* the layer,
+    with the layer's own weights, over the sequence as it is at that layer -- earlier drops applied)."""
+
+    #: head-mean softmax attention of the prompt's last token (its last real token) to the visual tokens: the row of
+    #: the layer's own attention map (FastV, PyramidDrop). Visual ``[n]``.
+    LAST_ATTENTION = "last_attention"
+    #: head-mean softmax attention rows of the compressor's text queries (``LLMCompressor.text_queries``; SparseVLM's
+    #: raters) to the visual tokens. Visual ``[R, n]``.
+    QUERY_ATTENTION = "query_attention"
+    #: post-rotary keys of the layer, heads flattened. Visual ``[n, Hkv * D]``, text ``[T, Hkv * D]`` (DART).
+    KEYS = "keys"
+    #: the layer's input after the LLM's final norm. Visual ``[n, d]``, text ``[T, d]`` (DART).
+    HIDDEN = "hidden"
+
+
+@dataclass(frozen=True)
+class LLMSignal:
+    kind: LLMSignalKind
+    layer: int  # absolute 0-based decoder layer
+
+    def __post_init__(self):
+        object.__setattr__(self, "kind", LLMSignalKind(self.kind))
+        if not isinstance(self.layer, int) or isinstance(self.layer, bool) or self.layer < 0:
+            raise ValueError(f"LLMSignal layer must be an absolute decoder layer >= 0, got {self.layer!r}")
+
+    def __str__(self) -> str:
+        return f"{self.kind.value}@llm{self.layer}"
+
+
+@dataclass
+class LLMTokens:
+    """The visual tokens of one image (or one prompt's video) at one stage, as the LLM holds them there.
+
+    ``visual[signal]``: one row per surviving visual token (``n`` of them, in prompt order); ``text[signal]``: for
+    ``KEYS`` / ``HIDDEN``, one row per real text token after the image's span (other images' tokens excluded) --
+    the tokens DART draws its text pivots from."""
+
+    num_tokens: int
+    stage: int  # index of the stage in the schedule
+    layer: int  # the stage's drop layer
+    visual: Mapping[LLMSignal, torch.Tensor] = field(default_factory=dict)
+    text: Mapping[LLMSignal, torch.Tensor] = field(default_factory=dict)
+
+    def signal(self, wanted: LLMSignal) -> torch.Tensor:
+        try:
+            return self.visual[wanted].float()
+        except KeyError:
+            have = ", ".join(map(str, self.visual)) or "none"
+            raise KeyError(f"LLM signal {wanted} was not captured (captured: {have}); declare it in llm_signals()"
+                           ) from None
+
+    def text_signal(self, wanted: LLMSignal) -> torch.Tensor:
+        if wanted not in self.text:
+            raise KeyError(f"no text rows for LLM signal {wanted}; only keys and hidden states have them")
+        return self.text[wanted].float()
+
+
+class LLMCompressor(Compressor):
+    """Base class of compressors that drop visual tokens *inside* the LLM (registered like every compressor).
+
+    Contract (pure functions; the integration captures the signals and cuts the sequence):
+
+    * ``schedule(num_visual, num_layers, budget, first_layer) -> tuple[Stage, ...]`` -- for an image of
+      ``num_visual`` tokens in an LLM of ``num_layers`` layers under the resolved ``budget`` (an int; what it
+      means -- tokens kept after the last drop, or visual tokens per layer on average -- is the compressor's
+      ``budget_mode``); ``first_layer`` is the earliest layer the family allows a drop at (Qwen3-VL: after its
+      deepstack injections), which a default drop layer moves to;
+    * ``llm_signals(stage, index) -> tuple[LLMSignal, ...]`` -- what stage ``index`` reads (layers ``<=`` its drop
+      layer, so that they exist when it drops);
+    * ``text_queries(visual_embeds, text_embeds) -> bool [T] | None`` -- which text tokens after the image are the
+      query rows of ``QUERY_ATTENTION`` (input embeddings; SparseVLM's raters);
+    * ``select_stage(tokens, k) -> LongTensor [k]`` -- which ``k`` of the ``n`` surviving tokens survive this stage
+      (ascending indices into the survivors).
+    """
+
+    acts_in_llm: ClassVar[bool] = True
+
+    def schedule(self, num_visual: int, num_layers: int, budget: int, first_layer: int = 1
+                 ) -> tuple[Stage, ...]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def llm_signals(self, stage: "Stage", index: int) -> tuple[LLMSignal, ...]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def text_queries(self, visual_embeds: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor | None:
+        return None
+
+    def select_stage(self, tokens: LLMTokens, k: int) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def select(self, tokens: VisualTokens, k: int) -> Selection:
+        raise TypeError(f"compressor {self.name!r} drops tokens inside the LLM; it has no encoder-side selection "
+                        "(stack an encoder-side compressor with vtc.apply(..., encoder=(name, budget)))")
+
+
+@dataclass(frozen=True)
+class LLMStageRecord:
+    """One drop: from layer ``layer`` on, the image keeps ``kept`` (ascending indices into its ``N`` visual tokens
+    as the LLM received them); ``scores`` ``[n]`` what the stage ranked its ``n`` incoming survivors by (``None``
+    for rules without a score, DART)."""
+
+    layer: int
+    kept: torch.Tensor
+    scores: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class LLMSelection:
+    """The record of one image (or one prompt's videos) of the last call under an LLM-side compressor
+    (``vtc.last_llm_selection``)."""
+
+    batch_index: int
+    kind: str  # "image" or "video"
+    positions: torch.Tensor  # [N] prompt positions of its visual tokens in the sequence the LLM received
+    budget: int  # the resolved budget (per the compressor's budget_mode)
+    stages: tuple[LLMStageRecord, ...]
+    num_layers: int
+    compressor: str = ""
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.positions.numel())
+
+    @property
+    def kept(self) -> torch.Tensor:
+        """Indices kept after the last drop."""
+        return self.stages[-1].kept if self.stages else torch.arange(self.num_tokens)
+
+    @property
+    def average_tokens(self) -> float:
+        """Visual tokens per LLM layer, averaged over the layers (the papers' equivalent budget)."""
+        return average_tokens([Stage(s.layer, int(s.kept.numel())) for s in self.stages], self.num_tokens,
+                              self.num_layers)
+
+    def tokens_at(self, layer: int) -> int:
+        """Visual tokens of this image that layer ``layer`` sees."""
+        count = self.num_tokens
+        for stage in self.stages:
+            if stage.layer <= layer:
+                count = int(stage.kept.numel())
+        return count
 
 
 def validate_schedule(stages: Sequence[Stage], num_visual: int, num_layers: int) -> tuple[Stage, ...]:
@@ -151,15 +304,16 @@ SPARSEVLM_LAYERS = (2, 6, 15)
 
 def sparsevlm_schedule(num_visual: int, num_layers: int, budget: int, layers: Sequence[int] = SPARSEVLM_LAYERS
                        ) -> tuple[Stage, ...]:
-    """SparseVLM: the table row of ``budget`` (192/128/96/64 for 576 tokens; for other token counts the budget and
-    the row scale by ``N / 576``, a documented extension: the paper defines the table for LLaVA-1.5 only). A pruning
-    *layer* ``l`` runs in full and prunes its output, so the stage starts at ``l + 1``."""
-    scale = num_visual / 576
-    row = next((counts for b, counts in SPARSEVLM_TABLE.items() if round(b * scale) == budget), None)
+    """SparseVLM: the table row named by ``budget`` (192/128/96/64, the paper's equivalent budgets for 576 tokens).
+    For other token counts the row's counts scale by ``N / 576`` (a documented extension: the paper defines the
+    table for LLaVA-1.5 only), so the equivalent budget is ``budget * N / 576``. A pruning *layer* ``l`` runs in
+    full and prunes its output, so the stage starts at ``l + 1``."""
+    row = SPARSEVLM_TABLE.get(budget) if isinstance(budget, int) and not isinstance(budget, bool) else None
     if row is None:
-        known = ", ".join(str(round(b * scale)) for b in SPARSEVLM_TABLE)
-        raise ValueError(f"SparseVLM defines schedules for budgets {known} with {num_visual} visual tokens, not "
-                         f"{budget}; pass one of them or an explicit schedule")
+        known = ", ".join(str(b) for b in SPARSEVLM_TABLE)
+        raise ValueError(f"SparseVLM defines schedules for budgets {known} (its table's rows, in visual tokens per "
+                         f"layer for 576 tokens), not {budget!r}")
+    scale = num_visual / 576
     stages = tuple(Stage(l + 1, min(num_visual, round(c * scale))) for l, c in zip(layers, row))
     return validate_schedule(stages, num_visual, num_layers)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 from vtc.allocation import create_allocation
 from vtc.budget import Budget, validate_budget
 from vtc.compressor import create_compressor
+from vtc.inllm import LLMCompressor, LLMSelection
 from vtc.selection import ImageSelection, SelectionRecords
 from vtc.video import VideoRecord
 
@@ -30,7 +31,8 @@ from .cut import STATE_ATTR as _STATE_ATTR
 from .cut import CutState, unwrap, wrap
 
 #: the options ``apply`` takes itself; every other keyword is the compressor's (``preflight`` splits requests by it)
-_INTEGRATION_OPTIONS = ("positions", "allocation", "video_budget", "processor", "decouple_query", "images_as_video")
+_INTEGRATION_OPTIONS = ("positions", "allocation", "video_budget", "processor", "decouple_query", "images_as_video",
+                        "encoder")
 
 
 def apply(model, compressor="cls_attention", budget: Budget = 64, **options):
@@ -77,6 +79,19 @@ def apply(model, compressor="cls_attention", budget: Budget = 64, **options):
             "allocation unset"
         )
     compressor_obj = create_compressor(compressor, **options)
+    llm, llm_budget, encoder_cut = None, None, True
+    if isinstance(compressor_obj, LLMCompressor):
+        llm, llm_budget = compressor_obj, budget
+        _check_llm_schedule(adapter, llm, budget)
+        stacked = own.get("encoder")
+        if stacked is None:
+            encoder_cut = False
+        else:
+            compressor_obj, budget = _encoder_stage(stacked)
+    elif own.get("encoder") is not None:
+        raise ValueError(f"encoder=(compressor, budget) stacks an encoder-side compressor under an LLM-side one "
+                         f"(fastv, pdrop, sparsevlm, dart); {compressor_obj.name!r} already acts between encoder "
+                         "and LLM")
     # fail now, not at the first generate, when the compressor (or the allocation) cannot run on this tower
     compressor_obj.signals(adapter.tower_info())
     allocation.signals(adapter.tower_info())
@@ -86,6 +101,9 @@ def apply(model, compressor="cls_attention", budget: Budget = 64, **options):
         adapter=adapter,
         compressor=compressor_obj,
         budget=budget,
+        llm=llm,
+        llm_budget=llm_budget,
+        encoder_cut=encoder_cut,
         positions=positions,
         allocation=allocation,
         video_budget=video_budget,
@@ -94,6 +112,37 @@ def apply(model, compressor="cls_attention", budget: Budget = 64, **options):
     )
     wrap(model, state)
     return model
+
+
+def _encoder_stage(stacked) -> tuple:
+    """``encoder=(compressor, budget)``: the encoder-side compressor (a name or an instance) that runs first."""
+    if not isinstance(stacked, (tuple, list)) or len(stacked) != 2:
+        raise TypeError("encoder must be a (compressor, budget) pair, e.g. encoder=('visionzip', 192), or "
+                        f"(vtc.create_compressor('visionzip', ...), 192); got {stacked!r}")
+    name, stage_budget = stacked
+    stage_budget = validate_budget(stage_budget)
+    obj = create_compressor(name)
+    if isinstance(obj, LLMCompressor):
+        raise ValueError(f"encoder=({obj.name!r}, ...) must be an encoder-side compressor; {obj.name!r} acts inside "
+                         "the LLM (stack one LLM-side compressor on one encoder-side compressor)")
+    return obj, stage_budget
+
+
+def _check_llm_schedule(adapter, llm, budget) -> None:
+    """Fail at ``apply`` when the schedule cannot run on this LLM: drop layers beyond its depth or before the
+    family allows, a budget with no schedule, a budget above a fixed image token count."""
+    num_layers = len(adapter.language_model().layers)
+    fixed = adapter.fixed_image_tokens()
+    if fixed is not None and isinstance(budget, int) and budget > fixed and llm.name != "sparsevlm":
+        raise ValueError(f"budget {budget} is more than the {fixed} visual tokens of each image of this model; "
+                         f"pass at most {fixed} (or a fraction such as 0.25)")
+    if fixed is not None:
+        llm.schedule(fixed, num_layers, budget, adapter.llm_first_layer())
+        return
+    try:  # the images' token counts are not known yet: a nominal 576 checks the layers and the budget's form
+        llm.schedule(576, num_layers, budget, adapter.llm_first_layer())
+    except ValueError:
+        llm.schedule(576, num_layers, 1.0, adapter.llm_first_layer())  # raises when the layers are at fault
 
 
 def remove(model):
@@ -130,6 +179,10 @@ def select(model, **inputs) -> SelectionRecords:
     return dry_run(get_state(model), inputs)
 
 
+def last_llm_selection(model) -> list[LLMSelection]:
+    return list(get_state(model).llm_records)
+
+
 def last_video_selection(model) -> list[VideoRecord]:
     return list(get_state(model).video_records)
 
@@ -145,6 +198,7 @@ def get_state(model) -> CutState:
     return state
 
 
-__all__ = ["FamilyAdapter", "TinyModel", "apply", "get_state", "is_applied", "last_prompt_lengths", "last_selection",
+__all__ = ["FamilyAdapter", "TinyModel", "apply", "get_state", "is_applied", "last_llm_selection", "last_prompt_lengths",
+           "last_selection",
            "last_video_selection", "position_modes", "register_adapter", "register_tiny", "remove", "select",
            "supported_families", "unregister_adapter"]

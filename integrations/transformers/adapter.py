@@ -141,6 +141,26 @@ class FamilyAdapter:
     def encode(self, inputs: dict, signals: tuple[Signal, ...]) -> EncodedImages:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    # -- the LLM (LLM-side compressors, ``llm_cut``) ----------------------------------------------------------
+    def language_model(self):
+        """The decoder stack the visual tokens run through (``.layers``, ``.norm``, ``.config``)."""
+        inner = getattr(self.model, "model", None)
+        lm = getattr(inner, "language_model", None)
+        if lm is None or not hasattr(lm, "layers"):
+            raise NotImplementedError(f"vtc cannot find the decoder layers of {self.family} models; implement "
+                                      "language_model in its adapter")
+        return lm
+
+    def fixed_image_tokens(self) -> int | None:
+        """Visual tokens of every image when the family gives all images the same count (LLaVA-1.5), else ``None``
+        (lets ``apply`` check a budget against the images before any call)."""
+        return None
+
+    def llm_first_layer(self) -> int:
+        """The earliest decoder layer an LLM-side compressor may drop visual tokens at: layer 0 must see them all
+        (layers before the drop produce the signals, and the model reads positions from layer 0's cache)."""
+        return 1
+
     # -- positions -----------------------------------------------------------------------------------------
     def original_positions(self, input_ids, attention_mask, position_inputs: dict) -> torch.Tensor:
         """Positions of the original sequence as ``[R, B, L]`` (R = 1 for 1-D RoPE, 3 for M-RoPE);

@@ -68,6 +68,14 @@ class CutState:
     images_as_video: bool = False
     #: per prompt of the last call: (tokens it had, tokens the LLM received), padding excluded
     prompt_lengths: list[tuple[int, int]] = field(default_factory=list)
+    #: the compressor acting inside the LLM (``vtc.inllm.LLMCompressor``), its budget and the last call's records;
+    #: ``encoder_cut`` False: nothing is cut between encoder and LLM (no encoder-side compressor stacked)
+    llm: Any = None
+    llm_budget: Budget | None = None
+    llm_records: list = field(default_factory=list)
+    encoder_cut: bool = True
+    #: True while a wrapped call runs the original method: generate's inner forward calls pass straight through
+    busy: bool = False
 
     @property
     def frames_budget(self) -> Budget:
@@ -642,15 +650,47 @@ def _unshrunk_lengths(inputs: dict) -> list[tuple[int, int]]:
 STATE_ATTR = "_vtc_state"
 
 
+def _call(state: CutState, original, inputs: dict, generating: bool):
+    """``original(**inputs)``, with the LLM-side cut around it when a compressor acts inside the LLM."""
+    if state.llm is None:
+        return original(**inputs)
+    from .llm_cut import LLMCut
+
+    state.llm_records = []
+    if generating:
+        config = inputs.get("generation_config") or state.adapter.model.generation_config
+        if inputs.get("use_cache", getattr(config, "use_cache", True)) is False:
+            raise ValueError("vtc's LLM-side compressors need generate(..., use_cache=True): without a cache every "
+                             "step would prune the whole sequence again")
+    input_ids = inputs.get("input_ids")
+    if input_ids is None:
+        raise ValueError("vtc's LLM-side compressors find the visual tokens by their placeholder ids: pass "
+                         "input_ids (not inputs_embeds)")
+    adapter = state.adapter
+    cut = LLMCut(state.llm, state.llm_budget, adapter.language_model(), input_ids, inputs.get("attention_mask"),
+                 adapter.image_token_id(), adapter.video_token_id(), first_layer=adapter.llm_first_layer())
+    state.busy = True
+    try:
+        with cut.installed():
+            output = original(**inputs)
+    finally:
+        state.busy = False
+    state.llm_records = cut.records(state.llm.name)
+    return output
+
+
 def run_generate(state: CutState, original, args: tuple, kwargs: dict):
     """A wrapped ``generate``: shrink the prompt, run ``original``, hand back the caller's own prompt ids."""
     inputs = _bind(original, args, kwargs)
-    if not _has_visual_inputs(inputs):
+    if not _has_visual_inputs(inputs) or not state.encoder_cut:
         state.records, state.video_records = [], []
         state.prompt_lengths = _unshrunk_lengths(inputs)
-        return original(**inputs)
+        if not _has_visual_inputs(inputs):
+            state.llm_records = []
+            return original(**inputs)
+        return _call(state, original, inputs, generating=True)
     shrunk = shrink(state, inputs, with_labels=False)
-    output = original(**shrunk.kwargs)
+    output = _call(state, original, shrunk.kwargs, generating=True)
     sequences = output if isinstance(output, torch.Tensor) else output.sequences
     # callers slice the answer off at len(prompt): give them back their own prompt ids
     prompt = shrunk.original_input_ids.to(sequences.device)
@@ -666,9 +706,16 @@ def run_generate(state: CutState, original, args: tuple, kwargs: dict):
 def run_forward(state: CutState, original, args: tuple, kwargs: dict):
     """A wrapped ``forward``: shrink the prompt (and labels), run ``original``."""
     inputs = _bind(original, args, kwargs)
-    if not _has_visual_inputs(inputs):
+    if state.busy:  # generate's own forward calls inside an LLM-side cut
         return original(**inputs)
-    return original(**shrink(state, inputs, with_labels=True).kwargs)
+    if not _has_visual_inputs(inputs):
+        state.llm_records = []
+        return original(**inputs)
+    if not state.encoder_cut:
+        state.records, state.video_records = [], []
+        state.prompt_lengths = _unshrunk_lengths(inputs)
+        return _call(state, original, inputs, generating=False)
+    return _call(state, original, shrink(state, inputs, with_labels=True).kwargs, generating=False)
 
 
 _RUNNERS = {"generate": run_generate, "forward": run_forward}

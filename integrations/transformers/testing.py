@@ -14,6 +14,7 @@ family lists below are read from the registry when this module is imported.
 
 from __future__ import annotations
 
+import contextvars
 import pathlib
 from collections.abc import Mapping
 
@@ -137,6 +138,9 @@ def build_tokenizer(family: str) -> transformers.PreTrainedTokenizerFast:
                                 tiny.chat_template)
 
 
+_TEXT_LAYERS: contextvars.ContextVar[int | None] = contextvars.ContextVar("vtc_tiny_text_layers", default=None)
+
+
 def tiny_text_config(config_cls, tok, **overrides):
     """A tiny LLM config of ``config_cls`` (width 64, 2 layers, 4 heads over 2 KV heads) for ``tok``'s vocabulary;
     ``overrides`` replace or add fields (``config_cls=dict`` gives the fields as a dict)."""
@@ -152,11 +156,14 @@ def tiny_text_config(config_cls, tok, **overrides):
         eos_token_id=tok.eos_token_id,
     )
     fields.update(overrides)
+    if _TEXT_LAYERS.get() is not None:  # build_tiny(..., text_layers=n)
+        fields["num_hidden_layers"] = _TEXT_LAYERS.get()
     return config_cls(**fields)
 
 
-def build_tiny(family: str, seed: int = 0):
-    """Build ``(model, processor)`` for ``family`` with seeded random weights.
+def build_tiny(family: str, seed: int = 0, text_layers: int | None = None):
+    """Build ``(model, processor)`` for ``family`` with seeded random weights (``text_layers``: an LLM of that many
+    layers instead of the family's tiny default, for LLM-side compressors, which drop at layer 2 and later).
 
     The model is in eval mode, uses the default attention implementation, and
     has pad/eos/bos set in its generation config so ``generate`` with left
@@ -164,7 +171,11 @@ def build_tiny(family: str, seed: int = 0):
     """
     tok = build_tokenizer(family)
     torch.manual_seed(seed)
-    model, processor = tiny_model(family).build(tok)
+    token = _TEXT_LAYERS.set(text_layers)
+    try:
+        model, processor = tiny_model(family).build(tok)
+    finally:
+        _TEXT_LAYERS.reset(token)
     gen = model.generation_config
     gen.pad_token_id = tok.pad_token_id
     gen.eos_token_id = tok.eos_token_id

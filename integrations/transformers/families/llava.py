@@ -80,6 +80,10 @@ class LlavaAdapter(FamilyAdapter):
         """Tokens before an image's grid: the CLS under the "full" strategy (when the tower has one)."""
         return 1 if (self._strategy(inputs) == "full" and self.has_cls()) else 0
 
+    def fixed_image_tokens(self) -> int | None:
+        config = self.vision.config
+        return self._num_prefix() + (config.image_size // config.patch_size) ** 2
+
     def tower_info(self, inputs: dict | None = None) -> TowerInfo:
         num_layers = len(self.layers)
         setting = self._feature_layer_setting(inputs)

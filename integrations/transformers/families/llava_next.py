@@ -78,6 +78,9 @@ class AnyResAdapter(LlavaAdapter):
     #: the transformers module holding the family's ``get_anyres_image_grid_shape`` / ``unpad_image``
     modeling_module: ClassVar[str] = "transformers.models.llava_next.modeling_llava_next"
 
+    def fixed_image_tokens(self) -> int | None:
+        return None  # AnyRes: the views, and so the tokens, follow each image's size
+
     def _module(self):
         return importlib.import_module(self.modeling_module)
 

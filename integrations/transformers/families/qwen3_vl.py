@@ -49,6 +49,12 @@ class Qwen3VLAdapter(QwenVLAdapter):
         encoded.levels = [[level[i] for level in levels] for i in range(len(encoded.features))]
         return encoded
 
+    def llm_first_layer(self) -> int:
+        """After the deepstack injections: the LLM adds level ``j`` to the visual tokens after layer ``j``, so a drop
+        before ``len(deepstack_visual_indexes)`` would cut tokens that still receive features."""
+        levels = getattr(self.model.config.vision_config, "deepstack_visual_indexes", None) or ()
+        return max(1, len(levels))
+
     def shrink_output(self, encoded: EncodedImages, kept_features, kept_levels):
         num_levels = len(encoded.levels[0]) if encoded.levels else 0
         deepstack = [tuple(levels[j] for levels in kept_levels) for j in range(num_levels)]
