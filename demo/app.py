@@ -95,7 +95,7 @@ def build_app(engine: Engine | None = None) -> gr.Blocks:
     """The Blocks app on ``engine`` (default: a new ``Engine`` on the embedded model)."""
     engine = engine or Engine()
     examples = {e.label: e for e in engine.examples}
-    compressors = vtc.list_compressors()
+    compressors = vtc.list_compressors("encoder")
 
     def on_example(label):
         example = examples.get(label)

@@ -160,7 +160,7 @@ def test_globalcom2_selects_by_thumbnail_guided_scores(anyres):
     check_newline_rule(record)
 
 
-@pytest.mark.parametrize("compressor", vtc.list_compressors())
+@pytest.mark.parametrize("compressor", vtc.list_compressors("encoder"))
 def test_cls_compressors_fall_back_to_received_attention_on_onevision(tiny_dirs, compressor):
     """SigLIP has no CLS token: every compressor declares received attention (or keys) instead, and the
     single-layer CLS rankers then keep each view's top tokens by received attention."""

@@ -156,7 +156,7 @@ def image_case(draw):
     return rows, cols, prefix, n, k, seed, tower, ties
 
 
-@pytest.mark.parametrize("name", list_compressors())
+@pytest.mark.parametrize("name", list_compressors("encoder"))
 @settings(max_examples=60, deadline=None)
 @given(case=image_case())
 def test_every_compressor_returns_a_valid_selection(name, case):

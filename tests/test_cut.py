@@ -18,7 +18,7 @@ from vtc.testing import LLAVA_FAMILIES, QWEN_FAMILIES
 
 
 @pytest.mark.support("image")
-@pytest.mark.parametrize("compressor", vtc.list_compressors())
+@pytest.mark.parametrize("compressor", vtc.list_compressors("encoder"))
 def test_keep_all_generate_equals_unwrapped(loaded, family, compressor):
     model, processor = loaded
     inputs = make_inputs(processor, family, QUESTIONS[:1], [1])
@@ -29,7 +29,7 @@ def test_keep_all_generate_equals_unwrapped(loaded, family, compressor):
 
 
 @pytest.mark.support("image")
-@pytest.mark.parametrize("compressor", vtc.list_compressors())
+@pytest.mark.parametrize("compressor", vtc.list_compressors("encoder"))
 def test_compressed_generate_equals_hand_built_prompt(loaded, family, compressor):
     model, processor = loaded
     inputs = make_inputs(processor, family, QUESTIONS[:1], [1])
@@ -61,7 +61,7 @@ def test_llava_keep_positions_equal_hand_built(tiny_dirs, family_name):
 
 
 @pytest.mark.support("image")
-@pytest.mark.parametrize("compressor", vtc.list_compressors())
+@pytest.mark.parametrize("compressor", vtc.list_compressors("encoder"))
 def test_batch_of_two_equals_single_runs(loaded, family, compressor):
     model, processor = loaded
     vtc.apply(model, compressor, budget=5)
@@ -105,7 +105,7 @@ def test_llm_receives_exactly_the_budget(loaded, family):
 
 
 @pytest.mark.support("multi-image")
-@pytest.mark.parametrize("compressor", vtc.list_compressors())
+@pytest.mark.parametrize("compressor", vtc.list_compressors("encoder"))
 def test_multi_image_prompt_each_image_gets_its_budget(loaded, family, compressor):
     model, processor = loaded
     inputs = make_inputs(processor, family, QUESTIONS, [2, 1])
@@ -172,7 +172,7 @@ def test_text_only_prompt_passes_through(loaded, family):
 
 
 @pytest.mark.support("image")
-@pytest.mark.parametrize("compressor", vtc.list_compressors())
+@pytest.mark.parametrize("compressor", vtc.list_compressors("encoder"))
 def test_forward_path_equals_hand_built_and_shrinks_labels(loaded, family, compressor):
     model, processor = loaded
     inputs = make_inputs(processor, family, QUESTIONS[:1], [1])
@@ -217,7 +217,7 @@ def test_remove_restores_bit_identical_behaviour(loaded, family):
     vtc.remove(model)  # removing twice is a no-op
 
 
-@pytest.mark.parametrize("compressor", vtc.list_compressors())
+@pytest.mark.parametrize("compressor", vtc.list_compressors("encoder"))
 def test_attention_implementation_untouched(loaded, family, compressor):
     model, processor = loaded
     inputs = make_inputs(processor, family, QUESTIONS[:1], [1])
@@ -266,7 +266,7 @@ def test_positional_input_ids_and_beam_search(loaded, family):
     assert [r.num_kept_visual for r in vtc.last_selection(model)] == [4, 4]
 
 
-@pytest.mark.parametrize("compressor", vtc.list_compressors())
+@pytest.mark.parametrize("compressor", vtc.list_compressors("encoder"))
 def test_hooks_only_on_the_declared_layers_and_selection_is_deterministic(loaded, family, compressor):
     """While the tower runs, exactly the layers the compressor declares carry vtc's hooks (never all layers)."""
     from vtc.integrations.transformers import get_state

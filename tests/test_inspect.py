@@ -129,7 +129,7 @@ def test_select_equals_generate_records_and_never_runs_the_llm(loaded, family, b
     model, processor = loaded
     inputs = make_inputs(processor, family, QUESTIONS, [1, 2])
     calls = count_llm_calls(model)
-    for name in vtc.list_compressors():
+    for name in vtc.list_compressors("encoder"):
         vtc.apply(model, name, budget=budget, **OPTIONS.get(name, {}))
         before = calls[0]
         dry = vtc.select(model, **inputs)

@@ -80,7 +80,7 @@ def loaded_video(tiny_dirs, video_family):
 # -- 1. keep-all is the unwrapped model ----------------------------------------------------------------------------
 
 @pytest.mark.support("video")
-@pytest.mark.parametrize("compressor", vtc.list_compressors())
+@pytest.mark.parametrize("compressor", vtc.list_compressors("encoder"))
 def test_keep_all_video_generate_equals_unwrapped(loaded_video, video_family, compressor):
     model, processor = loaded_video
     inputs = video_inputs(processor, video_family, QUESTIONS[:1])
@@ -95,7 +95,7 @@ def test_keep_all_video_generate_equals_unwrapped(loaded_video, video_family, co
 # -- 2. a compressed video is the hand-built shortened prompt ------------------------------------------------------
 
 @pytest.mark.support("video")
-@pytest.mark.parametrize("compressor", vtc.list_compressors())
+@pytest.mark.parametrize("compressor", vtc.list_compressors("encoder"))
 def test_compressed_video_generate_equals_hand_built_prompt(loaded_video, video_family, compressor):
     model, processor = loaded_video
     inputs = video_inputs(processor, video_family, QUESTIONS[:1])
@@ -143,7 +143,7 @@ def test_video_batch_of_two_equals_single_runs(loaded_video, video_family, compr
 # -- 4. an image and a video in one prompt: each its own budget ----------------------------------------------------
 
 @pytest.mark.support("video")
-@pytest.mark.parametrize("compressor", vtc.list_compressors())
+@pytest.mark.parametrize("compressor", vtc.list_compressors("encoder"))
 def test_image_and_video_each_get_their_own_budget(loaded_video, video_family, compressor):
     model, processor = loaded_video
     inputs = video_inputs(processor, video_family, QUESTIONS[:1], image=True)
@@ -164,7 +164,7 @@ def test_image_and_video_each_get_their_own_budget(loaded_video, video_family, c
 
 @pytest.mark.support("video")
 @pytest.mark.parametrize("video_budget", [7, 0.3, 10_000])
-@pytest.mark.parametrize("compressor", vtc.list_compressors())
+@pytest.mark.parametrize("compressor", vtc.list_compressors("encoder"))
 def test_video_budget_resolves_and_reaches_the_llm_exactly(loaded_video, video_family, compressor, video_budget):
     model, processor = loaded_video
     inputs = video_inputs(processor, video_family, QUESTIONS)

@@ -113,7 +113,7 @@ def cmd_run(args) -> int:
     budget = vtc.parse_budget(args.budget)
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be an integer >= 1, got {args.max_new_tokens}")
-    names = args.compressor or vtc.list_compressors()
+    names = args.compressor or vtc.list_compressors("encoder")
     options = _run_options(args.option, names)
     for name in names:
         try:
@@ -204,7 +204,7 @@ def cmd_eval(args) -> int:
     import vtc
 
     budgets = [vtc.parse_budget(b) for b in (args.budget or [str(b) for b in sweep.DEFAULT_BUDGETS])]
-    compressors = args.compressor or vtc.list_compressors()
+    compressors = args.compressor or vtc.list_compressors("encoder")
     unknown = [c for c in compressors if c not in vtc.list_compressors()]
     if unknown:
         raise ValueError(f"unknown compressor(s) {unknown}; choose from {', '.join(vtc.list_compressors())}")

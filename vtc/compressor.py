@@ -67,6 +67,9 @@ class Compressor:
     #: with the wrapped model (QuoTA's ``scorer="self"``), which the core cannot. A property may decide it per
     #: instance; the integration then needs the model's processor (``vtc.apply(..., processor=...)``).
     needs_frame_scores: ClassVar[bool] = False
+    #: True for compressors that drop tokens inside the LLM (``vtc.inllm.LLMCompressor``: FastV, PyramidDrop,
+    #: SparseVLM, DART); False for those that select between encoder and LLM
+    acts_in_llm: ClassVar[bool] = False
 
     def signals(self, tower: TowerInfo) -> tuple[Signal, ...]:
         return ()
@@ -92,9 +95,14 @@ def register(cls: C) -> C:
     return cls
 
 
-def list_compressors() -> list[str]:
-    """Names of every registered compressor, sorted."""
-    return sorted(_REGISTRY)
+def list_compressors(where: str | None = None) -> list[str]:
+    """Names of the registered compressors, sorted: all of them, or those acting at ``where`` -- ``"encoder"``
+    (between encoder and LLM) or ``"llm"`` (inside the LLM)."""
+    if where is None:
+        return sorted(_REGISTRY)
+    if where not in ("encoder", "llm"):
+        raise ValueError(f"where must be 'encoder', 'llm' or None, got {where!r}")
+    return sorted(name for name, cls in _REGISTRY.items() if cls.acts_in_llm == (where == "llm"))
 
 
 def get_compressor_class(name: str) -> type[Compressor]:

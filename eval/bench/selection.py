@@ -9,7 +9,7 @@ What: in one run,
 
   tower     one forward of a randomly initialised CLIP-L/14-336 (24 layers, 577 tokens, fp32, SDPA) on one
             336 x 336 image with ``output_hidden_states=True``;
-  selection ``vtc.run_compressor(compressor, tokens, budget)`` for every compressor in ``vtc.list_compressors()``
+  selection ``vtc.run_compressor(compressor, tokens, budget)`` for every compressor in ``vtc.list_compressors("encoder")``
             at each size, on random fp32 features ``[N, 4096]`` (fixed seed) with random signals for exactly
             what the compressor declares on a CLIP-L ``TowerInfo`` (attention: softmax of a random ``[N]``
             vector; keys: random ``[N, 64]``). Selection only: capturing the signals is
@@ -106,7 +106,7 @@ def main(argv=None) -> int:
         grids = [parse_size(part) for part in args.sizes.split(",") if part.strip()]
     except (TypeError, ValueError) as error:
         parser.error(str(error))
-    names = vtc.list_compressors()
+    names = vtc.list_compressors("encoder")
     if args.compressors:
         wanted = [name.strip() for name in args.compressors.split(",") if name.strip()]
         unknown = sorted(set(wanted) - set(names))

@@ -129,7 +129,7 @@ def main(argv=None) -> int:
                         help="repeatable; default: both reindex and keep")
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args(argv)
-    names = args.compressor or vtc.list_compressors()
+    names = args.compressor or vtc.list_compressors("encoder")
     for name in names:
         vtc.get_compressor_class(name)  # fail before loading the model on an unknown name
     modes = tuple(args.positions or POSITION_MODES)

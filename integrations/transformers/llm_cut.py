@@ -212,7 +212,8 @@ class LLMCut:
                 raise ValueError(f"the LLM received {hidden.shape[1]} tokens but the prompt has {self.length}")
             self.prefilled, self.phase = True, "prefill"
             device = hidden.device
-            cos, sin = kwargs["position_embeddings"]
+            cos, sin = kwargs["position_embeddings"]  # [B or 1, L, D]: a batch of one when positions broadcast
+            cos, sin = cos.expand(self.batch, -1, -1), sin.expand(self.batch, -1, -1)
             self.cos0, self.sin0 = cos, sin
             self.cos, self.sin = cos, sin
             self.index = torch.arange(self.length, device=device).expand(self.batch, -1).clone()  # orig pos per col

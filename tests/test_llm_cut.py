@@ -1,0 +1,309 @@
+"""The LLM-side cut (FastV, PyramidDrop, SparseVLM, DART) on every family, against an independent oracle.
+
+The oracle ("plan B", the FastV paper's mask mode): every token stays in the sequence and the cache, and from each
+stage's layer on the dropped visual tokens are masked *as keys* (a 4-D mask built here by hand, per layer and per
+decode step). Under causal attention the kept tokens' hidden states, the logits and greedy decoding are then
+mathematically those of the real cut, which shortens the sequence, gathers the rotary tables, rebuilds masks per
+stage and keeps a shorter cache in later layers -- so equality checks all of that at once, at batch 2 with left
+padding and different kept counts per row.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+import vtc
+from helpers import hook_census, make_inputs
+from vtc.integrations.transformers.adapter import adapter_for
+from vtc.testing import FAMILIES, build_tiny
+
+LLM = vtc.list_compressors("llm")
+LAYERS = 6
+#: budgets that drop tokens on the tiny models (36 tokens per LLaVA image; SparseVLM names its table's row)
+BUDGET = {"fastv": 8, "pdrop": 20, "sparsevlm": 128, "dart": 9}
+QUESTIONS = ["what is this?", "describe the picture in a few words please?"]
+
+
+@functools.lru_cache(maxsize=None)
+def tiny(family: str):
+    return build_tiny(family, text_layers=LAYERS)
+
+
+class MaskedKeys:
+    """Plan B for ``records`` (``vtc.last_llm_selection`` of the real cut): hooks that give every decoder layer a
+    4-D mask -- causal, padding, and the visual tokens dropped before that layer masked as keys."""
+
+    def __init__(self, model, records):
+        self.lm = adapter_for(model).language_model()
+        self.records = records
+        self.handles = []
+
+    def __enter__(self):
+        self.handles.append(self.lm.register_forward_pre_hook(self._lm_hook, with_kwargs=True))
+        for j, layer in enumerate(self.lm.layers):
+            self.handles.append(layer.register_forward_pre_hook(functools.partial(self._layer_hook, j),
+                                                                with_kwargs=True))
+        return self
+
+    def __exit__(self, *exc):
+        for handle in self.handles:
+            handle.remove()
+
+    def _lm_hook(self, module, args, kwargs):
+        self.mask2d = kwargs["attention_mask"].bool()
+
+    def _layer_hook(self, j, module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        q = hidden.shape[1]
+        cache = kwargs.get("past_key_values")
+        past = cache.get_seq_length(j) if cache is not None else 0
+        kv = past + q
+        keys_ok = self.mask2d[:, :kv].clone()
+        for record in self.records:
+            dropped = torch.ones(record.num_tokens, dtype=torch.bool)
+            for stage in record.stages:
+                if stage.layer <= j:
+                    dropped = torch.ones(record.num_tokens, dtype=torch.bool)
+                    dropped[stage.kept] = False
+            if any(stage.layer <= j for stage in record.stages):
+                keys_ok[record.batch_index, record.positions[dropped]] = False
+        qpos = torch.arange(past, kv)
+        kpos = torch.arange(kv)
+        ok = (kpos[None, :] <= qpos[:, None])[None] & keys_ok[:, None, :]
+        ok |= (kpos[None, :] == qpos[:, None])[None]  # a masked-out query still sees itself (no all-masked row)
+        mask = torch.zeros(ok.shape, dtype=hidden.dtype).masked_fill(~ok, torch.finfo(hidden.dtype).min)
+        kwargs["attention_mask"] = mask[:, None]
+        return args, kwargs
+
+
+def generate(model, inputs, **extra):
+    with torch.no_grad():
+        return model.generate(**inputs, max_new_tokens=6, do_sample=False, output_scores=True,
+                              return_dict_in_generate=True, **extra)
+
+
+def assert_same_generation(out, ref):
+    assert torch.equal(out.sequences, ref.sequences)
+    for a, b in zip(out.scores, ref.scores):
+        torch.testing.assert_close(a, b, atol=2e-4, rtol=1e-4)
+
+
+def dropped_something(records) -> bool:
+    return any(int(s.kept.numel()) < r.num_tokens for r in records for s in r.stages)
+
+
+@pytest.mark.parametrize("name", LLM)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_generate_equals_the_masked_keys_oracle_at_batch_two(family, name):
+    model, processor = tiny(family)
+    # row 0: two images, row 1: one -> different lengths after the drop: left re-padding, per-row masks
+    inputs = make_inputs(processor, family, QUESTIONS, [2, 1])
+    vtc.apply(model, name, budget=BUDGET[name])
+    try:
+        out = generate(model, inputs)
+        records = vtc.last_llm_selection(model)
+    finally:
+        vtc.remove(model)
+    assert dropped_something(records)
+    assert len(records) == 3 and [r.batch_index for r in records] == [0, 0, 1]
+    with MaskedKeys(model, records):
+        ref = generate(model, inputs)
+    assert_same_generation(out, ref)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fastv_scores_are_the_eager_attention_row(family):
+    """The signal computed from q/k projections equals the row of the eager attention map (head mean, last
+    token, the image's columns) of layer K-1, on every family (RoPE, M-RoPE, GQA, Qwen3's q/k norms)."""
+    model, processor = tiny(family)
+    inputs = make_inputs(processor, family, QUESTIONS, [1, 1])
+    vtc.apply(model, "fastv", budget=8)
+    try:
+        with torch.no_grad():
+            model(**inputs)
+        records = vtc.last_llm_selection(model)
+    finally:
+        vtc.remove(model)
+    implementation = model.config._attn_implementation
+    model.set_attn_implementation("eager")
+    try:
+        with torch.no_grad():
+            attentions = model(**inputs, output_attentions=True).attentions
+    finally:
+        model.set_attn_implementation(implementation)
+    k = records[0].stages[0].layer
+    for record in records:
+        row = attentions[k - 1][record.batch_index].float().mean(0)[-1]
+        torch.testing.assert_close(record.stages[0].scores, row[record.positions], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["fastv", "pdrop", "dart"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_keep_all_is_the_unwrapped_model(family, name):
+    model, processor = tiny(family)
+    inputs = make_inputs(processor, family, QUESTIONS, [1, 1])
+    before = generate(model, inputs)
+    census = hook_census(model)
+    vtc.apply(model, name, budget=1.0)
+    try:
+        out = generate(model, inputs)
+        assert hook_census(model) == census  # the call's hooks are gone with it
+    finally:
+        vtc.remove(model)
+    assert torch.equal(out.sequences, before.sequences)
+    for a, b in zip(out.scores, before.scores):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl"])
+def test_remove_restores_bit_identical_outputs_and_hooks(family):
+    model, processor = tiny(family)
+    inputs = make_inputs(processor, family, QUESTIONS, [1, 1])
+    census = hook_census(model)
+    with torch.no_grad():
+        before = model(**inputs).logits
+    vtc.apply(model, "pdrop", budget=BUDGET["pdrop"])
+    generate(model, inputs)
+    vtc.remove(model)
+    with torch.no_grad():
+        after = model(**inputs).logits
+    assert torch.equal(before, after)
+    assert hook_census(model) == census
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_batch_equals_single_runs(family):
+    model, processor = tiny(family)
+    inputs = make_inputs(processor, family, QUESTIONS, [1, 1])
+    vtc.apply(model, "fastv", budget=8)
+    try:
+        batch = generate(model, inputs)
+        batch_records = vtc.last_llm_selection(model)
+        for row, question in enumerate(QUESTIONS):
+            single_inputs = make_inputs(processor, family, [question], [1], first_image=row)
+            single = generate(model, single_inputs)
+            (record,) = vtc.last_llm_selection(model)
+            assert torch.equal(record.kept, batch_records[row].kept)
+            new = single.sequences[0, single_inputs["input_ids"].shape[1]:]
+            assert torch.equal(new, batch.sequences[row, inputs["input_ids"].shape[1]:])
+    finally:
+        vtc.remove(model)
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_forward_logits_line_up_with_the_prompt(family):
+    """A forward (the loss / loglikelihood path) returns logits for every prompt position: kept positions as the
+    oracle's, a dropped one as the last kept position before it; labels give a loss."""
+    model, processor = tiny(family)
+    inputs = make_inputs(processor, family, QUESTIONS, [1, 1])
+    labels = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
+    vtc.apply(model, "fastv", budget=8)
+    try:
+        with torch.no_grad():
+            out = model(**inputs, labels=labels)
+        records = vtc.last_llm_selection(model)
+    finally:
+        vtc.remove(model)
+    with MaskedKeys(model, records), torch.no_grad():
+        ref = model(**inputs).logits
+    assert out.logits.shape == ref.shape and torch.isfinite(out.loss)
+    length = inputs["input_ids"].shape[1]
+    for b in range(2):
+        visual = torch.zeros(length, dtype=torch.bool)
+        kept = torch.zeros(length, dtype=torch.bool)
+        for r in records:
+            if r.batch_index == b:
+                visual[r.positions] = True
+                kept[r.positions[r.kept]] = True
+        present = ~visual | kept
+        real = inputs["attention_mask"][b].bool()
+        torch.testing.assert_close(out.logits[b, present & real], ref[b, present & real], atol=2e-4, rtol=1e-4)
+        for p in (visual & ~kept).nonzero().squeeze(-1).tolist():
+            source = max(i for i in range(p) if present[i])
+            assert torch.equal(out.logits[b, p], out.logits[b, source])
+
+
+def test_stacked_encoder_and_llm_compressors():
+    """VisionZip-style stacking: an encoder-side compressor first (here random to 16 of 36), then FastV to 4 in
+    the LLM; equal to the encoder-only model with the FastV drop applied as masked keys."""
+    model, processor = tiny("llava")
+    inputs = make_inputs(processor, "llava", QUESTIONS, [1, 1])
+    vtc.apply(model, "fastv", budget=4, encoder=("random", 16))
+    try:
+        out = generate(model, inputs)
+        encoder_records = vtc.last_selection(model)
+        records = vtc.last_llm_selection(model)
+    finally:
+        vtc.remove(model)
+    assert [int(r.indices.numel()) for r in encoder_records] == [16, 16]
+    assert [r.num_tokens for r in records] == [16, 16] and [int(r.kept.numel()) for r in records] == [4, 4]
+    vtc.apply(model, "random", budget=16)
+    try:
+        with MaskedKeys(model, records):
+            ref = generate(model, inputs)
+        assert all(torch.equal(a.indices, b.indices) for a, b in zip(vtc.last_selection(model), encoder_records))
+    finally:
+        vtc.remove(model)
+    assert_same_generation(out, ref)
+
+
+def test_records_per_stage_and_the_average_budget():
+    model, processor = tiny("llava")
+    inputs = make_inputs(processor, "llava", QUESTIONS[:1], [1])
+    vtc.apply(model, "pdrop", budget=20)
+    try:
+        generate(model, inputs)
+        (record,) = vtc.last_llm_selection(model)
+    finally:
+        vtc.remove(model)
+    counts = [int(s.kept.numel()) for s in record.stages]
+    assert counts == sorted(counts, reverse=True) and len(counts) == 3
+    for earlier, later in zip(record.stages, record.stages[1:]):  # a stage chooses among the previous survivors
+        assert set(later.kept.tolist()) <= set(earlier.kept.tolist())
+    assert record.average_tokens == pytest.approx(20, abs=1.0)
+    assert record.tokens_at(0) == 36 and record.tokens_at(LAYERS - 1) == counts[-1]
+    ids = inputs["input_ids"][0]
+    assert bool((ids[record.positions] == model.config.image_token_id).all())
+
+
+# ---------------------------------------------------------------------------------------------------- bad input
+def test_bad_requests_fail_at_apply():
+    model, _ = tiny("llava")
+    with pytest.raises(ValueError, match="beyond this 6-layer LLM"):
+        vtc.apply(model, "fastv", budget=8, layer=9)
+    with pytest.raises(ValueError, match="more than the 36 visual tokens"):
+        vtc.apply(model, "dart", budget=100)
+    with pytest.raises(ValueError, match="SparseVLM defines schedules for budgets 192, 128, 96, 64"):
+        vtc.apply(model, "sparsevlm", budget=100)
+    with pytest.raises(ValueError, match="budget_mode must be one of"):
+        vtc.apply(model, "pdrop", budget=8, budget_mode="flops")
+    with pytest.raises(ValueError, match="must be an encoder-side compressor"):
+        vtc.apply(model, "fastv", budget=8, encoder=("dart", 16))
+    with pytest.raises(ValueError, match="stacks an encoder-side compressor under an LLM-side one"):
+        vtc.apply(model, "random", budget=8, encoder=("random", 16))
+    with pytest.raises(TypeError, match=r"encoder must be a \(compressor, budget\) pair"):
+        vtc.apply(model, "fastv", budget=8, encoder="random")
+    assert not vtc.is_applied(model)
+    qwen3, _ = tiny("qwen3_vl")
+    with pytest.raises(ValueError, match="comes before layer 2"):  # the tiny model's two deepstack levels
+        vtc.apply(qwen3, "fastv", budget=8, layer=1)
+
+
+def test_unsupported_generation_setups_fail_with_a_message():
+    model, processor = tiny("llava")
+    inputs = make_inputs(processor, "llava", QUESTIONS[:1], [1])
+    vtc.apply(model, "fastv", budget=8)
+    try:
+        with pytest.raises(ValueError, match="use_cache=True"):
+            model.generate(**inputs, max_new_tokens=2, use_cache=False)
+        with pytest.raises(ValueError, match="DynamicCache"):
+            model.generate(**inputs, max_new_tokens=2, cache_implementation="static")
+        with torch.no_grad():
+            cache = model(**inputs, use_cache=True).past_key_values
+            with pytest.raises(ValueError, match="already holds tokens"):
+                model(**inputs, past_key_values=cache)
+    finally:
+        vtc.remove(model)
