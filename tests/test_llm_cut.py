@@ -16,14 +16,15 @@ import pytest
 import torch
 
 import vtc
-from helpers import hook_census, make_inputs
+from helpers import hook_census, make_inputs, video_inputs
 from vtc.integrations.transformers.adapter import adapter_for
-from vtc.testing import FAMILIES, build_tiny
+from vtc.testing import FAMILIES, VIDEO_FAMILIES, build_tiny
 
 LLM = vtc.list_compressors("llm")
 LAYERS = 6
-#: budgets that drop tokens on the tiny models (36 tokens per LLaVA image; SparseVLM names its table's row)
-BUDGET = {"fastv": 8, "pdrop": 20, "sparsevlm": 128, "dart": 9}
+#: budgets that drop tokens on the tiny models (36 tokens per LLaVA image; PyramidDrop: 45 % of the tokens per layer
+#: on average, reachable at every image size; SparseVLM names its table's row)
+BUDGET = {"fastv": 8, "pdrop": 0.45, "sparsevlm": 128, "dart": 9}
 QUESTIONS = ["what is this?", "describe the picture in a few words please?"]
 
 
@@ -95,23 +96,47 @@ def dropped_something(records) -> bool:
     return any(int(s.kept.numel()) < r.num_tokens for r in records for s in r.stages)
 
 
-@pytest.mark.parametrize("name", LLM)
-@pytest.mark.parametrize("family", FAMILIES)
-def test_generate_equals_the_masked_keys_oracle_at_batch_two(family, name):
-    model, processor = tiny(family)
-    # row 0: two images, row 1: one -> different lengths after the drop: left re-padding, per-row masks
-    inputs = make_inputs(processor, family, QUESTIONS, [2, 1])
-    vtc.apply(model, name, budget=BUDGET[name])
+def check_against_oracle(model, inputs, compressor) -> list:
+    vtc.apply(model, compressor, budget=BUDGET[compressor])
     try:
         out = generate(model, inputs)
         records = vtc.last_llm_selection(model)
     finally:
         vtc.remove(model)
     assert dropped_something(records)
-    assert len(records) == 3 and [r.batch_index for r in records] == [0, 0, 1]
     with MaskedKeys(model, records):
         ref = generate(model, inputs)
     assert_same_generation(out, ref)
+    return records
+
+
+@pytest.mark.support("image")
+@pytest.mark.parametrize("compressor", LLM)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_generate_equals_the_masked_keys_oracle(family, compressor):
+    model, processor = tiny(family)
+    records = check_against_oracle(model, make_inputs(processor, family, QUESTIONS, [1, 1]), compressor)
+    assert [r.batch_index for r in records] == [0, 1]
+
+
+@pytest.mark.support("multi-image")
+@pytest.mark.parametrize("compressor", LLM)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_generate_equals_the_masked_keys_oracle_multi_image(family, compressor):
+    model, processor = tiny(family)
+    # row 0: two images, row 1: one -> different lengths after the drop: left re-padding, per-row masks
+    records = check_against_oracle(model, make_inputs(processor, family, QUESTIONS, [2, 1]), compressor)
+    assert [(r.batch_index, r.kind) for r in records] == [(0, "image"), (0, "image"), (1, "image")]
+
+
+@pytest.mark.support("video")
+@pytest.mark.parametrize("compressor", LLM)
+@pytest.mark.parametrize("family", VIDEO_FAMILIES)
+def test_generate_equals_the_masked_keys_oracle_video(family, compressor):
+    """An image and a video in each prompt: the image and the prompt's video are budgeted apart."""
+    model, processor = tiny(family)
+    records = check_against_oracle(model, video_inputs(processor, family, QUESTIONS, image=True), compressor)
+    assert [(r.batch_index, r.kind) for r in records] == [(0, "image"), (0, "video"), (1, "image"), (1, "video")]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -140,14 +165,15 @@ def test_fastv_scores_are_the_eager_attention_row(family):
         torch.testing.assert_close(record.stages[0].scores, row[record.positions], atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("name", ["fastv", "pdrop", "dart"])
+@pytest.mark.support("image")
+@pytest.mark.parametrize("compressor", ["fastv", "pdrop", "dart"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_keep_all_is_the_unwrapped_model(family, name):
+def test_keep_all_is_the_unwrapped_model(family, compressor):
     model, processor = tiny(family)
     inputs = make_inputs(processor, family, QUESTIONS, [1, 1])
     before = generate(model, inputs)
     census = hook_census(model)
-    vtc.apply(model, name, budget=1.0)
+    vtc.apply(model, compressor, budget=1.0)
     try:
         out = generate(model, inputs)
         assert hook_census(model) == census  # the call's hooks are gone with it
@@ -307,3 +333,78 @@ def test_unsupported_generation_setups_fail_with_a_message():
                 model(**inputs, past_key_values=cache)
     finally:
         vtc.remove(model)
+
+
+def test_generate_equals_a_hand_built_per_layer_run():
+    """FastV on LLaVA, batch 1, decoded by hand: layers < K on the whole prompt, layers >= K on the kept tokens
+    (original rotary positions), a cache whose later layers hold only the kept tokens, greedy steps by hand."""
+    from transformers import DynamicCache
+
+    model, processor = tiny("llava")
+    inputs = make_inputs(processor, "llava", QUESTIONS[:1], [1])
+    vtc.apply(model, "fastv", budget=8)
+    try:
+        out = generate(model, inputs)
+        (record,) = vtc.last_llm_selection(model)
+    finally:
+        vtc.remove(model)
+    lm = adapter_for(model).language_model()
+    captured = {}
+    handle = lm.register_forward_pre_hook(lambda m, a, kw: captured.update(embeds=kw["inputs_embeds"]),
+                                          with_kwargs=True)
+    with torch.no_grad():
+        model(**inputs)
+    handle.remove()
+    k = record.stages[0].layer
+    length = inputs["input_ids"].shape[1]
+    keep = torch.ones(length, dtype=torch.bool)
+    keep[record.positions] = False
+    keep[record.positions[record.kept]] = True
+    keep = keep.nonzero().squeeze(-1)
+
+    def causal(q, kv):
+        allowed = torch.arange(kv)[None, :] <= torch.arange(kv - q, kv)[:, None]
+        return torch.zeros(q, kv).masked_fill(~allowed, torch.finfo(torch.float32).min)[None, None]
+
+    cache, tokens = DynamicCache(config=lm.config), []
+    hidden, positions = captured["embeds"], torch.arange(length)[None]
+    with torch.no_grad():
+        for step in range(6):
+            cos, sin = lm.rotary_emb(hidden, positions)
+            for j, layer in enumerate(lm.layers):
+                if step == 0 and j == k:  # the drop: kept rows, their own rotary rows
+                    hidden, cos, sin = hidden[:, keep], cos[:, keep], sin[:, keep]
+                q = hidden.shape[1]
+                hidden = layer(hidden, attention_mask=causal(q, cache.get_seq_length(j) + q),
+                               position_embeddings=(cos, sin), past_key_values=cache, use_cache=True)
+            logits = model.lm_head(lm.norm(hidden[:, -1]))
+            tokens.append(int(logits.argmax(-1)))
+            hidden = lm.embed_tokens(torch.tensor([[tokens[-1]]]))
+            positions = torch.tensor([[length + step]])
+    assert [cache.get_seq_length(j) for j in (0, k)] == [length + 5, len(keep) + 5]
+    assert out.sequences[0, length:].tolist() == tokens
+
+
+def test_flops_count_each_llm_layer_at_its_own_length():
+    from vtc.flops import layered_flops, transformer_flops
+    from vtc.integrations.transformers.flops import llm_dims, llm_layer_lengths, request_flops
+
+    model, processor = tiny("llava")
+    inputs = make_inputs(processor, "llava", QUESTIONS, [1, 1])
+    vtc.apply(model, "fastv", budget=8)
+    try:
+        generate(model, inputs)
+        lengths = llm_layer_lengths(model)
+        received = [n for _, n in vtc.last_prompt_lengths(model)]
+        flops = request_flops(model, inputs, lengths)
+    finally:
+        vtc.remove(model)
+    # K = 2: two layers at the whole prompt, four with 36 - 8 = 28 visual tokens fewer
+    assert lengths == [[n, n] + [n - 28] * 4 for n in received]
+    dims = llm_dims(model)
+    for b, n in enumerate(received):
+        by_hand = (2 * transformer_flops(dims, n) + 4 * transformer_flops(dims, n - 28)) // dims.num_layers
+        assert flops[b].llm == layered_flops(dims, lengths[b]) == by_hand
+        assert flops[b].llm < request_flops(model, inputs, received)[b].llm
+    with pytest.raises(ValueError, match="one per layer"):
+        layered_flops(dims, [10, 10])

@@ -21,6 +21,7 @@ __all__ = [
     "VLMDims",
     "FlopsBreakdown",
     "transformer_flops",
+    "layered_flops",
     "prefill_flops",
     "decode_flops_per_token",
 ]
@@ -46,7 +47,9 @@ Prefill of a request with b images (V tower passes per image: AnyRes base view +
                    + SigLIP pooling head     only where the HF tower runs it: 1 probe query over N keys )
   projector  = b*M*sum_j 2*in_j*out_j      M = projected tokens per image, all of them: HF runs the
                                            projector before any pruning (Qwen: every merger, deepstack too)
-  llm        = LLM layers at L = C = T + K  T = text tokens, K = visual tokens kept (all images)
+  llm        = LLM layers at L = C = T + K  T = text tokens, K = visual tokens kept (all images); under an
+                                           LLM-side compressor (FastV, PyramidDrop, ...) layer j runs at
+                                           L_j = C_j = T + K_j, the visual tokens layer j holds
   lm_head    = 2*h*vocab                   one position: generate computes only the last logits at prefill
   prefill    = vision + projector + llm + lm_head
 Decode, per generated token: LLM layers at L = 1, C = context (cached keys + the new token) + 2*h*vocab.
@@ -238,6 +241,19 @@ def transformer_flops(dims: TransformerDims, new_tokens: int, context: int | Non
         "context", context, 0, "It is the number of keys each query attends to (cached tokens + new ones)."
     )
     return dims.num_layers * _layer_flops(dims, new_tokens, context)
+
+
+def layered_flops(dims: TransformerDims, lengths) -> int:
+    """Prefill FLOPs of an LLM whose layer ``j`` runs on ``lengths[j]`` tokens (each attending to all of them):
+    the per-layer lengths an LLM-side compressor leaves (``vtc.integrations.transformers.flops.llm_layer_lengths``).
+    Equals ``transformer_flops(dims, n)`` when every entry is ``n``."""
+    if not isinstance(dims, TransformerDims):
+        raise ValueError(f"dims must be a TransformerDims, got {type(dims).__name__}")
+    lengths = [_count(f"lengths[{j}]", n, 0) for j, n in enumerate(lengths)]
+    if len(lengths) != dims.num_layers:
+        raise ValueError(f"lengths has {len(lengths)} entries for an LLM of {dims.num_layers} layers; give one per "
+                         "layer")
+    return sum(_layer_flops(dims, n, n) for n in lengths)
 
 
 def _tower_pass_flops(vision: VisionDims) -> int:

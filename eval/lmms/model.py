@@ -291,10 +291,13 @@ class VtcModel(lmms):
 
     def _flops(self, inputs) -> list:
         """Per row: the analytic prefill FLOPs of the call just made, at the length the LLM received."""
-        from vtc.integrations.transformers.flops import request_flops
+        from vtc.integrations.transformers.flops import llm_layer_lengths, request_flops
 
-        lengths = vtc.last_prompt_lengths(self._model) if self.compressor != NONE else []
-        return request_flops(self._model, inputs, [kept for _, kept in lengths] or None)
+        if self.compressor == NONE:
+            return request_flops(self._model, inputs, None)
+        per_layer = llm_layer_lengths(self._model)  # LLM-side compressors: each layer at its own length
+        lengths = per_layer or [kept for _, kept in vtc.last_prompt_lengths(self._model)]
+        return request_flops(self._model, inputs, lengths or None)
 
     def _counts(self, input_ids: torch.Tensor, mask: torch.Tensor) -> list[tuple[int, int, int, int]]:
         """Per row: (prompt tokens in, out, visual in, visual out) of the call just made."""
@@ -302,6 +305,12 @@ class VtcModel(lmms):
         visual = torch.isin(input_ids, torch.tensor(self.placeholder_ids, device=input_ids.device)) & real
         rows = []
         lengths = vtc.last_prompt_lengths(self._model) if self.compressor != NONE else []
+        if self.compressor != NONE:
+            from vtc.integrations.transformers.flops import llm_layer_lengths
+
+            per_layer = llm_layer_lengths(self._model)  # LLM-side: what the last layer holds
+            if per_layer is not None:
+                lengths = [(n, layers[-1]) for (n, _), layers in zip(lengths, per_layer)]
         for b in range(input_ids.shape[0]):
             n, v = int(real[b].sum()), int(visual[b].sum())
             kept = lengths[b][1] if b < len(lengths) else n

@@ -20,7 +20,7 @@ import operator
 import torch
 from torch import nn
 
-from vtc.flops import FlopsBreakdown, TransformerDims, VLMDims, prefill_flops, transformer_flops
+from vtc.flops import FlopsBreakdown, TransformerDims, VLMDims, layered_flops, prefill_flops, transformer_flops
 
 from .adapter import adapter_for, describe_families, placeholder_rows
 
@@ -106,6 +106,27 @@ def _encode(passes: TowerPasses) -> tuple[int, int]:
     return passes.passes * one.vision, passes.passes * one.projector
 
 
+def llm_layer_lengths(model) -> list[list[int]] | None:
+    """Per prompt of the last wrapped call, the tokens each LLM layer held (padding excluded) under an LLM-side
+    compressor -- the received length minus, per image, the visual tokens dropped before that layer; ``None``
+    when the model's compressor acts between encoder and LLM (every layer holds the received length)."""
+    from . import get_state
+
+    state = get_state(model)
+    if state.llm is None:
+        return None
+    num_layers = len(state.adapter.language_model().layers)
+    out = []
+    for b, (_, received) in enumerate(state.prompt_lengths):
+        lengths = [received] * num_layers
+        for record in state.llm_records:
+            if record.batch_index == b:
+                for j in range(num_layers):
+                    lengths[j] -= record.num_tokens - record.tokens_at(j)
+        out.append(lengths)
+    return out
+
+
 def request_flops(model, inputs, llm_lengths: list[int] | None = None) -> list[FlopsBreakdown]:
     """Per batch row of ``inputs`` (a processor output for ``model``), the prefill FLOPs of that row's request.
 
@@ -115,7 +136,9 @@ def request_flops(model, inputs, llm_lengths: list[int] | None = None) -> list[F
     ``h*w`` patches per temporal step and Qwen2.5-VL's windows counted exactly, OneVision's one pass per frame).
 
     llm: the LLM at ``llm_lengths[b]`` tokens when given (the length the LLM really received; under vtc
-    ``vtc.last_prompt_lengths(model)[b][1]``), else the row's unpadded length (``attention_mask`` sum). lm_head:
+    ``vtc.last_prompt_lengths(model)[b][1]``) -- or, an entry being one length per LLM layer, each layer at its
+    own length (LLM-side compressors: ``llm_layer_lengths(model)``) -- else the row's unpadded length
+    (``attention_mask`` sum). lm_head:
     one position (as ``generate``'s prefill / ``logits_to_keep=1``). A batched forward runs the LLM on the padded
     length instead; its vision and projector are the sum over the rows.
     """
@@ -134,7 +157,9 @@ def request_flops(model, inputs, llm_lengths: list[int] | None = None) -> list[F
         if len(llm_lengths) != batch:
             raise ValueError(f"llm_lengths has {len(llm_lengths)} entries for a batch of {batch} rows; give one "
                              "per row, e.g. [n for _, n in vtc.last_prompt_lengths(model)]")
-        lengths = [positive_int(f"llm_lengths[{b}]", n) for b, n in enumerate(llm_lengths)]
+        lengths = [[positive_int(f"llm_lengths[{b}][{j}]", x) for j, x in enumerate(n)]
+                   if isinstance(n, (list, tuple)) else positive_int(f"llm_lengths[{b}]", n)
+                   for b, n in enumerate(llm_lengths)]
 
     vision, projector = [0] * batch, [0] * batch
     for what, token_id, visuals in (
@@ -148,7 +173,9 @@ def request_flops(model, inputs, llm_lengths: list[int] | None = None) -> list[F
             projector[b] += p
     llm, vocab = llm_dims(model), vocab_size(model)
     return [
-        FlopsBreakdown(vision=vision[b], projector=projector[b], llm=transformer_flops(llm, lengths[b]),
+        FlopsBreakdown(vision=vision[b], projector=projector[b],
+                       llm=layered_flops(llm, lengths[b]) if isinstance(lengths[b], list)
+                       else transformer_flops(llm, lengths[b]),
                        lm_head=2 * llm.hidden * vocab)
         for b in range(batch)
     ]
