@@ -63,7 +63,7 @@ def test_sparsevlm_table_rows_start_after_the_pruning_layer():
     # 1152 tokens: the budget names the row, whose counts scale by 2
     assert sparsevlm_schedule(1152, 32, 128) == (Stage(3, 606), Stage(7, 220), Stage(16, 72))
     with pytest.raises(ValueError, match="budgets 192, 128, 96, 64"):
-        sparsevlm_schedule(576, 32, 100)
+        sparsevlm_schedule(576, 32, 300)
 
 
 def test_top_scores_keeps_the_highest_in_order_ties_to_the_lower_index():

@@ -303,7 +303,7 @@ def test_bad_requests_fail_at_apply():
     with pytest.raises(ValueError, match="more than the 36 visual tokens"):
         vtc.apply(model, "dart", budget=100)
     with pytest.raises(ValueError, match="SparseVLM defines schedules for budgets 192, 128, 96, 64"):
-        vtc.apply(model, "sparsevlm", budget=100)
+        vtc.apply(model, "sparsevlm", budget=300)
     with pytest.raises(ValueError, match="budget_mode must be one of"):
         vtc.apply(model, "pdrop", budget=8, budget_mode="flops")
     with pytest.raises(ValueError, match="must be an encoder-side compressor"):
@@ -408,3 +408,25 @@ def test_flops_count_each_llm_layer_at_its_own_length():
         assert flops[b].llm < request_flops(model, inputs, received)[b].llm
     with pytest.raises(ValueError, match="one per layer"):
         layered_flops(dims, [10, 10])
+
+
+def test_dry_run_and_attention_implementation():
+    """``vtc.select`` cannot stand in for an LLM-side selection (it never runs the LLM): it says so; the model's
+    attention implementation is what the user chose, before and after a call."""
+    model, processor = tiny("qwen2_vl")
+    inputs = make_inputs(processor, "qwen2_vl", QUESTIONS[:1], [1])
+    before = (model.config._attn_implementation, model.config.text_config._attn_implementation)
+    vtc.apply(model, "fastv", budget=8)
+    try:
+        with pytest.raises(ValueError, match="drops tokens inside the LLM"):
+            vtc.select(model, **inputs)
+        generate(model, inputs)
+        assert (model.config._attn_implementation, model.config.text_config._attn_implementation) == before
+    finally:
+        vtc.remove(model)
+    vtc.apply(model, "fastv", budget=8, encoder=("pool", 16))  # stacked: the encoder stage has records
+    try:
+        records = vtc.select(model, **inputs)
+        assert [int(r.indices.numel()) for r in records.images] == [16]
+    finally:
+        vtc.remove(model)

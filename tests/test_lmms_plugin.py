@@ -268,3 +268,29 @@ def test_plugin_runs_on_the_device_it_is_given(default_model):
     model, processor = default_model
     lm = VtcModel(model=model, processor=processor, compressor="none", device="cpu", progress=False)
     assert lm.device == torch.device("cpu") and next(lm.model.parameters()).device.type == "cpu"
+
+
+def test_llm_side_compressor_generates_and_scores_through_the_plugin(default_model, task_manager):
+    """FastV through lmms-eval (generate_until and loglikelihood): the LLM-side records reach the stats (tokens
+    after the drop, FLOPs at each layer's own length); keep-all equals the uncompressed baseline."""
+    model, processor = default_model
+    tasks = ["vtc_shapes_image", "vtc_shapes_image_mc"]
+    lm = VtcModel(model=model, processor=processor, compressor="fastv", budget=20, max_new_tokens=3,
+                  progress=False)
+    try:
+        evaluate(lm, tasks, task_manager, limit=2)
+        stats = list(lm.sample_stats)
+    finally:
+        vtc.remove(model)
+    base_lm = VtcModel(model=model, processor=processor, compressor="none", max_new_tokens=3, progress=False)
+    base = evaluate(base_lm, tasks, task_manager, limit=2)
+    assert {s.request for s in stats} == {"generate_until", "loglikelihood"}
+    full_flops = {s.request: s.prefill_flops for s in base_lm.sample_stats}
+    for s in stats:
+        assert s.visual_tokens_out == 20 * s.images < s.visual_tokens_in
+        assert 0 < s.prefill_flops < full_flops[s.request]
+    same = evaluate(VtcModel(model=model, processor=processor, compressor="fastv", budget=1.0, max_new_tokens=3,
+                             progress=False), tasks, task_manager, limit=2)
+    vtc.remove(model)
+    for task in tasks:
+        assert responses(same, task) == responses(base, task)

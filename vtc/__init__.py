@@ -40,6 +40,13 @@ def apply(model, compressor="cls_attention", budget: Budget = 64, **options):
     (e.g. ``start_layer=16``) are passed as keywords. Applying to an already wrapped model replaces its configuration
     (it never stacks two wrappers). On LLaVA-NeXT / OneVision the budget counts an image's visual tokens over all
     its views; newline tokens are layout, kept with their rows (``vtc.layout``).
+
+    LLM-side compressors (``list_compressors("llm")``: ``fastv``, ``pdrop``, ``sparsevlm``, ``dart``) drop visual
+    tokens *inside* the LLM at the layers of their schedule, with the attention implementation the model has, at
+    any batch size; what ``budget`` means for each (tokens after the last drop, or visual tokens per LLM layer on
+    average) is its ``budget_mode`` (docs/methods/). ``encoder=(compressor, budget)`` runs an encoder-side
+    compressor first, e.g. ``vtc.apply(model, "fastv", budget=64, encoder=("visionzip", 192))``;
+    ``last_llm_selection`` records each drop.
     """
     from .integrations.transformers import apply as _apply
 

@@ -9,8 +9,10 @@ data it was trained on, so the expected answer is known and printed next to each
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
+from types import SimpleNamespace
 
 
 def _load(model_ref: str | None):
@@ -113,7 +115,7 @@ def cmd_run(args) -> int:
     budget = vtc.parse_budget(args.budget)
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be an integer >= 1, got {args.max_new_tokens}")
-    names = args.compressor or vtc.list_compressors("encoder")
+    names = args.compressor or vtc.list_compressors()
     options = _run_options(args.option, names)
     for name in names:
         try:
@@ -154,17 +156,32 @@ def cmd_run(args) -> int:
         answer, seconds = run_once(name)
         records = vtc.last_selection(model)
         kept = sum(r.num_kept for r in records)
+        if llm_records := vtc.last_llm_selection(model):  # LLM-side: tokens per LLM layer, comparable to the rest
+            kept = f"{sum(r.average_tokens for r in llm_records):.1f}*"
+            stages = ", ".join(f"layer {s.layer}: {int(s.kept.numel())}" for s in llm_records[0].stages)
+            print(f"{name}: drops inside the LLM, visual tokens from each drop on: {stages} "
+                  f"(of {llm_records[0].num_tokens}, {llm_records[0].num_layers} LLM layers)")
         rows.append((name, n_visual, kept, seconds, answer))
-        if args.show_grid:
+        if args.show_grid and records:
             print(f"{name}: kept {kept}/{n_visual} tokens ('#' kept, '.' pruned)")
             for record in records:
                 print(_grid_picture(record))
+        elif args.show_grid and llm_records:
+            for record in llm_records:
+                side = math.isqrt(record.num_tokens)
+                if side * side == record.num_tokens:  # a square grid: draw what the last layers see
+                    print(f"{name}: the last LLM layers see {int(record.kept.numel())}/{record.num_tokens} tokens")
+                    print(_grid_picture(SimpleNamespace(grid=(side, side), indices=record.kept,
+                                                        num_prefix_tokens=0)))
         vtc.remove(model)
     print()
     print(f"{'compressor':<20} {'tokens in':>9} {'tokens out':>10} {'generate s':>10}  answer")
     for name, n_in, n_out, secs, answer in rows:
         verdict = "" if expected is None else ("  (right)" if answer.split()[:1] == [expected] else "  (wrong)")
         print(f"{name:<20} {n_in:>9} {n_out:>10} {secs:>10.3f}  {answer!r}{verdict}")
+    if any(isinstance(n_out, str) for _, _, n_out, _, _ in rows):
+        print("* inside the LLM: visual tokens per LLM layer on average (the FLOPs-equivalent budget; each "
+              "method's drops are listed above)")
     return 0
 
 

@@ -129,7 +129,7 @@ class LLMCompressor(Compressor):
     * ``text_queries(visual_embeds, text_embeds) -> bool [T] | None`` -- which text tokens after the image are the
       query rows of ``QUERY_ATTENTION`` (input embeddings; SparseVLM's raters);
     * ``select_stage(tokens, k) -> LongTensor [k]`` -- which ``k`` of the ``n`` surviving tokens survive this stage
-      (ascending indices into the survivors).
+      (ascending indices into the survivors); ``stage_scores(tokens)`` -- what it ranked by, for the records.
     """
 
     acts_in_llm: ClassVar[bool] = True
@@ -144,8 +144,15 @@ class LLMCompressor(Compressor):
     def text_queries(self, visual_embeds: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor | None:
         return None
 
+    def check_budget(self, budget) -> None:
+        """Raise when ``budget`` can have no schedule whatever the model (checked before a model loads)."""
+
     def select_stage(self, tokens: LLMTokens, k: int) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def stage_scores(self, tokens: LLMTokens) -> torch.Tensor | None:
+        """What the stage ranks its ``n`` tokens by, ``[n]``, for the records (``None``: the rule has no score)."""
+        return None
 
     def select(self, tokens: VisualTokens, k: int) -> Selection:
         raise TypeError(f"compressor {self.name!r} drops tokens inside the LLM; it has no encoder-side selection "
@@ -155,8 +162,8 @@ class LLMCompressor(Compressor):
 @dataclass(frozen=True)
 class LLMStageRecord:
     """One drop: from layer ``layer`` on, the image keeps ``kept`` (ascending indices into its ``N`` visual tokens
-    as the LLM received them); ``scores`` ``[n]`` what the stage ranked its ``n`` incoming survivors by (``None``
-    for rules without a score, DART)."""
+    as the LLM received them); ``scores`` ``[n]`` what the stage ranked its ``n`` incoming survivors by
+    (``LLMCompressor.stage_scores``; ``None`` for rules without one score per token, DART)."""
 
     layer: int
     kept: torch.Tensor
@@ -302,20 +309,31 @@ SPARSEVLM_TABLE = {192: (300, 200, 110), 128: (303, 110, 36), 96: (238, 48, 26),
 SPARSEVLM_LAYERS = (2, 6, 15)
 
 
-def sparsevlm_schedule(num_visual: int, num_layers: int, budget: int, layers: Sequence[int] = SPARSEVLM_LAYERS
+def sparsevlm_schedule(num_visual: int, num_layers: int, budget: float, layers: Sequence[int] = SPARSEVLM_LAYERS
                        ) -> tuple[Stage, ...]:
-    """SparseVLM: the table row named by ``budget`` (192/128/96/64, the paper's equivalent budgets for 576 tokens).
-    For other token counts the row's counts scale by ``N / 576`` (a documented extension: the paper defines the
-    table for LLaVA-1.5 only), so the equivalent budget is ``budget * N / 576``. A pruning *layer* ``l`` runs in
-    full and prunes its output, so the stage starts at ``l + 1``."""
-    row = SPARSEVLM_TABLE.get(budget) if isinstance(budget, int) and not isinstance(budget, bool) else None
-    if row is None:
+    """SparseVLM: the table row named by ``budget`` (192/128/96/64, the paper's equivalent budgets for 576 tokens);
+    a budget between two rows takes their linear interpolation (an extension: the paper gives only these rows).
+    For other token counts the row's counts scale by ``N / 576`` (also an extension: the paper defines the table
+    for LLaVA-1.5 only). A pruning *layer* ``l`` runs in full and prunes its output, so the stage starts at
+    ``l + 1``."""
+    keys = sorted(SPARSEVLM_TABLE)
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not keys[0] <= budget <= keys[-1]:
         known = ", ".join(str(b) for b in SPARSEVLM_TABLE)
         raise ValueError(f"SparseVLM defines schedules for budgets {known} (its table's rows, in visual tokens per "
-                         f"layer for 576 tokens), not {budget!r}")
+                         f"layer for 576 tokens) and between them, not {budget!r}")
+    if budget in SPARSEVLM_TABLE:
+        row = SPARSEVLM_TABLE[int(budget)]
+    else:
+        high = next(k for k in keys if k > budget)
+        low = keys[keys.index(high) - 1]
+        t = (budget - low) / (high - low)
+        row = tuple((1 - t) * a + t * b for a, b in zip(SPARSEVLM_TABLE[low], SPARSEVLM_TABLE[high]))
     scale = num_visual / 576
-    stages = tuple(Stage(l + 1, min(num_visual, round(c * scale))) for l, c in zip(layers, row))
-    return validate_schedule(stages, num_visual, num_layers)
+    stages, previous = [], num_visual
+    for l, c in zip(layers, row):
+        previous = min(previous, round(c * scale))
+        stages.append(Stage(l + 1, previous))
+    return validate_schedule(tuple(stages), num_visual, num_layers)
 
 
 # -- selection rules ----------------------------------------------------------------------------------------

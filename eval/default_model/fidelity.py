@@ -117,6 +117,74 @@ def run_table(model, processor, names: list[str], ratios=RATIOS, modes=POSITION_
     return {"results": rows, "separated": separated, "positions_effect": positions_effect}
 
 
+#: the LLM-side cells: (compressor, its options, budget) -- FastV / DART keep 33 % / 11 % of the 196 tokens after
+#: their drop (K = 2, the papers'), PyramidDrop the same after its last drop, SparseVLM its table's 192 / 64 rows
+LLM_CELLS = (("fastv", {}, 65), ("fastv", {}, 22), ("dart", {}, 65), ("dart", {}, 22),
+             ("pdrop", {"budget_mode": "kept"}, 65), ("pdrop", {"budget_mode": "kept"}, 22),
+             ("sparsevlm", {}, 192), ("sparsevlm", {}, 64))
+#: encoder-side baselines run at each LLM-side cell's average visual tokens per layer (the FLOPs-equivalent budget),
+#: with positions="keep" as the LLM-side cut keeps them (on this model keep beats reindex: docs/default_model)
+LLM_BASELINES = ("random", "pool")
+
+
+def llm_table(model, processor, cells=LLM_CELLS, baselines=LLM_BASELINES, on_batch=None, **eval_kwargs) -> dict:
+    """Accuracy of each LLM-side cell next to the encoder-side baselines at the same average visual tokens per LLM
+    layer (the cell's schedule on this model's 196 tokens and LLM depth), with paired standard errors."""
+    from vtc.integrations.transformers.adapter import adapter_for
+
+    full = evaluate(model, processor, per_question=True, on_batch=on_batch, **eval_kwargs)
+    adapter = adapter_for(model)
+    tokens, layers = adapter.fixed_image_tokens(), len(adapter.language_model().layers)
+    rows = []
+    for name, options, budget in cells:
+        compressor = vtc.create_compressor(name, **options)
+        stages = compressor.schedule(tokens, layers, budget, adapter.llm_first_layer())
+        average = vtc.inllm.average_tokens(stages, tokens, layers)
+        vtc.apply(model, compressor, budget=budget)
+        try:
+            result = evaluate(model, processor, per_question=True, on_batch=on_batch, **eval_kwargs)
+        finally:
+            vtc.remove(model)
+        row = {"compressor": name, "options": options, "budget": budget, "average_tokens": average,
+               "schedule": [[s.layer, s.keep] for s in stages], "result": result, "baselines": {}}
+        for base in baselines:
+            vtc.apply(model, base, budget=max(1, round(average)), positions="keep")  # as the LLM-side cut
+            try:
+                other = evaluate(model, processor, per_question=True, on_batch=on_batch, **eval_kwargs)
+            finally:
+                vtc.remove(model)
+            diff, se = paired_difference(result["correct"]["image"], other["correct"]["image"])
+            row["baselines"][base] = {"image_accuracy": other["image_accuracy"], "image_stderr": other["image_stderr"],
+                                      "llm_minus_baseline_points": round(100 * diff, 1),
+                                      "stderr_points": round(100 * se, 2)}
+        diff, se = paired_difference(result["correct"]["image"], full["correct"]["image"])
+        row["minus_all_tokens_points"], row["minus_all_tokens_stderr"] = round(100 * diff, 1), round(100 * se, 2)
+        result.pop("correct")
+        rows.append(row)
+    full.pop("correct")
+    return {"all_tokens": full, "tokens_per_image": tokens, "llm_layers": layers, "rows": rows}
+
+
+def llm_markdown(table: dict) -> str:
+    full = table["all_tokens"]
+    lines = [f"all tokens: {full['image_accuracy']:.1%} (±{100 * full['image_stderr']:.1f}, n={full['image_questions']}); "
+             f"{table['tokens_per_image']} tokens per image, {table['llm_layers']} LLM layers; ± = standard error, "
+             "baseline differences are paired (same questions)", "",
+             "| compressor | budget | schedule (layer: kept) | tokens / layer | accuracy | random at same tokens / layer "
+             "| pool at same tokens / layer |", "|---|---|---|---|---|---|---|"]
+    for row in table["rows"]:
+        result = row["result"]
+        cells = []
+        for base in ("random", "pool"):
+            b = row["baselines"].get(base)
+            cells.append("–" if b is None else f"{b['image_accuracy']:.1%} ({b['llm_minus_baseline_points']:+.1f} "
+                                               f"± {b['stderr_points']:.1f})")
+        schedule = ", ".join(f"{layer}: {keep}" for layer, keep in row["schedule"])
+        lines.append(f"| {row['compressor']} | {row['budget']} | {schedule} | {row['average_tokens']:.1f} | "
+                     f"{result['image_accuracy']:.1%} ±{100 * result['image_stderr']:.1f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m vtc.eval.default_model.fidelity",
                                      description=__doc__.split("\n\n")[0])
@@ -128,7 +196,27 @@ def main(argv=None) -> int:
     parser.add_argument("--positions", action="append", choices=POSITION_MODES,
                         help="repeatable; default: both reindex and keep")
     parser.add_argument("--out", help="write the results as JSON here")
+    parser.add_argument("--llm", action="store_true",
+                        help="the LLM-side table instead: fastv / dart / pdrop / sparsevlm, each next to random and "
+                             "pool at the same visual tokens per LLM layer (images only)")
     args = parser.parse_args(argv)
+    if args.llm:
+        from tqdm import tqdm
+
+        model, processor = vtc.load_default(args.model)
+        per_run = args.images * args.questions
+        bar = tqdm(total=per_run * (1 + len(LLM_CELLS) * (1 + len(LLM_BASELINES))), desc="fidelity (LLM-side)",
+                   unit="q", mininterval=5)
+        start = time.perf_counter()
+        table = llm_table(model, processor, on_batch=bar.update, split="test", num_images=args.images,
+                          num_videos=0, questions_per_sample=args.questions)
+        bar.close()
+        table.update(model=args.model or "embedded default", seconds=round(time.perf_counter() - start),
+                     threads=torch.get_num_threads())
+        if args.out:
+            pathlib.Path(args.out).write_text(json.dumps(table, indent=2))
+        print(llm_markdown(table))
+        return 0
     names = args.compressor or vtc.list_compressors("encoder")
     for name in names:
         vtc.get_compressor_class(name)  # fail before loading the model on an unknown name

@@ -522,6 +522,9 @@ def dry_run(state: CutState, inputs: dict) -> SelectionRecords:
     last wrapped call. Keys other than the processor's outputs (e.g. ``max_new_tokens``) are ignored.
     """
     inputs = dict(inputs)
+    if state.llm is not None and not state.encoder_cut:
+        raise ValueError(f"{state.llm.name!r} drops tokens inside the LLM: its selection needs the LLM's own run; "
+                         "call generate / forward and read vtc.last_llm_selection(model)")
     if not _has_visual_inputs(inputs):
         return SelectionRecords(images=[], videos=[], prompt_lengths=_unshrunk_lengths(inputs))
     input_ids, attention_mask = _take_prompt(inputs)

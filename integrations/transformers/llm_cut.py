@@ -336,10 +336,8 @@ class LLMCut:
                     int(kept.min()) < 0 or int(kept.max()) >= n or bool((kept[1:] <= kept[:-1]).any()))):
                 raise ValueError(f"compressor {self.compressor.name!r} returned {kept.tolist()[:8]}... at layer {j}; "
                                  f"expected {stage.keep} sorted unique indices into {n} tokens")
-            scores = None
-            for signal in (LLMSignal(LLMSignalKind.LAST_ATTENTION, j - 1), LLMSignal(LLMSignalKind.LAST_ATTENTION, j)):
-                if signal in group.visual:
-                    scores = group.visual[signal].float().cpu()
+            scores = self.compressor.stage_scores(tokens)
+            scores = None if scores is None else scores.float().cpu()
             group.survivors = group.survivors[kept]
             group.records.append(LLMStageRecord(layer=j, kept=group.survivors.clone(), scores=scores))
             group.visual, group.text = {}, {}

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 from vtc.budget import parse_budget, validate_budget
 from vtc.compressor import Compressor, create_compressor, get_compressor_class
+from vtc.inllm import LLMCompressor
 from vtc.options import coerce_options, coerce_text
 
 from . import _INTEGRATION_OPTIONS as INTEGRATION_OPTIONS  # options vtc.apply takes itself; the rest: the compressor's
@@ -187,7 +188,14 @@ def check_request(compressor, budget, options: dict | None = None) -> Compressor
                         f"{options['positions']!r}")
     if options.get("allocation") is not None:
         create_allocation(options["allocation"])
-    return create_compressor(compressor, **_compressor_options(options))
+    built = create_compressor(compressor, **_compressor_options(options))
+    if isinstance(built, LLMCompressor):
+        built.check_budget(budget)
+        if options.get("encoder") is not None:
+            from . import _encoder_stage
+
+            _encoder_stage(options["encoder"])
+    return built
 
 
 __all__ = ["INTEGRATION_OPTIONS", "ModelNotFoundError", "ModelRef", "PROBE_TIMEOUT", "check_request",

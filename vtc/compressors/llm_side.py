@@ -91,9 +91,11 @@ class FastV(LLMCompressor):
     def llm_signals(self, stage, index):
         return (LLMSignal(LLMSignalKind.LAST_ATTENTION, stage.layer - 1),)
 
+    def stage_scores(self, tokens: LLMTokens) -> torch.Tensor:
+        return tokens.signal(LLMSignal(LLMSignalKind.LAST_ATTENTION, tokens.layer - 1))
+
     def select_stage(self, tokens: LLMTokens, k: int) -> torch.Tensor:
-        scores = tokens.signal(self.llm_signals(Stage(tokens.layer, k), 0)[0])
-        return top_scores(scores, k)
+        return top_scores(self.stage_scores(tokens), k)
 
 
 @register
@@ -162,8 +164,11 @@ class PDrop(LLMCompressor):
     def llm_signals(self, stage, index):
         return (LLMSignal(LLMSignalKind.LAST_ATTENTION, stage.layer),)
 
+    def stage_scores(self, tokens: LLMTokens) -> torch.Tensor:
+        return tokens.signal(LLMSignal(LLMSignalKind.LAST_ATTENTION, tokens.layer))
+
     def select_stage(self, tokens: LLMTokens, k: int) -> torch.Tensor:
-        return top_scores(tokens.signal(LLMSignal(LLMSignalKind.LAST_ATTENTION, tokens.layer)), k)
+        return top_scores(self.stage_scores(tokens), k)
 
 
 @register
@@ -178,8 +183,9 @@ class SparseVLM(LLMCompressor):
       layers: the three scoring layers (default ``None``: the paper's (2, 6, 15) on 32 layers, scaled to the depth)
 
     ``budget`` names a row of the paper's table: 192, 128, 96 or 64 (visual tokens per layer on average for 576
-    tokens); for other token counts the row's counts scale by ``N / 576`` (an extension: the paper defines the table
-    for LLaVA-1.5 only).
+    tokens), or a budget between them (the rows interpolated linearly); a ratio ``r`` names the row ``r * 576``
+    (0.25 -> 144). For other token counts the row's counts scale by ``N / 576``. Both are extensions: the paper
+    gives four rows, for LLaVA-1.5 only.
     """
 
     name: ClassVar[str] = "sparsevlm"
@@ -191,6 +197,9 @@ class SparseVLM(LLMCompressor):
             if len(self.layers) != 3 or any(isinstance(x, bool) or not isinstance(x, int) or x < 0
                                             for x in self.layers):
                 raise ValueError(f"layers must be three ints >= 0 (the scoring layers), got {self.layers!r}")
+
+    def check_budget(self, budget) -> None:
+        sparsevlm_schedule(576, 32, budget * 576 if isinstance(budget, float) else budget)
 
     def scoring_layers(self, num_layers: int, first_layer: int = 1) -> tuple[int, ...]:
         if self.layers is not None:
@@ -206,7 +215,8 @@ class SparseVLM(LLMCompressor):
         layers = self.scoring_layers(num_layers, first_layer)
         for layer in layers:
             _drop_layer(layer + 1, layer + 1, first_layer, num_layers, "sparsevlm")
-        return sparsevlm_schedule(num_visual, num_layers, budget, layers=layers)
+        row = budget * 576 if isinstance(budget, float) else budget  # a ratio names the row of that share of 576
+        return sparsevlm_schedule(num_visual, num_layers, row, layers=layers)
 
     def llm_signals(self, stage, index):
         return (LLMSignal(LLMSignalKind.QUERY_ATTENTION, stage.layer - 1),)
@@ -214,9 +224,11 @@ class SparseVLM(LLMCompressor):
     def text_queries(self, visual_embeds, text_embeds):
         return sparsevlm_raters(visual_embeds, text_embeds)
 
+    def stage_scores(self, tokens: LLMTokens) -> torch.Tensor:
+        return sparsevlm_scores(tokens.signal(LLMSignal(LLMSignalKind.QUERY_ATTENTION, tokens.layer - 1)))
+
     def select_stage(self, tokens: LLMTokens, k: int) -> torch.Tensor:
-        rows = tokens.signal(LLMSignal(LLMSignalKind.QUERY_ATTENTION, tokens.layer - 1))
-        return top_scores(sparsevlm_scores(rows), k)
+        return top_scores(self.stage_scores(tokens), k)
 
 
 @register
@@ -268,9 +280,12 @@ class DART(LLMCompressor):
         keys, hidden = LLMSignal(LLMSignalKind.KEYS, tokens.layer - 1), LLMSignal(LLMSignalKind.HIDDEN, tokens.layer)
         if k >= tokens.num_tokens:
             return torch.arange(tokens.num_tokens)
+        args = (tokens.signal(keys), tokens.text_signal(keys), tokens.signal(hidden), tokens.text_signal(hidden))
         if self.budget_mode == "official":  # k = pivots + 8 * (budget // 8): hand dart_select a budget with that quotient
-            budget, mode = k - min(self.image_pivots, k), "official"
-        else:
-            budget, mode = k, "exact"
-        return dart_select(tokens.signal(keys), tokens.text_signal(keys), tokens.signal(hidden),
-                           tokens.text_signal(hidden), budget, self.image_pivots, self.text_pivots, mode=mode)
+            kept = dart_select(*args, k - min(self.image_pivots, k), self.image_pivots, self.text_pivots,
+                               mode="official")
+            if kept.numel() == k:
+                return kept
+            # fewer text tokens after the image than text pivots: the official counts leave shares unassigned;
+            # the exact rule gives them to the last pivot, so the stage still keeps k
+        return dart_select(*args, k, self.image_pivots, self.text_pivots, mode="exact")
