@@ -430,3 +430,20 @@ def test_dry_run_and_attention_implementation():
         assert [int(r.indices.numel()) for r in records.images] == [16]
     finally:
         vtc.remove(model)
+
+
+def test_video_budget_and_encoder_only_options():
+    model, processor = tiny("qwen2_vl")
+    inputs = video_inputs(processor, "qwen2_vl", QUESTIONS[:1], image=True)
+    vtc.apply(model, "fastv", budget=4, video_budget=10)
+    try:
+        generate(model, inputs)
+        image, video = vtc.last_llm_selection(model)
+    finally:
+        vtc.remove(model)
+    assert (image.kind, int(image.kept.numel()), video.kind, int(video.kept.numel())) == ("image", 4, "video", 10)
+    for option in ({"images_as_video": True}, {"positions": "reindex"}):
+        with pytest.raises(ValueError, match="configures the cut between encoder and LLM"):
+            vtc.apply(model, "fastv", budget=4, **option)
+    vtc.apply(model, "fastv", budget=4, positions="keep")  # what the LLM-side cut does anyway
+    vtc.remove(model)

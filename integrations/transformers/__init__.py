@@ -86,6 +86,12 @@ def apply(model, compressor="cls_attention", budget: Budget = 64, **options):
         stacked = own.get("encoder")
         if stacked is None:
             encoder_cut = False
+            for key, fine in (("images_as_video", False), ("allocation", None), ("positions", None)):
+                if own.get(key, fine) not in (fine, None) and not (key == "positions" and own[key] == "keep"):
+                    raise ValueError(f"{key}={own[key]!r} configures the cut between encoder and LLM, which "
+                                     f"{compressor_obj.name!r} does not make (it drops tokens inside the LLM, keeping "
+                                     "their positions); stack an encoder-side compressor with encoder=(name, budget) "
+                                     "to use it")
         else:
             compressor_obj, budget = _encoder_stage(stacked)
     elif own.get("encoder") is not None:
@@ -103,6 +109,7 @@ def apply(model, compressor="cls_attention", budget: Budget = 64, **options):
         budget=budget,
         llm=llm,
         llm_budget=llm_budget,
+        llm_video_budget=video_budget if llm is not None else None,
         encoder_cut=encoder_cut,
         positions=positions,
         allocation=allocation,
@@ -198,7 +205,6 @@ def get_state(model) -> CutState:
     return state
 
 
-__all__ = ["FamilyAdapter", "TinyModel", "apply", "get_state", "is_applied", "last_llm_selection", "last_prompt_lengths",
-           "last_selection",
-           "last_video_selection", "position_modes", "register_adapter", "register_tiny", "remove", "select",
-           "supported_families", "unregister_adapter"]
+__all__ = ["FamilyAdapter", "TinyModel", "apply", "get_state", "is_applied", "last_llm_selection",
+           "last_prompt_lengths", "last_selection", "last_video_selection", "position_modes", "register_adapter",
+           "register_tiny", "remove", "select", "supported_families", "unregister_adapter"]

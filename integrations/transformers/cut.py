@@ -72,6 +72,7 @@ class CutState:
     #: ``encoder_cut`` False: nothing is cut between encoder and LLM (no encoder-side compressor stacked)
     llm: Any = None
     llm_budget: Budget | None = None
+    llm_video_budget: Budget | None = None  # videos' budget inside the LLM (None: llm_budget)
     llm_records: list = field(default_factory=list)
     encoder_cut: bool = True
     #: True while a wrapped call runs the original method: generate's inner forward calls pass straight through
@@ -671,7 +672,8 @@ def _call(state: CutState, original, inputs: dict, generating: bool):
                          "input_ids (not inputs_embeds)")
     adapter = state.adapter
     cut = LLMCut(state.llm, state.llm_budget, adapter.language_model(), input_ids, inputs.get("attention_mask"),
-                 adapter.image_token_id(), adapter.video_token_id(), first_layer=adapter.llm_first_layer())
+                 adapter.image_token_id(), adapter.video_token_id(), first_layer=adapter.llm_first_layer(),
+                 video_budget=state.llm_video_budget)
     state.busy = True
     try:
         with cut.installed():

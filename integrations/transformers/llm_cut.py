@@ -90,7 +90,7 @@ class LLMCut:
 
     def __init__(self, compressor: LLMCompressor, budget, language_model, input_ids: torch.Tensor,
                  attention_mask: torch.Tensor | None, image_token_id: int, video_token_id: int | None,
-                 first_layer: int = 1):
+                 first_layer: int = 1, video_budget=None):
         self.compressor, self.lm = compressor, language_model
         self.layers = list(language_model.layers)
         self.num_layers = len(self.layers)
@@ -106,8 +106,9 @@ class LLMCut:
         for b, row in enumerate(visual_groups(input_ids, image_token_id, video_token_id)):
             for kind, positions in row:
                 n = int(positions.numel())
-                resolved = budget if isinstance(budget, int) else resolve_budget(budget, n)
-                schedule = compressor.schedule(n, self.num_layers, budget, first_layer)
+                own = video_budget if kind == "video" and video_budget is not None else budget
+                resolved = own if isinstance(own, int) else resolve_budget(own, n)
+                schedule = compressor.schedule(n, self.num_layers, own, first_layer)
                 self.owner[b, positions] = len(self.groups)
                 self.groups.append(_Group(b, kind, positions.cpu(), resolved, schedule))
         self.drop_layers = sorted({s.layer for g in self.groups for s in g.schedule})
