@@ -442,8 +442,10 @@ def test_video_budget_and_encoder_only_options():
     finally:
         vtc.remove(model)
     assert (image.kind, int(image.kept.numel()), video.kind, int(video.kept.numel())) == ("image", 4, "video", 10)
-    for option in ({"images_as_video": True}, {"positions": "reindex"}):
-        with pytest.raises(ValueError, match="configures the cut between encoder and LLM"):
-            vtc.apply(model, "fastv", budget=4, **option)
-    vtc.apply(model, "fastv", budget=4, positions="keep")  # what the LLM-side cut does anyway
-    vtc.remove(model)
+    with pytest.raises(ValueError, match="configures the cut between encoder and LLM"):
+        vtc.apply(model, "fastv", budget=4, images_as_video=True)
+    llava, _ = tiny("llava")  # LLaVA offers reindex between encoder and LLM, not inside it
+    with pytest.raises(ValueError, match="configures the cut between encoder and LLM"):
+        vtc.apply(llava, "fastv", budget=4, positions="reindex")
+    vtc.apply(llava, "fastv", budget=4, positions="keep")  # what the LLM-side cut does anyway
+    vtc.remove(llava)

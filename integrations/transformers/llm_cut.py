@@ -132,6 +132,7 @@ class LLMCut:
         self.layer_types = list(layer_types) if layer_types else ["full_attention"] * self.num_layers
         self.prefilled = False
         self.phase = None
+        self.deferred = None  # (signals, layer, its input, index): captured at the next layer from the cache
         self.stage_kwargs: dict[int, dict] = {}  # drop layer -> what layers from there on receive
         self.stage_masks2d: dict[int, torch.Tensor] = {}
         self.changed = False
@@ -160,12 +161,20 @@ class LLMCut:
             if j == 0:
                 self._begin(hidden, kwargs)
             if self.phase == "prefill":
+                cache = kwargs.get("past_key_values")
+                if self.deferred is not None:  # the previous layer's keys are in the cache now
+                    wanted, layer, layer_input, index = self.deferred
+                    self.deferred = None
+                    self._capture(wanted, layer, layer_input, keys=cache.layers[index].keys)
                 if j in self.before:
                     self._capture(self.before[j], module, hidden)
                 if j in self.drop_layers:
                     hidden = self._drop(j, hidden, kwargs)
                 if j in self.after:
-                    self._capture(self.after[j], module, hidden)
+                    if self._keys_cached(j, cache):  # read the keys this layer caches instead of projecting again
+                        self.deferred = (self.after[j], module, hidden, j)
+                    else:
+                        self._capture(self.after[j], module, hidden)
             substitute = self._kwargs_for(j)
             if substitute:
                 kwargs.update(substitute)
@@ -246,7 +255,7 @@ class LLMCut:
 
     # ------------------------------------------------------------------------------------------------ signals
     def _row_cols(self, b: int, positions: torch.Tensor) -> torch.Tensor:
-        return self.pos_to_col[b, positions.to(self.pos_to_col.device)]
+        return self.pos_to_col[b, positions.to(self.pos_to_col.device)].cpu()
 
     def _text_after(self, group: _Group) -> torch.Tensor:
         """Prompt positions of the real non-visual tokens after the group's span."""
@@ -270,14 +279,26 @@ class LLMCut:
         real = self.m2d[b].nonzero()
         return int(real[-1]) if real.numel() else self.m2d.shape[1] - 1
 
-    def _capture(self, wanted: set[LLMSignal], layer, hidden: torch.Tensor) -> None:
+    def _keys_cached(self, j: int, cache) -> bool:
+        """Whether layer ``j``'s post-rotary keys of every current token will be in ``cache`` when layer ``j + 1``
+        starts: a DynamicCache on a full-attention layer (a sliding layer keeps only its window)."""
+        from transformers import DynamicCache
+
+        return (isinstance(cache, DynamicCache) and self.layer_types[j] == "full_attention"
+                and j + 1 < self.num_layers and len(getattr(cache, "layers", ())) > j)
+
+    def _capture(self, wanted: set[LLMSignal], layer, hidden: torch.Tensor, keys: torch.Tensor | None = None
+                 ) -> None:
+        """The ``wanted`` signals of ``layer`` from ``hidden``, the sequence entering it (current layout);
+        ``keys``: the layer's post-rotary keys ``[B, Hkv, L, D]`` when the cache holds them (else projected here)."""
         kinds = {s.kind for s in wanted}
         attn = layer.self_attn
         needs_qk = kinds & {LLMSignalKind.LAST_ATTENTION, LLMSignalKind.QUERY_ATTENTION, LLMSignalKind.KEYS}
         if needs_qk:
             normed = layer.input_layernorm(hidden)
-            keys = self._project(attn, attn.k_proj, getattr(attn, "k_norm", None), normed)  # [B, Hkv, L, D]
-            keys = apply_rotary(keys, self.cos, self.sin)
+            if keys is None:
+                keys = self._project(attn, attn.k_proj, getattr(attn, "k_norm", None), normed)  # [B, Hkv, L, D]
+                keys = apply_rotary(keys, self.cos.to(keys.device), self.sin.to(keys.device))  # device maps
         normed_out = self.lm.norm(hidden) if LLMSignalKind.HIDDEN in kinds else None
         last_rows = {}
         for group in self.groups:
@@ -315,10 +336,12 @@ class LLMCut:
 
     def _rows(self, attn, normed, keys, b: int, query_cols: torch.Tensor) -> torch.Tensor:
         """Head-mean attention rows ``[R, L]`` of row ``b``'s queries at ``query_cols``."""
-        query_cols = query_cols.to(normed.device)
+        device = normed.device
+        query_cols = query_cols.to(device)
         q = self._project(attn, attn.q_proj, getattr(attn, "q_norm", None), normed[b : b + 1, query_cols])
-        q = apply_rotary(q, self.cos[b : b + 1, query_cols], self.sin[b : b + 1, query_cols])
-        return attention_rows(q, keys[b : b + 1], query_cols[None], key_mask=self.m2d[b : b + 1],
+        cos, sin = self.cos.to(device), self.sin.to(device)
+        q = apply_rotary(q, cos[b : b + 1, query_cols], sin[b : b + 1, query_cols])
+        return attention_rows(q, keys[b : b + 1], query_cols[None], key_mask=self.m2d[b : b + 1].to(device),
                               scale=getattr(attn, "scaling", None))[0]
 
     # ------------------------------------------------------------------------------------------------ drop
