@@ -1,0 +1,209 @@
+"""VisPruner (arXiv 2412.01818 v2, ICCV'25): important tokens by attention, then diverse tokens by removing duplicates.
+
+``floor(k * r)`` important tokens are the top attention of one layer (CLS attention; received attention on towers
+without CLS). The other tokens, in descending-attention order, lose their near-duplicates in rounds of a bipartite
+split (even / odd positions): each round drops up to 8 even-position tokens whose best cosine match among the
+odd-position ones is highest, until ``k - floor(k * r)`` diverse tokens remain. Exactly ``k`` tokens, raster order.
+See docs/methods/vispruner.md (the round rule, defaults, deviations from the reference code).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..compressor import Compressor, VisualTokens, register
+from ..selection import Details, Selection
+from ..signals import Signal, SignalKind, TowerInfo
+
+#: ``--important_ratio`` default of the reference evaluation scripts (``model_vqa_loader.py``): half of the budget.
+DEFAULT_IMPORTANT_RATIO = 0.5
+#: Duplicates removed per round at most (hard-coded 8 in the reference code).
+DEFAULT_DROP_PER_ROUND = 8
+#: What the duplicate search compares: the visual tokens' features (the reference) or the layer's head-mean keys.
+SIMILARITIES = ("features", "keys")
+#: Largest remaining set ``R`` whose whole cosine matrix (``|R| x |R|`` fp32, 64 MiB here) is built once and then
+#: read by every round; above it each round recomputes its ``|A| x |B|`` block in row chunks of this many elements.
+GRAM_MAX_ELEMENTS = 1 << 24
+
+_ATTENTION_KINDS = (SignalKind.CLS_ATTENTION, SignalKind.RECEIVED_ATTENTION)
+
+
+@dataclass(frozen=True)
+class VisPrunerDetails(Details):
+    """What VisPruner decided for one image (view / frame): ``signals`` are the attention of its layer, plus that
+    layer's keys when ``similarity="keys"``.
+
+    Fields (indices into the image's ``N`` tokens, ascending; together exactly ``Selection.indices``):
+      important: ``LongTensor [P + floor((k - P) * r)]`` the prefix tokens (always kept; ``P`` = kept prefix tokens,
+        0 unless the host keeps a CLS token) and the top-attention patches (the top ``Selection.scores``).
+      diverse: ``LongTensor [k - len(important)]`` the tokens left after the duplicate-removal rounds.
+      similarity: what the duplicate search compared (``"features"`` or ``"keys"``).
+      rounds: duplicate-removal rounds run (0 when nothing had to be removed).
+    """
+
+    important: torch.Tensor
+    diverse: torch.Tensor
+    similarity: str
+    rounds: int
+
+
+def split_budget(k: int, important_ratio: float) -> tuple[int, int]:
+    """``(important, diverse)`` counts for ``k`` tokens: ``int(k * r)`` (the reference's floor) and the rest."""
+    k = int(k)
+    important = min(k, max(0, int(k * important_ratio)))
+    return important, k - important
+
+
+def remove_duplicates(unit: torch.Tensor, target: int, drop_per_round: int = DEFAULT_DROP_PER_ROUND,
+                      gram_max_elements: int | None = None) -> tuple[torch.Tensor, int]:
+    """VisPruner's duplicate removal on the rows of ``unit [R, d]`` (unit-norm, in the order of the list ``R``).
+
+    While more than ``target`` rows remain: ``r_s = min(drop_per_round, |R| - target)``; ``A = R[0::2]``,
+    ``B = R[1::2]``; ``m_a = max_b cos(a, b)``; the ``min(r_s, |A|)`` members of ``A`` with the largest ``m_a`` are
+    dropped (stable descending sort: equal ``m`` drops the earlier member of ``A`` first); the new list is
+    ``[kept A in descending-m order] ++ B``. Returns ``(positions into R of the survivors, in final list order;
+    rounds run)``. The number of rounds depends on the sizes only, so the loop never synchronises with a device.
+    """
+    size = int(unit.shape[0])
+    target = int(target)
+    if not 0 <= target <= size:
+        raise ValueError(f"cannot keep {target} of {size} tokens")
+    if drop_per_round < 1:
+        raise ValueError(f"drop_per_round must be >= 1, got {drop_per_round}")
+    limit = GRAM_MAX_ELEMENTS if gram_max_elements is None else int(gram_max_elements)
+    device = unit.device
+    positions = torch.arange(size, device=device)
+    if target == 0:  # nothing diverse is kept (the reference's loop does not run): no comparison needed
+        return positions[:0], 0
+    if target == size:
+        return positions, 0
+    gram = unit @ unit.T if size * size <= limit else None
+    rounds = 0
+    while positions.numel() > target:
+        remaining = positions.numel()
+        a, b = positions[0::2], positions[1::2]
+        drop = min(drop_per_round, remaining - target, a.numel())
+        if gram is not None:
+            best = gram[a][:, b].max(dim=1).values
+        else:
+            rows = max(1, limit // max(b.numel(), 1))
+            best = torch.cat([(unit[a[i:i + rows]] @ unit[b].T).max(dim=1).values
+                              for i in range(0, a.numel(), rows)])
+        order = torch.sort(best, descending=True, stable=True).indices
+        positions = torch.cat([a[order[drop:]], b])
+        rounds += 1
+    return positions, rounds
+
+
+@register
+@dataclass
+class VisPruner(Compressor):
+    """VisPruner: important tokens by attention + diverse tokens by duplicate removal (docs/methods/vispruner.md).
+
+    Options:
+      important_ratio: share ``r`` of the budget for important tokens, ``int(k * r)`` of them (floor, as the
+        reference); the rest are diverse. Default 0.5, the reference's ``--important_ratio`` default (192 -> 96 + 96,
+        128 -> 64 + 64, 64 -> 32 + 32); its README uses 0.75 for MME at 64 tokens. ``1.0`` is FasterVLM,
+        ``0.0`` keeps only diverse tokens.
+      layer: the vision layer whose attention ranks the tokens (negative = from the end); default the feature layer,
+        as the reference (layer -2 = 22 on CLIP-L/14-336; block 31 on Qwen2.5-VL, as the LightCompress port).
+      similarity: what the duplicate search compares: ``"features"`` (default, the reference: cosine of the visual
+        tokens' features) or ``"keys"`` (cosine of the same layer's head-mean keys, a pre-projector alternative).
+      drop_per_round: duplicates removed per round at most; default 8, the reference's hard-coded value.
+
+    Records: ``Selection.scores`` ``[N]`` the attention the important tokens are ranked by (the diverse ones too,
+    for the initial order of the duplicate search), ``details`` a ``VisPrunerDetails`` (important and diverse tokens).
+    """
+
+    name = "vispruner"
+    important_ratio: float = DEFAULT_IMPORTANT_RATIO
+    layer: int | None = None
+    similarity: str = "features"
+    drop_per_round: int = DEFAULT_DROP_PER_ROUND
+
+    def __post_init__(self):
+        ratio = self.important_ratio
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not math.isfinite(ratio) \
+                or not 0.0 <= ratio <= 1.0:
+            raise ValueError(f"vispruner important_ratio must be a number in [0, 1], got {ratio!r}")
+        if self.layer is not None and (isinstance(self.layer, bool) or not isinstance(self.layer, int)):
+            raise TypeError(f"vispruner layer must be an int or None, got {self.layer!r}")
+        if self.similarity not in SIMILARITIES:
+            raise ValueError(f"vispruner similarity must be one of {SIMILARITIES}, got {self.similarity!r}")
+        if isinstance(self.drop_per_round, bool) or not isinstance(self.drop_per_round, int) \
+                or self.drop_per_round < 1:
+            raise ValueError(f"vispruner drop_per_round must be an int >= 1, got {self.drop_per_round!r}")
+
+    # ------------------------------------------------------------------------------------------ signals
+    def signals(self, tower: TowerInfo) -> tuple[Signal, ...]:
+        layer = tower.layer_index(tower.feature_layer if self.layer is None else self.layer)
+        attention = tower.attention_signal(layer)
+        if self.similarity == "keys":
+            return (attention, Signal(SignalKind.KEYS, layer))
+        return (attention,)
+
+    def _find(self, tokens: VisualTokens, kinds: tuple[SignalKind, ...], what: str) -> Signal:
+        """The captured signal of one of ``kinds`` (select() is not told the tower, so match by kind)."""
+        found = [s for s in tokens.signals if s.kind in kinds]
+        if self.layer is not None and self.layer >= 0:
+            found = [s for s in found if s.layer == self.layer]
+        if len(found) == 1:
+            return found[0]
+        have = ", ".join(map(str, tokens.signals)) or "none"
+        if not found:
+            raise KeyError(f"vispruner needs the {what} signal, which was not captured (captured: {have})")
+        raise ValueError(f"vispruner found several {what} signals ({have}); set the `layer` option to pick one")
+
+    def split(self, k: int, num_tokens: int, num_prefix_tokens: int = 0) -> tuple[int, int]:
+        """``(important, diverse)`` for a budget of ``k`` out of ``num_tokens``; they sum to ``min(k, N)``.
+
+        Kept prefix tokens count as important and take their share off the budget first: the patches get
+        ``k' = k - P`` tokens, ``int(k' * r)`` important and the rest diverse.
+        """
+        k = min(int(k), int(num_tokens))
+        prefix = min(int(num_prefix_tokens), k)
+        important, diverse = split_budget(k - prefix, self.important_ratio)
+        return prefix + important, diverse
+
+    # ------------------------------------------------------------------------------------------ selection
+    def select(self, tokens: VisualTokens, k: int) -> Selection:
+        device = tokens.features.device
+        n = tokens.num_tokens
+        attention = self._find(tokens, _ATTENTION_KINDS, "attention (cls_attention or received_attention)")
+        score = tokens.signal(attention).to(device).reshape(-1)
+        k = min(int(k), n)
+        prefix = min(tokens.num_prefix_tokens, k)
+        important_count, diverse_count = self.split(k, n, tokens.num_prefix_tokens)
+        signals: tuple[Signal, ...] = (attention,)
+
+        # important: prefix tokens, then the top patches by attention (stable: ties to the lower index)
+        ranked = torch.sort(score[tokens.num_prefix_tokens:], descending=True, stable=True).indices
+        ranked = ranked + tokens.num_prefix_tokens
+        top = important_count - prefix
+        important = torch.cat([torch.arange(prefix, device=device), ranked[:top]])
+        rest = ranked[top:]  # R, still in descending-attention order
+
+        rounds = 0
+        if diverse_count == 0 or rest.numel() == diverse_count:  # nothing to compare: no similarity is read
+            diverse = rest[:diverse_count]
+        else:
+            if self.similarity == "keys":
+                key_signal = self._find(tokens, (SignalKind.KEYS,), "keys")
+                signals = (attention, key_signal)
+                vectors = tokens.signal(key_signal).to(device)
+            else:
+                vectors = tokens.features
+            unit = F.normalize(vectors[rest].float(), dim=-1)
+            survivors, rounds = remove_duplicates(unit, diverse_count, self.drop_per_round)
+            diverse = rest[survivors]
+
+        important = torch.sort(important).values
+        diverse = torch.sort(diverse).values
+        indices = torch.sort(torch.cat([important, diverse])).values
+        details = VisPrunerDetails(signals=signals, important=important, diverse=diverse,
+                                   similarity=self.similarity, rounds=rounds)
+        return Selection(indices=indices, scores=score, details=details)
