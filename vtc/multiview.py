@@ -108,6 +108,8 @@ def select_views(compressor: Compressor, allocation: Allocation, image: MultiVie
     kept, merged_index, merged_features, view_selections = [], [], [], []
     scores = torch.full((layout.num_tokens,), float("nan"), dtype=torch.float32, device=device)
     groups: dict[int, torch.Tensor] = {}
+    weights: dict[int, torch.Tensor] = {}
+    weights_stated = True  # every merging view stated its merge coefficients (so the packed selection can too)
     selected_by = []
     for view, k_view in enumerate(budgets):
         if k_view == 0:
@@ -134,6 +136,11 @@ def select_views(compressor: Compressor, allocation: Allocation, image: MultiVie
         if selection.groups is not None:
             for group, index in zip(selection.groups, chosen.tolist()):
                 groups[index] = packed[group.to(device)]
+        if selection.weights is not None:
+            for w, index in zip(selection.weights, chosen.tolist()):
+                weights[index] = w
+        elif selection.features is not None:
+            weights_stated = False
     tokens_kept = torch.cat(kept) if kept else torch.empty(0, dtype=torch.long, device=device)
     newlines = layout.kept_newlines(tokens_kept.cpu()).to(device)
     indices = torch.sort(torch.cat([tokens_kept, newlines])).values
@@ -147,7 +154,10 @@ def select_views(compressor: Compressor, allocation: Allocation, image: MultiVie
         group_list = tuple(groups.get(index, torch.tensor([index], device=device)) for index in indices.tolist())
     views = tuple(None if sel is None else sel.details for sel in view_selections)
     signals = tuple(dict.fromkeys(s for d in views if d is not None for s in d.signals))
-    selection = Selection(indices=indices, features=features, groups=group_list,
+    weight_list = None
+    if weights and weights_stated:  # a kept (unmerged) token is its own group with coefficient 1
+        weight_list = tuple(weights.get(index, torch.ones(1, device=device)) for index in indices.tolist())
+    selection = Selection(indices=indices, features=features, groups=group_list, weights=weight_list,
                           scores=None if bool(scores.isnan().all()) else scores,
                           details=MultiViewDetails(signals=signals, views=views, selected_by=tuple(selected_by)))
     selection.validate(layout.num_tokens, expected=k + int(newlines.numel()), who="select_views")

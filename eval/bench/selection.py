@@ -12,7 +12,8 @@ What: in one run,
   selection ``vtc.run_compressor(compressor, tokens, budget)`` for every compressor in ``vtc.list_compressors("encoder")``
             at each size, on random fp32 features ``[N, 4096]`` (fixed seed) with random signals for exactly
             what the compressor declares on a CLIP-L ``TowerInfo`` (attention: softmax of a random ``[N]``
-            vector; keys: random ``[N, 64]``). Selection only: capturing the signals is
+            vector; keys: random ``[N, 64]``; query-aware compressors: 32 random text embeddings). Selection only:
+            capturing the signals is
             ``vtc.eval.bench.capture``'s job.
 
 Everything runs under ``torch.inference_mode()``. After one warm-up round, each round times the tower and every
@@ -65,6 +66,10 @@ def parse_size(text: str) -> tuple[int, int]:
     return rows, cols
 
 
+#: text tokens of the query handed to query-aware compressors (CDPruner): a short instruction
+QUERY_TOKENS = 32
+
+
 def make_tokens(compressor, tower_info, grid: tuple[int, int], features: torch.Tensor, seed: int, device: str):
     """VisualTokens with random signals for exactly what ``compressor`` declares (same signal -> same tensor)."""
     import vtc
@@ -79,7 +84,11 @@ def make_tokens(compressor, tower_info, grid: tuple[int, int], features: torch.T
         else:  # CLS / received attention: a distribution over the N tokens
             value = torch.softmax(torch.randn(n, generator=generator), dim=0)
         signals[signal] = value.to(device)
-    return vtc.VisualTokens(features=features, grid=grid, signals=signals)
+    query = None
+    if compressor.uses_query:  # a prompt of QUERY_TOKENS random text embeddings in the features' space
+        generator = torch.Generator().manual_seed(zlib.crc32(f"{seed}/{n}/query".encode()))
+        query = torch.randn(QUERY_TOKENS, features.shape[-1], generator=generator).to(device)
+    return vtc.VisualTokens(features=features, grid=grid, signals=signals, query=query)
 
 
 def main(argv=None) -> int:
