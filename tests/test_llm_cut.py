@@ -449,3 +449,28 @@ def test_video_budget_and_encoder_only_options():
         vtc.apply(llava, "fastv", budget=4, positions="reindex")
     vtc.apply(llava, "fastv", budget=4, positions="keep")  # what the LLM-side cut does anyway
     vtc.remove(llava)
+
+
+@pytest.mark.parametrize("family", ["llava", "llava_next"])
+def test_touching_images_are_two_images(family):
+    """Two images whose placeholders touch (no text between them: LLaVA's raw "<image><image>") get a budget each,
+    not one shared budget: images are told apart by their token counts, not by runs of placeholders. (Qwen wraps
+    every image in vision start / end tokens, so its images never touch.)"""
+    from vtc.testing import random_image
+
+    model, processor = tiny(family)
+    text = "<image><image> what is this?"
+    images = [random_image(48, 48, seed=0), random_image(48, 48, seed=1)]
+    inputs = processor(images=[images], text=[text], return_tensors="pt")
+    ids = inputs["input_ids"][0]
+    image_id = model.config.image_token_id
+    positions = (ids == image_id).nonzero().squeeze(-1)
+    assert bool((positions[1:] - positions[:-1] == 1).all())  # one run of placeholders
+    vtc.apply(model, "fastv", budget=4)
+    try:
+        generate(model, inputs)
+        records = vtc.last_llm_selection(model)
+    finally:
+        vtc.remove(model)
+    assert len(records) == 2 and [int(r.kept.numel()) for r in records] == [4, 4]
+    assert records[0].num_tokens + records[1].num_tokens == positions.numel()

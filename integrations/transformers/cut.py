@@ -654,7 +654,20 @@ def _unshrunk_lengths(inputs: dict) -> list[tuple[int, int]]:
 STATE_ATTR = "_vtc_state"
 
 
-def _call(state: CutState, original, inputs: dict, generating: bool):
+def _image_counts(state: CutState, inputs: dict) -> list[int] | None:
+    """Placeholders of each image the LLM receives, row-major: what the encoder stage kept, or the adapter's count
+    of the call's images (``None`` when it has none: images are then told apart by runs of placeholders)."""
+    if state.encoder_cut:
+        return [int(r.indices.numel()) for r in state.records] if state.records else None
+    if inputs.get("pixel_values") is None:
+        return None
+    try:
+        return list(state.adapter.image_token_counts(inputs))
+    except NotImplementedError:
+        return None
+
+
+def _call(state: CutState, original, inputs: dict, generating: bool, counts: list[int] | None = None):
     """``original(**inputs)``, with the LLM-side cut around it when a compressor acts inside the LLM."""
     if state.llm is None:
         return original(**inputs)
@@ -673,7 +686,7 @@ def _call(state: CutState, original, inputs: dict, generating: bool):
     adapter = state.adapter
     cut = LLMCut(state.llm, state.llm_budget, adapter.language_model(), input_ids, inputs.get("attention_mask"),
                  adapter.image_token_id(), adapter.video_token_id(), first_layer=adapter.llm_first_layer(),
-                 video_budget=state.llm_video_budget)
+                 video_budget=state.llm_video_budget, image_counts=counts)
     state.busy = True
     try:
         with cut.installed():
@@ -693,9 +706,9 @@ def run_generate(state: CutState, original, args: tuple, kwargs: dict):
         if not _has_visual_inputs(inputs):
             state.llm_records = []
             return original(**inputs)
-        return _call(state, original, inputs, generating=True)
+        return _call(state, original, inputs, generating=True, counts=_image_counts(state, inputs))
     shrunk = shrink(state, inputs, with_labels=False)
-    output = _call(state, original, shrunk.kwargs, generating=True)
+    output = _call(state, original, shrunk.kwargs, generating=True, counts=_image_counts(state, inputs))
     sequences = output if isinstance(output, torch.Tensor) else output.sequences
     # callers slice the answer off at len(prompt): give them back their own prompt ids
     prompt = shrunk.original_input_ids.to(sequences.device)
@@ -719,8 +732,9 @@ def run_forward(state: CutState, original, args: tuple, kwargs: dict):
     if not state.encoder_cut:
         state.records, state.video_records = [], []
         state.prompt_lengths = _unshrunk_lengths(inputs)
-        return _call(state, original, inputs, generating=False)
-    return _call(state, original, shrink(state, inputs, with_labels=True).kwargs, generating=False)
+        return _call(state, original, inputs, generating=False, counts=_image_counts(state, inputs))
+    shrunk = shrink(state, inputs, with_labels=True)
+    return _call(state, original, shrunk.kwargs, generating=False, counts=_image_counts(state, inputs))
 
 
 _RUNNERS = {"generate": run_generate, "forward": run_forward}

@@ -63,15 +63,30 @@ class _Group:
         return None
 
 
-def visual_groups(input_ids: torch.Tensor, image_token_id: int, video_token_id: int | None) -> list[list[tuple]]:
-    """Per row: ``(kind, positions)`` of each image (a run of consecutive image placeholders) and of the row's
-    videos (all video placeholders of the row: its videos share one budget, Qwen3-VL's per-frame runs included)."""
+def visual_groups(input_ids: torch.Tensor, image_token_id: int, video_token_id: int | None,
+                  image_counts: list[int] | None = None) -> list[list[tuple]]:
+    """Per row: ``(kind, positions)`` of each image and of the row's videos (all video placeholders of the row: its
+    videos share one budget, Qwen3-VL's per-frame runs included).
+
+    ``image_counts``: the placeholders of each image of the call, row-major (the adapter's count, or what the encoder
+    stage kept), so two images whose placeholders touch are still two images; without it, each run of consecutive
+    placeholders is one image."""
     rows = []
+    counts = list(image_counts) if image_counts is not None else None
+    if counts is not None and sum(counts) != int((input_ids == image_token_id).sum()):
+        counts = None  # the counts do not describe this prompt: fall back to runs
     for b in range(input_ids.shape[0]):
         ids = input_ids[b]
         groups = []
         image = (ids == image_token_id).nonzero().squeeze(-1)
-        if image.numel():
+        if image.numel() and counts is not None:
+            sizes, total = [], 0
+            while total < image.numel():
+                sizes.append(counts.pop(0))
+                total += sizes[-1]
+            for run in torch.split(image, sizes):
+                groups.append(("image", run))
+        elif image.numel():
             breaks = (image[1:] - image[:-1] != 1).nonzero().squeeze(-1) + 1
             for run in torch.tensor_split(image, breaks.tolist()):
                 groups.append(("image", run))
@@ -90,7 +105,7 @@ class LLMCut:
 
     def __init__(self, compressor: LLMCompressor, budget, language_model, input_ids: torch.Tensor,
                  attention_mask: torch.Tensor | None, image_token_id: int, video_token_id: int | None,
-                 first_layer: int = 1, video_budget=None):
+                 first_layer: int = 1, video_budget=None, image_counts: list[int] | None = None):
         self.compressor, self.lm = compressor, language_model
         self.layers = list(language_model.layers)
         self.num_layers = len(self.layers)
@@ -103,7 +118,7 @@ class LLMCut:
         self.mask0 = attention_mask.bool()
         self.groups: list[_Group] = []
         self.owner = torch.full(input_ids.shape, -1, dtype=torch.long, device=device)  # group id per position
-        for b, row in enumerate(visual_groups(input_ids, image_token_id, video_token_id)):
+        for b, row in enumerate(visual_groups(input_ids, image_token_id, video_token_id, image_counts)):
             for kind, positions in row:
                 n = int(positions.numel())
                 own = video_budget if kind == "video" and video_budget is not None else budget
