@@ -153,6 +153,21 @@ def run_compressor(compressor: Compressor, tokens: VisualTokens, budget: Budget)
     return selection.validate(tokens.num_tokens, expected=k, who=f"compressor {compressor.name!r}")
 
 
+def find_signal(tokens: VisualTokens, kinds, layer: int | None, who: str, what: str) -> Signal:
+    """The one captured signal of ``kinds`` in ``tokens`` -- ``select`` is not told the tower, so it matches by kind;
+    a non-negative ``layer`` option narrows the match to that layer. ``who`` / ``what`` name the compressor and the
+    signal in the errors (none captured: ``KeyError``; several: ``ValueError`` asking for ``layer``)."""
+    found = [s for s in tokens.signals if s.kind in kinds]
+    if layer is not None and layer >= 0:
+        found = [s for s in found if s.layer == layer]
+    if len(found) == 1:
+        return found[0]
+    have = ", ".join(map(str, tokens.signals)) or "none"
+    if not found:
+        raise KeyError(f"{who} needs the {what} signal, which was not captured (captured: {have})")
+    raise ValueError(f"{who} found several {what} signals ({have}); set the `layer` option to pick one")
+
+
 def top_k_sorted(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Indices of the ``k`` largest scores, returned in ascending token order.
 

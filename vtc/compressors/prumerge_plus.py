@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..compressor import Compressor, VisualTokens, register, top_k_sorted
+from ..compressor import Compressor, VisualTokens, find_signal, register, top_k_sorted
 from ..selection import Details, Selection
 from ..signals import Signal, SignalKind, TowerInfo
 
@@ -134,15 +134,7 @@ class PruMergePlus(Compressor):
 
     def _find(self, tokens: VisualTokens, kinds: tuple[SignalKind, ...], what: str) -> Signal:
         """The captured signal of one of ``kinds`` (``select`` is not told the tower, so match by kind)."""
-        found = [s for s in tokens.signals if s.kind in kinds]
-        if self.layer is not None and self.layer >= 0:
-            found = [s for s in found if s.layer == self.layer]
-        if len(found) == 1:
-            return found[0]
-        have = ", ".join(map(str, tokens.signals)) or "none"
-        if not found:
-            raise KeyError(f"prumerge_plus needs the {what} signal, which was not captured (captured: {have})")
-        raise ValueError(f"prumerge_plus found several {what} signals ({have}); set the `layer` option to pick one")
+        return find_signal(tokens, kinds, self.layer, "prumerge_plus", what)
 
     # ------------------------------------------------------------------------------------------ selection
     def choose(self, attention: torch.Tensor, k: int) -> tuple[torch.Tensor, dict]:

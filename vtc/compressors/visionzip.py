@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..compressor import Compressor, VisualTokens, register, top_k_sorted
+from ..compressor import Compressor, VisualTokens, find_signal, register, top_k_sorted
 from ..selection import Details, Selection
 from ..signals import Signal, SignalKind, TowerInfo
 
@@ -92,15 +92,7 @@ class VisionZip(Compressor):
 
     def _find(self, tokens: VisualTokens, kinds: tuple[SignalKind, ...], what: str) -> Signal:
         """The captured signal of one of ``kinds`` (select() is not told the tower, so match by kind)."""
-        found = [s for s in tokens.signals if s.kind in kinds]
-        if self.layer is not None and self.layer >= 0:
-            found = [s for s in found if s.layer == self.layer]
-        if len(found) == 1:
-            return found[0]
-        have = ", ".join(map(str, tokens.signals)) or "none"
-        if not found:
-            raise KeyError(f"visionzip needs the {what} signal, which was not captured (captured: {have})")
-        raise ValueError(f"visionzip found several {what} signals ({have}); set the `layer` option to pick one")
+        return find_signal(tokens, kinds, self.layer, "visionzip", what)
 
     # ------------------------------------------------------------------------------------------ budget split
     def split(self, k: int, num_tokens: int, num_prefix_tokens: int = 0) -> tuple[int, int]:

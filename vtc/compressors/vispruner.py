@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..compressor import Compressor, VisualTokens, register
+from ..compressor import Compressor, VisualTokens, find_signal, register
 from ..selection import Details, Selection
 from ..signals import Signal, SignalKind, TowerInfo
 
@@ -149,15 +149,7 @@ class VisPruner(Compressor):
 
     def _find(self, tokens: VisualTokens, kinds: tuple[SignalKind, ...], what: str) -> Signal:
         """The captured signal of one of ``kinds`` (select() is not told the tower, so match by kind)."""
-        found = [s for s in tokens.signals if s.kind in kinds]
-        if self.layer is not None and self.layer >= 0:
-            found = [s for s in found if s.layer == self.layer]
-        if len(found) == 1:
-            return found[0]
-        have = ", ".join(map(str, tokens.signals)) or "none"
-        if not found:
-            raise KeyError(f"vispruner needs the {what} signal, which was not captured (captured: {have})")
-        raise ValueError(f"vispruner found several {what} signals ({have}); set the `layer` option to pick one")
+        return find_signal(tokens, kinds, self.layer, "vispruner", what)
 
     def split(self, k: int, num_tokens: int, num_prefix_tokens: int = 0) -> tuple[int, int]:
         """``(important, diverse)`` for a budget of ``k`` out of ``num_tokens``; they sum to ``min(k, N)``.
