@@ -227,3 +227,16 @@ def video_reference(model, inputs, keep: torch.Tensor, family: str):
     if deepstack:
         return type(full)(pooler_output=tuple(kept), deepstack_features=[tuple(level) for level in kept_levels])
     return type(full)(pooler_output=tuple(kept))
+
+
+def skip_if_resized(model, compressor: str) -> None:
+    """Skip an exact-budget / original-positions oracle for a compressor that resizes the pictures before the
+    encoder on this family (``downsample`` on the Qwen families): the LLM then receives the prompt of a smaller
+    picture, with that prompt's own positions and ``h * w <= k`` tokens. Its oracle -- the processor's prompt for
+    the smaller picture -- is in tests/test_downsample.py."""
+    import pytest
+
+    from vtc import create_compressor
+
+    if create_compressor(compressor).input_grid((2, 2), 1) is not None and adapter_for(model).can_resize_inputs:
+        pytest.skip(f"{compressor} resizes before the encoder here; its oracle is in tests/test_downsample.py")

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import vtc
-from helpers import QUESTIONS, greedy, hand_built, hook_census, image_token_id, make_inputs, prompt_ids
+from helpers import QUESTIONS, greedy, hand_built, hook_census, image_token_id, make_inputs, prompt_ids, skip_if_resized
 from vtc.integrations.transformers.adapter import adapter_for
 from vtc.integrations.transformers.cut import declared_signals
 from vtc.testing import LLAVA_FAMILIES, QWEN_FAMILIES
@@ -32,6 +32,7 @@ def test_keep_all_generate_equals_unwrapped(loaded, family, compressor):
 @pytest.mark.parametrize("compressor", vtc.list_compressors("encoder"))
 def test_compressed_generate_equals_hand_built_prompt(loaded, family, compressor):
     model, processor = loaded
+    skip_if_resized(model, compressor)
     inputs = make_inputs(processor, family, QUESTIONS[:1], [1])
     vtc.apply(model, compressor, budget=5)
     out = greedy(model, inputs, max_new_tokens=8)
@@ -108,6 +109,7 @@ def test_llm_receives_exactly_the_budget(loaded, family):
 @pytest.mark.parametrize("compressor", vtc.list_compressors("encoder"))
 def test_multi_image_prompt_each_image_gets_its_budget(loaded, family, compressor):
     model, processor = loaded
+    skip_if_resized(model, compressor)
     inputs = make_inputs(processor, family, QUESTIONS, [2, 1])
     vtc.apply(model, compressor, budget=0.25)
     out = greedy(model, inputs, max_new_tokens=3)
@@ -175,6 +177,7 @@ def test_text_only_prompt_passes_through(loaded, family):
 @pytest.mark.parametrize("compressor", vtc.list_compressors("encoder"))
 def test_forward_path_equals_hand_built_and_shrinks_labels(loaded, family, compressor):
     model, processor = loaded
+    skip_if_resized(model, compressor)
     inputs = make_inputs(processor, family, QUESTIONS[:1], [1])
     labels = inputs["input_ids"].masked_fill(inputs["input_ids"] == image_token_id(model), -100)
     vtc.apply(model, compressor, budget=6)

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import vtc
-from helpers import QUESTIONS, greedy, video_inputs, video_reference, video_token_id
+from helpers import QUESTIONS, greedy, video_inputs, video_reference, video_token_id, skip_if_resized
 from vtc import testing as tiny
 
 VIDEO_FAMILIES = tiny.VIDEO_FAMILIES
@@ -98,6 +98,7 @@ def test_keep_all_video_generate_equals_unwrapped(loaded_video, video_family, co
 @pytest.mark.parametrize("compressor", vtc.list_compressors("encoder"))
 def test_compressed_video_generate_equals_hand_built_prompt(loaded_video, video_family, compressor):
     model, processor = loaded_video
+    skip_if_resized(model, compressor)
     inputs = video_inputs(processor, video_family, QUESTIONS[:1])
     vtc.apply(model, compressor, budget=3, video_budget=7)
     out = greedy(model, inputs, max_new_tokens=8)
@@ -146,6 +147,7 @@ def test_video_batch_of_two_equals_single_runs(loaded_video, video_family, compr
 @pytest.mark.parametrize("compressor", vtc.list_compressors("encoder"))
 def test_image_and_video_each_get_their_own_budget(loaded_video, video_family, compressor):
     model, processor = loaded_video
+    skip_if_resized(model, compressor)
     inputs = video_inputs(processor, video_family, QUESTIONS[:1], image=True)
     vtc.apply(model, compressor, budget=4, video_budget=6)
     out, seen = prefill_seen(model, inputs, max_new_tokens=3)
@@ -167,6 +169,7 @@ def test_image_and_video_each_get_their_own_budget(loaded_video, video_family, c
 @pytest.mark.parametrize("compressor", vtc.list_compressors("encoder"))
 def test_video_budget_resolves_and_reaches_the_llm_exactly(loaded_video, video_family, compressor, video_budget):
     model, processor = loaded_video
+    skip_if_resized(model, compressor)
     inputs = video_inputs(processor, video_family, QUESTIONS)
     vtc.apply(model, compressor, budget=2, video_budget=video_budget)
     _, seen = prefill_seen(model, inputs)

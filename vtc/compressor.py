@@ -70,9 +70,22 @@ class Compressor:
     #: True for compressors that drop tokens inside the LLM (``vtc.inllm.LLMCompressor``: FastV, PyramidDrop,
     #: SparseVLM, DART); False for those that select between encoder and LLM
     acts_in_llm: ClassVar[bool] = False
+    #: True for methods defined on the frames of a video (FastVID, VidCom2, DyCoke, EVS): they compare frames, so a
+    #: model without a video input is refused unless ``images_as_video=True`` makes each prompt's images the frames.
+    #: A single image is still a one-frame video (``select`` keeps exactly ``k`` by the method's one-frame rule).
+    video_only: ClassVar[bool] = False
 
     def signals(self, tower: TowerInfo) -> tuple[Signal, ...]:
         return ()
+
+    def input_grid(self, grid: tuple[int, int], k: int) -> tuple[int, int] | None:
+        """The pre-encoder stage: the ``(h, w)`` token grid an image of ``grid`` tokens is resized to *before* the
+        vision tower for a budget of ``k`` (``downsample``), or ``None`` (the default: no pre-encoder stage).
+        Families whose tower takes any input size resize; the others call ``select`` on the full features."""
+        return None
+
+    #: True when the pre-encoder stage is required (a family that cannot resize its input is then refused)
+    requires_input_resize: ClassVar[bool] = False
 
     def select(self, tokens: VisualTokens, k: int) -> Selection:  # pragma: no cover - abstract
         raise NotImplementedError

@@ -98,6 +98,16 @@ def apply(model, compressor="cls_attention", budget: Budget = 64, **options):
         raise ValueError(f"encoder=(compressor, budget) stacks an encoder-side compressor under an LLM-side one "
                          f"(fastv, pdrop, sparsevlm, dart); {compressor_obj.name!r} already acts between encoder "
                          "and LLM")
+    if compressor_obj.video_only and not adapter.supports_video and not images_as_video:
+        raise ValueError(f"{compressor_obj.name!r} compresses videos (it compares frames), but {adapter.family} has no "
+                         "video input; pass images_as_video=True to treat the images of each prompt as the frames "
+                         "of one video, or choose an image compressor")
+    if compressor_obj.requires_input_resize and (not adapter.can_resize_inputs or images_as_video):
+        why = ("treats each image as a frame of one video (images_as_video=True)" if adapter.can_resize_inputs
+               else f"{adapter.family} has a vision tower with a fixed input size")
+        raise ValueError(f"{compressor_obj.name!r} with mode='resize' resizes the pictures before the encoder, but "
+                         f"this model {why}; use mode='auto' (pools the features where it cannot resize) or "
+                         "mode='pool'")
     # fail now, not at the first generate, when the compressor (or the allocation) cannot run on this tower
     compressor_obj.signals(adapter.tower_info())
     allocation.signals(adapter.tower_info())

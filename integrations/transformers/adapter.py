@@ -121,6 +121,24 @@ class FamilyAdapter:
         """What ``original_positions`` needs from the call's inputs besides ids and mask (Qwen: the grids)."""
         return {}
 
+    # -- the pre-encoder stage (``Compressor.input_grid``: ``downsample``) ---------------------------------------
+    #: whether the tower takes inputs of any size, so an image can be resized before it (``resize_inputs``)
+    can_resize_inputs: ClassVar[bool] = False
+
+    def token_grids(self, inputs: dict, what: str) -> list[tuple[int, int, int]]:
+        """Per image (``what="image"``) or video (``"video"``) of the call: ``(steps, rows, cols)`` of its LLM token
+        grid -- ``steps`` grids of ``rows x cols`` tokens, in placeholder order (families with
+        ``can_resize_inputs``)."""
+        raise NotImplementedError(f"{self.family} images cannot be resized before the encoder")
+
+    def resize_inputs(self, inputs: dict, image_grids: list[tuple[int, int]] | None,
+                      video_grids: list[tuple[int, int]] | None, pixels: bool = True) -> dict:
+        """The call's pixel inputs with image ``i`` resized to ``image_grids[i]`` (``(rows, cols)`` LLM tokens) and
+        every frame of video ``v`` to ``video_grids[v]``: the entries of ``inputs`` to replace (pixels and grids),
+        as the processor would have given them for the smaller pictures (``None``: that modality unchanged;
+        ``pixels=False``: the grids only, e.g. to count FLOPs)."""
+        raise NotImplementedError(f"{self.family} images cannot be resized before the encoder")
+
     def encode_videos(self, inputs: dict, signals: tuple[Signal, ...]) -> EncodedVideos:
         """Encode the call's videos with the model's own ``get_video_features``, capturing ``signals`` per frame."""
         raise NotImplementedError(

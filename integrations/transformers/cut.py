@@ -1,6 +1,12 @@
 """The encoder -> LLM cut: one model-agnostic wrapper around ``generate`` and ``forward``.
 
-A wrapped call with images (``pixel_values``) or videos (``pixel_values_videos``) goes through five stages:
+A wrapped call with images (``pixel_values``) or videos (``pixel_values_videos``) goes through five stages, after
+an optional stage 0:
+
+0. **resize** (``resize_stage``, only for a compressor with a pre-encoder stage, ``Compressor.input_grid``:
+   ``downsample``) -- on families whose tower takes any input size, each picture resized to a smaller grid before
+   the encoder and the prompt rewritten as the processor would have built it for the smaller picture; the later
+   stages then keep every token.
 
 1. **encode** (``encode``) -- the family's own ``get_image_features`` / ``get_video_features`` run with hooks on
    exactly the layers the compressor (and, for AnyRes families, the allocation strategy) declared; the prompt's
@@ -37,7 +43,7 @@ from typing import Any, Callable
 import torch
 
 from vtc.allocation import Allocation, Even
-from vtc.budget import Budget
+from vtc.budget import Budget, resolve_budget
 from vtc.compressor import Compressor, VisualTokens, run_compressor
 from vtc.multiview import MultiViewTokens, select_views
 from vtc.selection import ImageSelection, Selection, SelectionRecords
@@ -453,6 +459,92 @@ def keep_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor,
     return keep.view_as(input_ids) & (attention_mask != 0)
 
 
+# ==================================================================================================== 0. resize
+@dataclass
+class ResizedCall:
+    """A call whose pictures the pre-encoder stage made smaller: the rewritten prompt and pixel inputs."""
+
+    inputs: dict  # the call's inputs with the resized pixels and grids
+    input_ids: torch.Tensor  # the prompt with each picture's surplus placeholders removed (re-padded)
+    attention_mask: torch.Tensor
+    per_token: dict  # labels / mm_token_type_ids repacked alike (None entries stay None)
+    image_sources: list[tuple[int, int]]  # per image, the (rows, cols) token grid it had
+    state: "CutState"  # the state the select stage uses: every token of the resized pictures kept
+
+
+def resize_plan(state: CutState, inputs: dict) -> tuple[list, list] | None:
+    """Stage 0's target grids: per image and per video the ``(rows, cols)`` token grid ``Compressor.input_grid``
+    picks for its budget (a video: ``budget // steps`` tokens per temporal step, one grid for all its steps), or
+    ``None`` when the call has no pre-encoder stage (the compressor has none, the family cannot resize, or the
+    images of a prompt are one video's frames under ``images_as_video``)."""
+    compressor, adapter = state.compressor, state.adapter
+    if state.llm is not None and not state.encoder_cut:
+        return None
+    if compressor.input_grid((1, 1), 1) is None or not adapter.can_resize_inputs or state.images_as_video:
+        return None
+    images = [compressor.input_grid((rows, cols), resolve_budget(state.budget, steps * rows * cols))
+              for steps, rows, cols in adapter.token_grids(inputs, "image")]
+    videos = []
+    for steps, rows, cols in adapter.token_grids(inputs, "video"):
+        total = resolve_budget(state.frames_budget, steps * rows * cols)
+        videos.append(compressor.input_grid((rows, cols), max(1, total // steps)))
+    return images, videos
+
+
+def resize_stage(state: CutState, inputs: dict, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 per_token: dict) -> ResizedCall | None:
+    """Stage 0 (``downsample``): each picture resized *before* the encoder to its planned grid (``resize_plan``;
+    the adapter's ``resize_inputs`` rewrites the pixels and grids as the processor would have given them for the
+    smaller picture), and the prompt rewritten to match -- each image (each temporal step of a video) keeps the
+    first ``rows * cols`` of its placeholders. The rest of the cut then keeps every token: the LLM gets exactly the
+    prompt of the smaller pictures, with the positions the model gives that prompt. ``None``: no stage."""
+    plan = resize_plan(state, inputs)
+    if plan is None:
+        return None
+    image_grids, video_grids = plan
+    adapter = state.adapter
+    keep = torch.ones(input_ids.numel(), dtype=torch.bool, device=input_ids.device)
+    sources = []
+    for what, token_id, grids in (("image", adapter.image_token_id(), image_grids),
+                                  ("video", adapter.video_token_id(), video_grids)):
+        shapes = adapter.token_grids(inputs, what)
+        if not shapes:
+            continue
+        where = Placeholders.find(input_ids, token_id, [t * r * c for t, r, c in shapes], what)
+        offset = 0
+        for (steps, rows, cols), (new_rows, new_cols) in zip(shapes, grids):
+            per_step = rows * cols
+            drop = torch.arange(per_step, device=keep.device) >= new_rows * new_cols
+            for step in range(steps):
+                start = offset + step * per_step
+                keep[where.slots[start:start + per_step][drop.to(where.slots.device)]] = False
+            offset += steps * per_step
+            if what == "image":
+                sources.append((rows, cols))
+    keep = keep.view_as(input_ids) & (attention_mask != 0)
+    length = int(keep.sum(dim=1).max())
+    pad_left = not bool((attention_mask[:, -1] == 0).any())
+    pack = functools.partial(repack, keep=keep, length=length, pad_left=pad_left)
+    fills = {"labels": -100, "mm_token_type_ids": 0}
+    rewritten = dict(inputs)
+    rewritten.update(adapter.resize_inputs(inputs, image_grids or None, video_grids or None))
+    return ResizedCall(
+        inputs=rewritten,
+        input_ids=pack(input_ids, fill=_pad_id(adapter.model)),
+        attention_mask=pack(attention_mask, fill=0),
+        per_token={k: None if v is None else pack(v, fill=fills.get(k, 0)) for k, v in per_token.items()},
+        image_sources=sources,
+        state=dataclasses.replace(state, budget=1.0, video_budget=1.0),
+    )
+
+
+def _mark_resized(selected: "SelectedCall", resized: ResizedCall, had: list[int]) -> None:
+    """Records of a resized call: each image notes the grid it had; prompt lengths count the caller's prompt."""
+    for record, source in zip(selected.records, resized.image_sources):
+        record.extra["resized_from"] = source
+    selected.prompt_lengths = [(int(n), received) for n, (_, received) in zip(had, selected.prompt_lengths)]
+
+
 # ================================================================================== stages 1-3, for a call or a dry run
 def _take_prompt(inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """Pop ``input_ids`` and ``attention_mask`` (all ones when absent) from a wrapped call's inputs."""
@@ -532,7 +624,13 @@ def dry_run(state: CutState, inputs: dict) -> SelectionRecords:
     saved = state.records, state.video_records, state.prompt_lengths
     try:  # a selection that asks the wrapped model (QuoTA's query decoupling) must not leave its call's records
         with torch.no_grad():
-            selected = select_call(state, inputs, input_ids, attention_mask)
+            had = (attention_mask != 0).sum(dim=1).tolist()
+            resized = resize_stage(state, inputs, input_ids, attention_mask, {})
+            if resized is None:
+                selected = select_call(state, inputs, input_ids, attention_mask)
+            else:
+                selected = select_call(resized.state, resized.inputs, resized.input_ids, resized.attention_mask)
+                _mark_resized(selected, resized, had)
     finally:
         state.records, state.video_records, state.prompt_lengths = saved
     return SelectionRecords(images=selected.records, videos=selected.video_records,
@@ -594,7 +692,21 @@ def shrink(state: CutState, inputs: dict, with_labels: bool) -> ShrunkInputs:
     mm_token_type_ids = inputs.pop("mm_token_type_ids", None)
     labels = inputs.pop("labels", None) if with_labels else None
 
-    selected = select_call(state, inputs, input_ids, attention_mask)
+    caller_ids = input_ids
+    resized = resize_stage(state, inputs, input_ids, attention_mask,
+                           {"labels": labels, "mm_token_type_ids": mm_token_type_ids})
+    if resized is None:
+        selected = select_call(state, inputs, input_ids, attention_mask)
+    else:
+        if user_positions is not None:
+            raise ValueError(f"{state.compressor.name!r} resizes the pictures before the encoder, which changes the "
+                             "prompt's positions; leave position_ids out (the model numbers the smaller prompt)")
+        had = (attention_mask != 0).sum(dim=1).tolist()
+        inputs.update(resized.inputs)
+        input_ids, attention_mask = resized.input_ids, resized.attention_mask
+        labels, mm_token_type_ids = resized.per_token["labels"], resized.per_token["mm_token_type_ids"]
+        selected = select_call(resized.state, inputs, input_ids, attention_mask)
+        _mark_resized(selected, resized, had)
     position_inputs = dict(adapter.position_inputs(inputs))
     if mm_token_type_ids is not None:
         position_inputs["mm_token_type_ids"] = mm_token_type_ids
@@ -619,7 +731,7 @@ def shrink(state: CutState, inputs: dict, with_labels: bool) -> ShrunkInputs:
     state.video_records = selected.video_records
     state.prompt_lengths = selected.prompt_lengths
     inputs.update(out)
-    return ShrunkInputs(kwargs=inputs, original_input_ids=input_ids, new_length=new_length)
+    return ShrunkInputs(kwargs=inputs, original_input_ids=caller_ids, new_length=new_length)
 
 
 # ==================================================================================================== 5. call

@@ -127,13 +127,30 @@ def llm_layer_lengths(model) -> list[list[int]] | None:
     return out
 
 
+def _encoded_inputs(model, inputs) -> dict:
+    """What the vision tower encodes for ``inputs``: ``inputs`` themselves, or -- when vtc resizes the pictures
+    before the encoder (``downsample``) -- the grids it resizes them to, so the tower is counted at its real size."""
+    from . import get_state, is_applied
+    from .cut import resize_plan
+
+    if not is_applied(model):
+        return inputs
+    state = get_state(model)
+    plan = resize_plan(state, inputs)
+    if plan is None:
+        return inputs
+    return {**inputs, **state.adapter.resize_inputs(inputs, plan[0] or None, plan[1] or None, pixels=False)}
+
+
 def request_flops(model, inputs, llm_lengths: list[int] | None = None) -> list[FlopsBreakdown]:
     """Per batch row of ``inputs`` (a processor output for ``model``), the prefill FLOPs of that row's request.
 
     vision + projector: the row's own images and videos, each as the HF model encodes it (images and videos are
     matched to rows by their placeholder tokens, in order; see the adapters' ``image_passes`` / ``video_passes``,
     e.g. AnyRes views from ``image_sizes``, Qwen's ``image_grid_thw`` / ``video_grid_thw`` with one tower pass of
-    ``h*w`` patches per temporal step and Qwen2.5-VL's windows counted exactly, OneVision's one pass per frame).
+    ``h*w`` patches per temporal step and Qwen2.5-VL's windows counted exactly, OneVision's one pass per frame;
+    on a model wrapped with a compressor that resizes the pictures before the encoder, ``downsample``, at the
+    resized grids).
 
     llm: the LLM at ``llm_lengths[b]`` tokens when given (the length the LLM really received; under vtc
     ``vtc.last_prompt_lengths(model)[b][1]``) -- or, an entry being one length per LLM layer, each layer at its
@@ -162,11 +179,12 @@ def request_flops(model, inputs, llm_lengths: list[int] | None = None) -> list[F
                    for b, n in enumerate(llm_lengths)]
 
     vision, projector = [0] * batch, [0] * batch
-    for what, token_id, visuals in (
-        ("image", adapter.image_token_id(), adapter.image_passes(inputs)),
-        ("video", adapter.video_token_id(), adapter.video_passes(inputs)),
+    encoded = _encoded_inputs(model, inputs)
+    for what, token_id, visuals, runs in (
+        ("image", adapter.image_token_id(), adapter.image_passes(encoded), adapter.image_passes(inputs)),
+        ("video", adapter.video_token_id(), adapter.video_passes(encoded), adapter.video_passes(inputs)),
     ):
-        rows = placeholder_rows(ids, token_id, [visual.tokens for visual in visuals], what)
+        rows = placeholder_rows(ids, token_id, [visual.tokens for visual in runs], what)
         for visual, b in zip(visuals, rows):
             v, p = _encode(visual)
             vision[b] += v

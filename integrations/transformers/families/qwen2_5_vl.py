@@ -202,6 +202,55 @@ class QwenVLAdapter(FamilyAdapter):
         text_row = (new_mask.long().cumsum(-1) - 1).masked_fill(new_mask == 0, 1)
         return torch.cat([text_row[None].to(kept_positions.device), kept_positions], dim=0)  # [4, B, L']
 
+    # -- the pre-encoder stage: resizing the pictures ------------------------------------------------------------
+    can_resize_inputs = True
+
+    def token_grids(self, inputs: dict, what: str) -> list[tuple[int, int, int]]:
+        key = "image_grid_thw" if what == "image" else "video_grid_thw"
+        grid = inputs.get(key)
+        if grid is None:
+            return []
+        merge = int(self.visual.spatial_merge_size)
+        return [(int(t), int(h) // merge, int(w) // merge) for t, h, w in _grid_rows(grid, key)]
+
+    def resize_inputs(self, inputs: dict, image_grids, video_grids, pixels: bool = True) -> dict:
+        """Unflatten each picture's patches into its (normalised) image, resize it bicubically (antialiased) to
+        ``rows * merge * patch`` x ``cols * merge * patch`` pixels and flatten it again in the processor's patch
+        order -- the processor's own resize of a smaller picture, up to its rounding to 8-bit pixels (the
+        normalisation is affine per channel and the resize linear, so the order of the two does not matter)."""
+        out = {}
+        for pixels_key, grid_key, grids in (("pixel_values", "image_grid_thw", image_grids),
+                                            ("pixel_values_videos", "video_grid_thw", video_grids)):
+            if grids is None or inputs.get(grid_key) is None:
+                continue
+            grid_thw = torch.as_tensor(inputs[grid_key])
+            merge = self.visual.spatial_merge_size
+            new_grid = [[int(t), int(rows) * merge, int(cols) * merge]
+                        for (t, _, _), (rows, cols) in zip(grid_thw.tolist(), grids)]
+            out[grid_key] = torch.tensor(new_grid, dtype=grid_thw.dtype, device=grid_thw.device)
+            if not pixels:
+                continue
+            pixel_values = inputs.get(pixels_key)
+            self._check_inputs(pixel_values, grid_thw, "image" if grid_key == "image_grid_thw" else "video")
+            sizes = [int(t) * int(h) * int(w) for t, h, w in grid_thw.tolist()]
+            out[pixels_key] = torch.cat([self._resize_patches(part, int(t), int(h), int(w), int(rows), int(cols))
+                                         for part, (t, h, w), (rows, cols)
+                                         in zip(torch.split(pixel_values, sizes), grid_thw.tolist(), grids)])
+        return out
+
+    def _resize_patches(self, patches: torch.Tensor, t: int, h: int, w: int, rows: int, cols: int) -> torch.Tensor:
+        cfg = self.visual.config
+        c, tp, p, m = cfg.in_channels, cfg.temporal_patch_size, cfg.patch_size, self.visual.spatial_merge_size
+        if (rows * m, cols * m) == (h, w):
+            return patches
+        # rows are [t, h/m, w/m, m, m] patches of [C, tp, p, p] values (the processor's patchify)
+        x = patches.reshape(t, h // m, w // m, m, m, c, tp, p, p).permute(0, 6, 5, 1, 3, 7, 2, 4, 8)
+        images = x.reshape(t * tp, c, h * p, w * p)
+        resized = torch.nn.functional.interpolate(images.float(), size=(rows * m * p, cols * m * p), mode="bicubic",
+                                                  align_corners=False, antialias=True).to(patches.dtype)
+        y = resized.reshape(t, tp, c, rows, m, p, cols, m, p).permute(0, 3, 6, 4, 7, 2, 1, 5, 8)
+        return y.reshape(t * rows * m * cols * m, c * tp * p * p)
+
     # -- pixels ------------------------------------------------------------------------------------------------
     def image_token_counts(self, inputs: dict) -> list[int]:
         grid = torch.as_tensor(inputs.get("image_grid_thw"))
