@@ -105,6 +105,12 @@ def _run_options(items: list[str] | None, names: list[str]) -> dict[str, dict]:
     return {name: coerce_request_options(name, options) for name, options in per.items()}
 
 
+def _has_video_input(model) -> bool:
+    from .integrations.transformers.adapter import adapter_for
+
+    return adapter_for(model).supports_video
+
+
 def cmd_run(args) -> int:
     import torch
 
@@ -115,7 +121,10 @@ def cmd_run(args) -> int:
     budget = vtc.parse_budget(args.budget)
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be an integer >= 1, got {args.max_new_tokens}")
-    names = args.compressor or vtc.list_compressors()
+    # video-only methods (they compare frames) have nothing to compare on one image: listed when named
+    skipped = [] if args.compressor else [n for n in vtc.list_compressors()
+                                          if vtc.get_compressor_class(n).video_only]
+    names = args.compressor or [n for n in vtc.list_compressors() if n not in skipped]
     options = _run_options(args.option, names)
     for name in names:
         try:
@@ -137,6 +146,13 @@ def cmd_run(args) -> int:
           + (f" (expected answer: {expected!r})" if expected is not None else "")
           + f"\nbudget: {budget!r} visual tokens per image"
           + f"\npositions: {_positions_line(model, options)}\n")
+    if skipped:
+        print(f"video methods ({', '.join(skipped)}) compare frames, so they are left out on one image; "
+              "run them on a video with `vtc demo` or `vtc eval`\n")
+    video_input = _has_video_input(model)
+    for name in names:  # one image as a one-frame video on a model without a video input
+        if vtc.get_compressor_class(name).video_only and not video_input:
+            options[name].setdefault("images_as_video", True)
     rows = []
 
     def run_once(name):
