@@ -4,3 +4,4 @@ from . import baselines, cdpruner, cls_attention, divprune, hiprune, prumerge_pl
 from . import visionzip  # noqa: F401  (registration side effect)
 from . import llm_side, progressive  # noqa: F401  (registration side effect)
 from . import downsample  # noqa: F401  (registration side effect)
+from . import trim  # noqa: F401  (registration side effect)
