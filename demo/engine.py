@@ -663,6 +663,8 @@ def _apply_options(entry: LoadedModel, media: Media, p: _Parsed) -> dict:
         options.setdefault("video_budget", p.budget)  # the budget of a video counts all its frames
         if not entry.video_input:
             options.setdefault("images_as_video", True)  # LLaVA-1.5-style models: the frames are images
+    elif vtc.get_compressor_class(p.compressor).video_only and not entry.video_input:
+        options.setdefault("images_as_video", True)  # a video method on one image: a one-frame video
     if options.get("scorer") == "self":  # QuoTA asks the model itself, which needs the processor
         options.setdefault("processor", entry.processor)
     return options

@@ -240,3 +240,14 @@ def skip_if_resized(model, compressor: str) -> None:
 
     if create_compressor(compressor).input_grid((2, 2), 1) is not None and adapter_for(model).can_resize_inputs:
         pytest.skip(f"{compressor} resizes before the encoder here; its oracle is in tests/test_downsample.py")
+
+
+def skip_if_refused(model, compressor: str) -> None:
+    """Skip an image test for a video-only compressor (``Compressor.video_only``) on a family without a video input:
+    ``vtc.apply`` refuses it there unless ``images_as_video=True`` (tests/test_video_only.py checks the refusal)."""
+    import pytest
+
+    from vtc import get_compressor_class
+
+    if get_compressor_class(compressor).video_only and not adapter_for(model).supports_video:
+        pytest.skip(f"{compressor} compares frames; refused without a video input (tests/test_video_only.py)")

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import vtc
-from helpers import QUESTIONS, greedy, hand_built, hook_census, image_token_id, make_inputs, prompt_ids, skip_if_resized
+from helpers import (QUESTIONS, greedy, hand_built, hook_census, image_token_id, make_inputs, prompt_ids,
+                     skip_if_refused, skip_if_resized)
 from vtc.integrations.transformers.adapter import adapter_for
 from vtc.integrations.transformers.cut import declared_signals
 from vtc.testing import LLAVA_FAMILIES, QWEN_FAMILIES
@@ -21,6 +22,7 @@ from vtc.testing import LLAVA_FAMILIES, QWEN_FAMILIES
 @pytest.mark.parametrize("compressor", vtc.list_compressors("encoder"))
 def test_keep_all_generate_equals_unwrapped(loaded, family, compressor):
     model, processor = loaded
+    skip_if_refused(model, compressor)
     inputs = make_inputs(processor, family, QUESTIONS[:1], [1])
     baseline = greedy(model, inputs)
     vtc.apply(model, compressor, budget=1.0)
@@ -32,6 +34,7 @@ def test_keep_all_generate_equals_unwrapped(loaded, family, compressor):
 @pytest.mark.parametrize("compressor", vtc.list_compressors("encoder"))
 def test_compressed_generate_equals_hand_built_prompt(loaded, family, compressor):
     model, processor = loaded
+    skip_if_refused(model, compressor)
     skip_if_resized(model, compressor)
     inputs = make_inputs(processor, family, QUESTIONS[:1], [1])
     vtc.apply(model, compressor, budget=5)
@@ -65,6 +68,7 @@ def test_llava_keep_positions_equal_hand_built(tiny_dirs, family_name):
 @pytest.mark.parametrize("compressor", vtc.list_compressors("encoder"))
 def test_batch_of_two_equals_single_runs(loaded, family, compressor):
     model, processor = loaded
+    skip_if_refused(model, compressor)
     vtc.apply(model, compressor, budget=5)
     batch = make_inputs(processor, family, QUESTIONS, [1, 1])
     assert (batch["attention_mask"][:, 0] == 0).any(), "prompts of different length must be left-padded"
@@ -109,6 +113,7 @@ def test_llm_receives_exactly_the_budget(loaded, family):
 @pytest.mark.parametrize("compressor", vtc.list_compressors("encoder"))
 def test_multi_image_prompt_each_image_gets_its_budget(loaded, family, compressor):
     model, processor = loaded
+    skip_if_refused(model, compressor)
     skip_if_resized(model, compressor)
     inputs = make_inputs(processor, family, QUESTIONS, [2, 1])
     vtc.apply(model, compressor, budget=0.25)
@@ -177,6 +182,7 @@ def test_text_only_prompt_passes_through(loaded, family):
 @pytest.mark.parametrize("compressor", vtc.list_compressors("encoder"))
 def test_forward_path_equals_hand_built_and_shrinks_labels(loaded, family, compressor):
     model, processor = loaded
+    skip_if_refused(model, compressor)
     skip_if_resized(model, compressor)
     inputs = make_inputs(processor, family, QUESTIONS[:1], [1])
     labels = inputs["input_ids"].masked_fill(inputs["input_ids"] == image_token_id(model), -100)
@@ -223,6 +229,7 @@ def test_remove_restores_bit_identical_behaviour(loaded, family):
 @pytest.mark.parametrize("compressor", vtc.list_compressors("encoder"))
 def test_attention_implementation_untouched(loaded, family, compressor):
     model, processor = loaded
+    skip_if_refused(model, compressor)
     inputs = make_inputs(processor, family, QUESTIONS[:1], [1])
     greedy(model, inputs, max_new_tokens=2)  # transformers installs its own output-recording hooks lazily
     hooks_before = hook_census(model)
@@ -275,6 +282,7 @@ def test_hooks_only_on_the_declared_layers_and_selection_is_deterministic(loaded
     from vtc.integrations.transformers import get_state
 
     model, processor = loaded
+    skip_if_refused(model, compressor)
     inputs = make_inputs(processor, family, QUESTIONS[:1], [1])
     greedy(model, inputs, max_new_tokens=1)  # let transformers install its own lazy hooks first
     vtc.apply(model, compressor, budget=5)
