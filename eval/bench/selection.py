@@ -22,7 +22,12 @@ takes longer than ``--slow-seconds`` (DivPrune at N = 12,544: its first pick is 
 ``--slow-repeats`` times, and the table says so. On CPU the share of CPU the process got is reported: other work
 on the machine skews the figures. No assertions -- it prints figures (and ``--json`` writes them).
 
-    python -m vtc.eval.bench.selection [--budget 64] [--sizes 576,12544] [--repeats 7] [--json out.json]
+With ``--video 64x196`` every compressor also selects on one video (64 frames of 196 tokens, LLaVA-OneVision's
+pooled frames; random features and per-frame signals) at ``--video-budget`` (default 25 %) through
+``run_video_compressor``: video compressors budget the whole video, image compressors go frame by frame. Its share
+is taken against 64 of the tower forwards above (one per frame: a proxy, stated as such).
+
+    python -m vtc.eval.bench.selection [--budget 64] [--sizes 576,12544] [--video 64x196] [--repeats 7] [--json out.json]
 """
 
 from __future__ import annotations
@@ -107,12 +112,23 @@ def main(argv=None) -> int:
     parser.add_argument("--slow-repeats", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", metavar="PATH", help="write the figures as JSON")
+    parser.add_argument("--video", metavar="FRAMESxN", default=None,
+                        help="also time every compressor on one video of FRAMES frames of N tokens each (e.g. "
+                             "64x196, LLaVA-OneVision's pooled frames) through run_video_compressor")
+    parser.add_argument("--video-budget", default="0.25", help="the video's budget (int tokens or a ratio)")
     args = parser.parse_args(argv)
     if args.repeats < 1 or args.slow_repeats < 1 or args.warmup < 0:
         parser.error("--repeats and --slow-repeats must be >= 1, --warmup >= 0")
     try:
         budget = vtc.parse_budget(args.budget)
+        video_budget = vtc.parse_budget(args.video_budget)
         grids = [parse_size(part) for part in args.sizes.split(",") if part.strip()]
+        video = None
+        if args.video:
+            frames_text, _, size_text = args.video.lower().partition("x")
+            video = (int(frames_text), parse_size(size_text))
+            if video[0] < 1:
+                raise ValueError(f"--video needs at least one frame, got {args.video!r}")
     except (TypeError, ValueError) as error:
         parser.error(str(error))
     names = vtc.list_compressors("encoder")
@@ -140,6 +156,21 @@ def main(argv=None) -> int:
             tokens = make_tokens(compressor, tower_info, (rows, cols), features, args.seed, device)
             cells[f"{name}@{n}"] = (name, n, (rows, cols), compressor, tokens)
 
+    video_cells: dict[str, tuple] = {}
+    if video is not None:  # one video, shared by all compressors: frames of random features, signals per frame
+        from vtc.video import VideoTokens
+
+        num_frames, (rows, cols) = video
+        n = rows * cols
+        generator = torch.Generator().manual_seed(zlib.crc32(f"{args.seed}/video/{n}".encode()))
+        frames = torch.randn(num_frames, n, FEATURE_DIM, generator=generator).to(device)
+        for name in names:
+            compressor = vtc.create_compressor(name)
+            tokens = [make_tokens(compressor, tower_info, (rows, cols), frames[t], args.seed + t, device)
+                      for t in range(num_frames)]
+            clip = VideoTokens(frames=tokens, query=tokens[0].query)
+            video_cells[f"{name}@video"] = (name, num_frames * n, compressor, clip)
+
     def tower_forward():
         return tower(pixel_values=pixel_values, output_hidden_states=True)
 
@@ -147,8 +178,16 @@ def main(argv=None) -> int:
         _, _, _, compressor, tokens = cells[key]
         return lambda: vtc.run_compressor(compressor, tokens, budget)
 
-    jobs = {"tower": tower_forward, **{key: selection(key) for key in cells}}
+    def video_selection(key):
+        from vtc.video import run_video_compressor
+
+        _, _, compressor, clip = video_cells[key]
+        return lambda: run_video_compressor(compressor, clip, video_budget)
+
+    jobs = {"tower": tower_forward, **{key: selection(key) for key in cells},
+            **{key: video_selection(key) for key in video_cells}}
     kept = {key: vtc.resolve_budget(budget, n) for key, (_, n, _, _, _) in cells.items()}
+    kept.update({key: vtc.resolve_budget(video_budget, n) for key, (_, n, _, _) in video_cells.items()})
 
     device_name = describe_device(device)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, device {device_name}, fp32")
@@ -209,6 +248,18 @@ def main(argv=None) -> int:
             + ", ".join(f"{key} (warm-up {warm[key] / 1e3:.1f} s)" for key in slow_cells)
         )
     print("note: % tower at N != 576 compares with the same 577-token tower forward (a scaling figure)")
+    if video_cells:
+        num_frames = video[0]
+        print()
+        print(f"video: {num_frames} frames x {video[1][0] * video[1][1]} tokens, D={FEATURE_DIM}, budget "
+              f"{video_budget!r}; '% towers' = of {num_frames} tower forwards (one per frame, the CLIP-L forward "
+              "above as the per-frame proxy)")
+        print(f"{'compressor':<14} {'tokens':>7} {'kept':>6} {'runs':>4} {'median ms':>10} {'min ms':>9} "
+              f"{'% towers':>9}")
+        for key, (name, n, _, _) in video_cells.items():
+            percent = 100.0 * medians[key] / (base * num_frames)
+            print(f"{name:<14} {n:>7} {kept[key]:>6} {repeats[key]:>4} {medians[key]:>10.2f} "
+                  f"{min(times[key]):>9.2f} {percent:>8.3f}%")
     wall = finish(device, share, wall_start)
 
     if args.json:
@@ -246,6 +297,18 @@ def main(argv=None) -> int:
                 }
                 for key, (name, n, grid, _, _) in cells.items()
             ],
+            "video": None if not video_cells else {
+                "frames": video[0],
+                "grid": list(video[1]),
+                "budget": video_budget,
+                "per_frame_proxy": "the CLIP-L tower forward above, once per frame",
+                "selection": [
+                    {"compressor": name, "tokens": n, "kept": kept[key], "median_ms": medians[key],
+                     "min_ms": min(times[key]), "percent_of_towers": 100.0 * medians[key] / (base * video[0]),
+                     "runs": repeats[key], "times_ms": times[key], "warmup_ms": warm[key]}
+                    for key, (name, n, _, _) in video_cells.items()
+                ],
+            },
             **run_summary(device, share, wall),
         }
         write_report(args.json, report)
