@@ -163,7 +163,7 @@ def test_no_cls_fallbacks():
 
 
 def test_allocation_registry_and_options():
-    assert list_allocations() == ["even", "globalcom2", "hired"]
+    assert list_allocations() == ["even", "globalcom2", "hired", "holov"]
     assert isinstance(create_allocation(None), Even) and isinstance(create_allocation("hired"), HiRED)
     custom = HiRED(alpha=0.3, rule="code")
     assert create_allocation(custom) is custom

@@ -85,7 +85,7 @@ def test_onevision_multi_image_prompt_is_base_views_with_one_newline(tiny_dirs):
     assert out[:, inputs["input_ids"].shape[1]:].tolist() == greedy(model, short)[:, short_len:].tolist()
 
 
-ALLOCATIONS = ["hired", "globalcom2", HiRED(rule="code", alpha=0.25),
+ALLOCATIONS = ["hired", "globalcom2", "holov", HiRED(rule="code", alpha=0.25),
                GlobalCom2(select="compressor", regions="spatial")]
 
 

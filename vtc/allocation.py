@@ -4,7 +4,8 @@ The image budget counts visual tokens only (newlines are layout, ``vtc.layout``)
 per-view budgets that sum exactly to it, each capped at its view's visible tokens (overflow redistributed; a view
 may get 0 and is dropped); then each view is selected on its own grid (``vtc.multiview.select_views``). Strategies:
 ``even`` (default), ``hired`` (HiRED, arXiv 2408.10945) and ``globalcom2`` (GlobalCom², arXiv 2501.05179); towers
-without CLS read received attention instead. See docs/methods/allocation.md, hired.md and globalcom2.md.
+without CLS read received attention instead; ``holov`` (HoloV, arXiv 2510.02912) is registered with its compressor in
+``vtc.compressors.holov``. See docs/methods/allocation.md, hired.md, globalcom2.md and holov.md.
 """
 
 from __future__ import annotations
@@ -126,7 +127,8 @@ def list_allocations() -> list[str]:
 
 
 def create_allocation(spec: "str | Allocation | None" = None) -> Allocation:
-    """An allocation from its name (``"even"``, ``"hired"``, ``"globalcom2"``) or an instance; ``None`` = even."""
+    """An allocation from its name (``"even"``, ``"hired"``, ``"globalcom2"``, ``"holov"``) or an instance; ``None`` =
+    even."""
     if spec is None:
         return Even()
     if isinstance(spec, Allocation):
