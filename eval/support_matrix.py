@@ -40,7 +40,9 @@ def render(outcomes: dict[tuple[str, str, str], list[bool]]) -> str:
         lines.append(f"| `{family}` | " + " | ".join(cell(family, c) for c in compressors) + " |")
     total = sum(len(v) for v in outcomes.values())
     lines.append("")
-    lines.append(f"Cells read *image / multi-image / video* (– : the family has no video input); generated from "
+    lines.append(f"Cells read *image / multi-image / video* (– : the family has no video input, or the method is "
+                 "refused there: the video-only methods on a family without a video input take "
+                 "`images_as_video=True`); generated from "
                  f"{total} test results "
                  "(`python -m vtc.eval.support_matrix`).")
     return "\n".join(lines) + "\n"

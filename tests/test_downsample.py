@@ -171,8 +171,10 @@ def _images(family):
     return [tiny.random_image(9 * unit, 6 * unit, seed=1), tiny.random_image(6 * unit, 8 * unit, seed=2)]
 
 
+@pytest.mark.support("image")
+@pytest.mark.parametrize("compressor", ["downsample"])
 @pytest.mark.parametrize("family", QWEN)
-def test_resize_equals_the_prompt_of_the_smaller_picture(family):
+def test_resize_equals_the_prompt_of_the_smaller_picture(family, compressor):
     model, processor = tiny.build_tiny(family)
     images = _images(family)[:1]
     # 6 x 9 = 54 tokens at half the budget, 27: 4 x 6 = 24 (3 x 9 = 27 is 3x off in aspect, 5 x 5 = 25 is 1.5x)
@@ -281,8 +283,10 @@ def test_resize_mode_refuses_images_as_video():
         vtc.apply(model, "downsample", budget=64, mode="resize", images_as_video=True)
 
 
+@pytest.mark.support("multi-image")
+@pytest.mark.parametrize("compressor", ["downsample"])
 @pytest.mark.parametrize("family", QWEN)
-def test_multi_image_prompt_each_image_resized_to_its_own_budget(family):
+def test_multi_image_prompt_each_image_resized_to_its_own_budget(family, compressor):
     model, processor = tiny.build_tiny(family)
     images = _images(family)  # 6 x 9 and 8 x 6 tokens; at 20 tokens each: 3 x 5 and 5 x 4 (by hand above)
     unit = processor.image_processor.patch_size * processor.image_processor.merge_size
@@ -299,8 +303,10 @@ def test_multi_image_prompt_each_image_resized_to_its_own_budget(family):
     assert [r.grid for r in vtc.last_selection(model)] == [(3, 5), (5, 4)]
 
 
+@pytest.mark.support("video")
+@pytest.mark.parametrize("compressor", ["downsample"])
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
-def test_video_equals_the_prompt_of_the_smaller_frames(family):
+def test_video_equals_the_prompt_of_the_smaller_frames(family, compressor):
     from helpers import make_video
 
     model, processor = tiny.build_tiny(family)

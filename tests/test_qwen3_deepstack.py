@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import vtc
-from helpers import QUESTIONS, greedy, make_inputs, reduce_by_hand
+from helpers import QUESTIONS, greedy, make_inputs, reduce_by_hand, skip_if_resized
 from vtc.compressor import Compressor, VisualTokens
 from vtc import testing as tiny
 from vtc.selection import Selection
@@ -35,6 +35,7 @@ def capture_llm_inputs(model):
                                                               for n, o in CASES])
 def test_deepstack_levels_are_the_kept_rows_of_each_level(tiny_dirs, compressor, options):
     model, processor = tiny.load_tiny(tiny_dirs["qwen3_vl"])
+    skip_if_resized(model, compressor)  # downsample resizes first: tests/test_downsample.py holds its oracle
     inputs = make_inputs(processor, "qwen3_vl", QUESTIONS, [2, 1])  # 3 images of 2 sizes, left-padded batch
     with torch.no_grad():
         full = model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"], return_dict=True)

@@ -58,3 +58,11 @@ def test_accepted_on_a_family_with_video_input(compressor):
     model, _ = tiny.build_tiny("qwen2_vl")
     vtc.apply(model, compressor, budget=4)
     assert vtc.is_applied(model)
+
+
+@pytest.mark.parametrize("compressor", [FirstTokens(), *VIDEO_ONLY])
+def test_refused_on_anyres_images_without_a_video_input(compressor):
+    model, _ = tiny.build_tiny("llava_next")  # its images are several views each, never frames
+    for options in ({}, {"images_as_video": True}):
+        with pytest.raises(ValueError, match="AnyRes views"):
+            vtc.apply(model, compressor, budget=4, **options)

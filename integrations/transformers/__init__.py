@@ -98,6 +98,10 @@ def apply(model, compressor="cls_attention", budget: Budget = 64, **options):
         raise ValueError(f"encoder=(compressor, budget) stacks an encoder-side compressor under an LLM-side one "
                          f"(fastv, pdrop, sparsevlm, dart); {compressor_obj.name!r} already acts between encoder "
                          "and LLM")
+    if compressor_obj.video_only and not adapter.supports_video and adapter.multi_view:
+        raise ValueError(f"{compressor_obj.name!r} compresses videos (it compares frames), but {adapter.family} has no "
+                         "video input and its images are AnyRes views (several per image), not frames; use a model "
+                         "with a video input or an image compressor")
     if compressor_obj.video_only and not adapter.supports_video and not images_as_video:
         raise ValueError(f"{compressor_obj.name!r} compresses videos (it compares frames), but {adapter.family} has no "
                          "video input; pass images_as_video=True to treat the images of each prompt as the frames "
