@@ -86,6 +86,22 @@ def relevance_scores(features: torch.Tensor, query: torch.Tensor, query_pool: st
     return unit @ direction
 
 
+def query_relevance(tokens: VisualTokens, query_pool: str, who: str) -> torch.Tensor | None:
+    """``relevance_scores`` of ``tokens`` to their own query, ``None`` without query text (``query`` is ``None`` or
+    ``[0, D]``); a query that is not ``[T, D]`` text embeddings in the tokens' space raises (``who`` names the
+    compressor)."""
+    query = tokens.query
+    if query is None:
+        return None
+    dim = tokens.features.shape[-1]
+    if query.dim() not in (1, 2) or query.shape[-1] != dim:
+        raise ValueError(f"{who} query must be [T, {dim}] text embeddings (the LLM input space of the visual "
+                         f"tokens), got shape {tuple(query.shape)}")
+    if query.numel() == 0:
+        return None
+    return relevance_scores(tokens.features, query, query_pool)
+
+
 def relevance_weights(relevance: torch.Tensor | None, n: int, theta: float | None = None,
                       device: torch.device | None = None) -> torch.Tensor:
     """``[N]`` fp32 ``w_i = 2 log r_i - max_j 2 log r_j`` (``<= 0``; the best token 0) of the kernel weights ``r``.
@@ -219,16 +235,7 @@ class CDPruner(Compressor):
 
     def relevance(self, tokens: VisualTokens) -> torch.Tensor | None:
         """``[N]`` raw relevance ``rel_i`` of every token to ``tokens.query``, or ``None`` without query text."""
-        query = tokens.query
-        if query is None:
-            return None
-        dim = tokens.features.shape[-1]
-        if query.dim() not in (1, 2) or query.shape[-1] != dim:
-            raise ValueError(f"cdpruner query must be [T, {dim}] text embeddings (the LLM input space of the visual "
-                             f"tokens), got shape {tuple(query.shape)}")
-        if query.numel() == 0:
-            return None
-        return relevance_scores(tokens.features, query, self.query_pool)
+        return query_relevance(tokens, self.query_pool, "cdpruner")
 
     def select(self, tokens: VisualTokens, k: int) -> Selection:
         n = tokens.num_tokens

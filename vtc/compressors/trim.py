@@ -17,7 +17,7 @@ import torch
 
 from ..compressor import Compressor, VisualTokens, register
 from ..selection import Details, Selection
-from .cdpruner import QUERY_POOLS, relevance_scores
+from .cdpruner import QUERY_POOLS, query_relevance
 from .prumerge_plus import iqr_outliers, spread
 
 __all__ = ["TRIM", "TRIMDetails", "iqr_outliers", "merge_runs"]
@@ -139,16 +139,7 @@ class TRIM(Compressor):
 
     def relevance(self, tokens: VisualTokens) -> torch.Tensor | None:
         """``[N]`` ``cos`` of every token to ``tokens.query`` (``query_pool``), or ``None`` without query text."""
-        query = tokens.query
-        if query is None:
-            return None
-        dim = tokens.features.shape[-1]
-        if query.dim() not in (1, 2) or query.shape[-1] != dim:
-            raise ValueError(f"trim query must be [T, {dim}] text embeddings (the LLM input space of the visual "
-                             f"tokens), got shape {tuple(query.shape)}")
-        if query.numel() == 0:
-            return None
-        return relevance_scores(tokens.features, query, self.query_pool)
+        return query_relevance(tokens, self.query_pool, "trim")
 
     def select(self, tokens: VisualTokens, k: int) -> Selection:
         features = tokens.features
