@@ -41,8 +41,8 @@ def render(outcomes: dict[tuple[str, str, str], list[bool]]) -> str:
     total = sum(len(v) for v in outcomes.values())
     lines.append("")
     lines.append(f"Cells read *image / multi-image / video* (– : the family has no video input, or the method is "
-                 "refused there: the video-only methods on a family without a video input take "
-                 "`images_as_video=True`); generated from "
+                 "refused there: a video-only method on a family without a video input -- LLaVA-1.5 takes it with "
+                 "`images_as_video=True`, LLaVA-NeXT's AnyRes images are not frames); generated from "
                  f"{total} test results "
                  "(`python -m vtc.eval.support_matrix`).")
     return "\n".join(lines) + "\n"
