@@ -28,6 +28,8 @@ def tokens_of(features, query=None, grid=None, prefix=0) -> VisualTokens:
 
 
 def trim(tokens: VisualTokens, k, **options):
+    """The goldens are derived with the sign stated: ``+rel`` unless a test passes ``negate=True``."""
+    options.setdefault("negate", False)
     return run_compressor(create_compressor("trim", **options), tokens, k)
 
 
@@ -53,7 +55,8 @@ def test_registered_query_aware_without_signals():
     assert "trim" in vtc.list_compressors() and "trim" in vtc.list_compressors("encoder")
     c = create_compressor("trim")
     assert isinstance(c, TRIM) and c.uses_query and not c.handles_video and not c.acts_in_llm and not c.video_only
-    assert c.options() == {"adaptive": False, "negate": False, "merge_rest": True, "query_pool": "mean"}
+    # the reference's sign by default (measured better on the embedded model, docs/methods/trim.md)
+    assert c.options() == {"adaptive": False, "negate": True, "merge_rest": True, "query_pool": "mean"}
     assert c.signals(CLIP_L) == () and c.signals(QWEN25) == ()
 
 

@@ -87,8 +87,8 @@ class TRIM(Compressor):
     post-projector tokens ``VisualTokens.features`` against the prompt's LLM input embeddings ``VisualTokens.query``
     (``[T, D]``), with CDPruner's ``relevance_scores``: ``rel_i = cos(x_i, mean_t q_t)`` (``query_pool``), the recipe
     CDPruner's paper uses for Qwen. The reference *negates* the similarity (``softmax(-s)``, blamed by its authors on
-    CLIP's layer mismatch); in the LLM space the natural sign is ``+``, the default, and ``negate=True`` reproduces
-    the reference's sign. Scores ``p = softmax(+-rel)`` over the grid tokens; the softmax is monotone, so it never
+    CLIP's layer mismatch); vtc keeps that sign by default (``negate=True``): in the LLM space too, ``+rel`` kept the
+    wrong tokens on the embedded model (40 % vs 56 % accuracy at a third of the tokens, docs/methods/trim.md). Scores ``p = softmax(+-rel)`` over the grid tokens; the softmax is monotone, so it never
     changes which tokens rank first, but the IQR fence is read on ``p`` (as the reference does), not on ``rel``.
 
     Budget ``k`` (exact, the vtc contract): prefix tokens (LLaVA's CLS under ``"full"``) are kept first and stay out
@@ -107,7 +107,7 @@ class TRIM(Compressor):
         tokens, in raster order, are cut into ``k' - O`` contiguous runs, each averaged into the slot of its last
         token. At ``k' = details.adaptive_count`` it is the reference's selection; below it, the default's.
         Needs ``merge_rest`` (without mean tokens the outliers topped up by score are the default).
-      negate: rank by ``-rel`` (the reference's sign) instead of ``+rel`` (default ``False``).
+      negate: rank by ``-rel`` (the reference's sign, default ``True``) or, with ``False``, by ``+rel``.
       merge_rest: ``True`` (default): the mean token(s) above. ``False``: the ``k'`` best-scored tokens, nothing
         merged (the reference without its aggregated token).
       query_pool: ``"mean"`` (default: cosine to the mean query embedding, one text embedding as the reference's
@@ -122,7 +122,7 @@ class TRIM(Compressor):
     uses_query: ClassVar[bool] = True
 
     adaptive: bool = False
-    negate: bool = False
+    negate: bool = True
     merge_rest: bool = True
     query_pool: str = "mean"
 
