@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PIP) install --quiet -c constraints.txt -e ".[dev]"
 	touch $(STAMP)
 
-## the main job: answer a question with all tokens and with every compressor, on the embedded default model
+## the main job: 40 held-out questions with all tokens and with every compressor, on the embedded default model
 run: $(STAMP)
 	$(PY) -m vtc run
 

@@ -152,6 +152,13 @@ def plain(image: Image.Image, *, side: int = 448) -> Image.Image:
     return _scaled(image.convert("RGB"), side)[0]
 
 
+def side_by_side(panels: Sequence[tuple[Image.Image, str | None]], *, gap: int = 8) -> Image.Image:
+    """Pictures left to right, each with its label above it (``vtc run``'s example: all tokens | kept tokens)."""
+    if not panels:
+        raise ValueError("side_by_side needs at least one picture")
+    return _labelled(list(panels), gap)
+
+
 def frame_strip(tiles: Sequence[Image.Image], captions: Sequence[str], *, tile: int = 176,
                 columns: int = 8) -> Image.Image:
     """Frames left to right (wrapping after ``columns``), each ``tile`` pixels wide with its caption under it."""

@@ -134,8 +134,9 @@ def test_run_options_are_read_by_type_and_scoped():
     assert layers == {"layers": (3, 5), "start_layer": None}
 
 
-def test_run_with_an_option_reaches_apply(capsys):
-    assert cli.main(["run", "--budget", "4", "--compressor", "random", "--option", "seed=5", "--no-grid"]) == 0
+def test_run_with_an_option_reaches_apply(capsys, tmp_path):
+    assert cli.main(["run", "--budget", "4", "--compressor", "random", "--option", "seed=5", "--no-grid",
+                     "--per-kind", "1", "--timing-runs", "1", "--out-dir", str(tmp_path)]) == 0
     assert "random" in capsys.readouterr().out
 
 
