@@ -262,7 +262,8 @@ def test_exact_budget_and_the_budget_shape(case):
         if sel.details.rule == "dissimilar":
             mask = torch.zeros(n, dtype=torch.bool)
             mask[sel.indices] = True
-            assert float(sim[mask].max()) <= float(sim[~mask].min())
+            # (ranked by the recorded 1 - cos in fp32: cosines within one fp32 step of 1 - cos rank as ties)
+            assert float(sim[mask].max()) <= float(sim[~mask].min()) + 1e-6
     # deterministic
     assert kept(run_video_compressor(DyCoke(), video, budget)) == kept(result)
 

@@ -19,6 +19,7 @@ flow; for an image compressor run frame by frame, a plain ``Details`` with the s
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, field
 from typing import ClassVar, Sequence
 
@@ -195,6 +196,13 @@ def _extend_weights(weights: list, sel: Selection, idx: torch.Tensor, groups: li
         w = hit.to(torch.float32)
         weights.append(w / w.sum())
     return weights
+
+
+def check_video_budget(budget) -> int:
+    """A resolved video budget (``run_video_compressor`` passes one): an int >= 0, else a ``ValueError``."""
+    if isinstance(budget, bool) or not isinstance(budget, numbers.Integral) or budget < 0:
+        raise ValueError(f"video budget must be a resolved int >= 0, got {budget!r}")
+    return int(budget)
 
 
 class VideoCompressor(Compressor):

@@ -20,7 +20,13 @@ import torch
 from ..budget_split import even_budgets
 from ..compressor import register, top_k_sorted
 from ..selection import Details, Selection
-from ..video import FrameRecord, VideoCompressor, VideoSelection, VideoTokens
+from ..video import (
+    FrameRecord,
+    VideoCompressor,
+    VideoSelection,
+    VideoTokens,
+    check_video_budget,
+)
 from .baselines import pooling_grid
 
 #: the frame roles of TTM, per frame in time order
@@ -207,8 +213,7 @@ class DyCoke(VideoCompressor):
         _check_k(self.k)
 
     def select_video(self, video: VideoTokens, budget: int) -> VideoSelection:
-        if isinstance(budget, bool) or not isinstance(budget, numbers.Integral) or budget < 0:
-            raise ValueError(f"video budget must be a resolved int >= 0, got {budget!r}")
+        check_video_budget(budget)
         frames = video.frames
         layouts = {(tuple(f.grid), f.num_prefix_tokens) for f in frames}
         if len(layouts) != 1:

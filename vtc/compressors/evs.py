@@ -12,7 +12,6 @@ budgets below one frame, frames of different grids, positions, deviations).
 from __future__ import annotations
 
 import math
-import numbers
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -21,7 +20,13 @@ import torch
 from ..budget_split import even_budgets
 from ..compressor import VisualTokens, register, top_k_sorted
 from ..selection import Details, Selection
-from ..video import FrameRecord, VideoCompressor, VideoSelection, VideoTokens
+from ..video import (
+    FrameRecord,
+    VideoCompressor,
+    VideoSelection,
+    VideoTokens,
+    check_video_budget,
+)
 
 #: the dissimilarity of a token that is not compared with anything (first frame / anchor): above any ``1 - cos``
 #: (at most 2), so it is kept before every compared token; vLLM writes 255
@@ -151,8 +156,7 @@ class EVS(VideoCompressor):
     video_only: ClassVar[bool] = True
 
     def select_video(self, video: VideoTokens, budget: int) -> VideoSelection:
-        if isinstance(budget, bool) or not isinstance(budget, numbers.Integral) or budget < 0:
-            raise ValueError(f"video budget must be a resolved int >= 0, got {budget!r}")
+        check_video_budget(budget)
         frames = video.frames
         sizes = video.frame_sizes
         device = frames[0].features.device

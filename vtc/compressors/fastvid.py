@@ -23,7 +23,13 @@ from ..budget_split import split_budget
 from ..compressor import find_signal, register
 from ..selection import Details, Selection
 from ..signals import Signal, SignalKind, TowerInfo
-from ..video import FrameRecord, VideoCompressor, VideoSelection, VideoTokens
+from ..video import (
+    FrameRecord,
+    VideoCompressor,
+    VideoSelection,
+    VideoTokens,
+    check_video_budget,
+)
 
 #: neighbours of the DPC-kNN density, the token itself included (the reference's ``topk(dist, k=4)`` over a distance
 #: matrix whose diagonal is 0)
@@ -293,8 +299,7 @@ class FastVID(VideoCompressor):
 
     # ------------------------------------------------------------------------------------------------ the rule
     def select_video(self, video: VideoTokens, budget: int) -> VideoSelection:
-        if isinstance(budget, bool) or not isinstance(budget, numbers.Integral) or budget < 0:
-            raise ValueError(f"video budget must be a resolved int >= 0, got {budget!r}")
+        check_video_budget(budget)
         frames = video.frames
         num = len(frames)
         sizes = video.frame_sizes

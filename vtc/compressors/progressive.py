@@ -21,7 +21,13 @@ from ..budget_split import split_budget
 from ..compressor import VisualTokens, register
 from ..selection import Details, Selection
 from ..signals import Signal, SignalKind, TowerInfo
-from ..video import FrameRecord, VideoCompressor, VideoSelection, VideoTokens
+from ..video import (
+    FrameRecord,
+    VideoCompressor,
+    VideoSelection,
+    VideoTokens,
+    check_video_budget,
+)
 from .divprune import nearest_neighbour_distance
 
 #: similarity comparisons tolerate this much float noise (identical tokens are redundant even at threshold 1.0)
@@ -178,8 +184,7 @@ class Progressive(VideoCompressor):
 
     # ------------------------------------------------------------------------------------------------ the pass
     def select_video(self, video: VideoTokens, budget: int) -> VideoSelection:
-        if isinstance(budget, bool) or not isinstance(budget, numbers.Integral) or budget < 0:
-            raise ValueError(f"video budget must be a resolved int >= 0, got {budget!r}")
+        check_video_budget(budget)
         frames = video.frames
         num = len(frames)
         sizes = video.frame_sizes

@@ -21,7 +21,13 @@ import torch
 from ..budget_split import water_fill
 from ..compressor import register
 from ..selection import Details, Selection
-from ..video import FrameRecord, VideoCompressor, VideoSelection, VideoTokens
+from ..video import (
+    FrameRecord,
+    VideoCompressor,
+    VideoSelection,
+    VideoTokens,
+    check_video_budget,
+)
 
 #: the reference's Gaussian bandwidths ``a`` in ``exp(-||x - c||^2 / (2a))``: 2^-3 .. 2^1 (``vidcom2.py`` l.55)
 DEFAULT_SCALES = (0.125, 0.25, 0.5, 1.0, 2.0)
@@ -228,8 +234,7 @@ class VidCom2(VideoCompressor):
                              f"got {self.min_per_frame!r}")
 
     def select_video(self, video: VideoTokens, budget: int) -> VideoSelection:
-        if isinstance(budget, bool) or not isinstance(budget, numbers.Integral) or budget < 0:
-            raise ValueError(f"video budget must be a resolved int >= 0, got {budget!r}")
+        check_video_budget(budget)
         sizes = video.frame_sizes
         total_tokens = sum(sizes)
         device = video.frames[0].features.device
