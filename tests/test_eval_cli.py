@@ -114,3 +114,58 @@ def test_check_names_every_run_with_empty_answers():
                        {"compressor": "hiprune", "budget": 8, "empty_answers": {"t": [3, 5]}}]}
     with pytest.raises(sweep.EvalFailure, match=r"hiprune @ 8 on t: docs \[3, 5\]"):
         sweep.check(result)
+
+
+def _fake_result(budgets, compressors=("visionzip", "prumerge_plus"), n=10):
+    """A small ``vtc eval`` result without running anything: 2 tasks, the baseline then compressors x budgets."""
+    tasks = ["vtc_shapes_image", "vtc_shapes_video"]
+    full = {"vtc_shapes_image": 196, "vtc_shapes_video": 1568}
+
+    def run(compressor, budget, accuracy):
+        keep = 1.0 if budget is None else budget
+        return {"compressor": compressor, "budget": budget, "accuracy": {t: accuracy for t in tasks},
+                "samples": {t: n for t in tasks}, "empty_answers": {}, "visual_tokens_in": 882,
+                "visual_tokens_out": 882 * keep,
+                "visual_tokens_by_task": {t: {"in": full[t], "out": round(full[t] * keep)} for t in tasks},
+                "prefill_flops": 2e9 * keep, "first_token_seconds": 0.1 * keep, "peak_memory_bytes": 2**30 * keep,
+                "peak_memory_source": "cuda", "relative": {}}
+
+    runs = [run("none", None, 0.7)] + [run(c, b, 0.5 + 0.1 * i) for c in compressors
+                                       for i, b in enumerate(budgets)]
+    sweep.add_relative(runs)
+    return {"model": "fake", "tasks": tasks, "budgets": list(budgets), "compressors": list(compressors),
+            "positions": "reindex", "runs": runs}
+
+
+def test_wilson_interval_by_hand():
+    # 7/10, z = 1.96: z^2/n = 0.38415, centre = (0.7 + 0.19207) / 1.38415 = 0.64449,
+    # half = 1.96 / 1.38415 * sqrt(0.7 * 0.3 / 10 + 3.8415 / 400) = 1.41602 * 0.17494 = 0.24772 -> [0.397, 0.892]
+    lo, hi = sweep.wilson(0.7, 10)
+    assert (lo, hi) == (pytest.approx(0.397, abs=5e-4), pytest.approx(0.892, abs=5e-4))
+    # 0/10: centre = 0.19207 / 1.38415 = 0.13877 = half -> [0, 0.278]; 10/10 mirrors it
+    assert sweep.wilson(0.0, 10) == (pytest.approx(0.0, abs=1e-12), pytest.approx(0.2775, abs=5e-4))
+    assert sweep.wilson(1.0, 10) == (pytest.approx(0.7225, abs=5e-4), pytest.approx(1.0, abs=1e-12))
+
+
+def test_table_reports_visual_tokens_per_task_within_120_columns():
+    text = sweep.table(_fake_result([0.5, 0.125], compressors=("prumerge_plus", "visionzip")))
+    grid = text.split("\n\n")[0].splitlines()  # the accuracy / tokens table
+    assert "image tok" in grid[0] and "video tok" in grid[0] and "visual tokens" not in grid[0]
+    assert "196->196" in grid[2] and "1568->1568" in grid[2]
+    assert "196->98" in grid[3] and "1568->784" in grid[3]
+    assert "882" not in text  # the mean over all tasks' requests is not printed
+    assert "per task" in text and "prefill FLOPs" in text
+    tables = text.split("\n\npositions:")[0]
+    assert max(len(line) for line in tables.splitlines()) <= 120
+
+
+def test_plot_lines_join_only_a_compressors_own_budgets(tmp_path):
+    one, two = _fake_result([0.5]), _fake_result([0.5, 0.125])
+    assert sweep.segments(one, "vtc_shapes_image") == {"visionzip": [], "prumerge_plus": []}
+    lines = sweep.segments(two, "vtc_shapes_video")
+    assert set(lines) == {"visionzip", "prumerge_plus"}  # no segment to the baseline
+    assert lines["visionzip"] == [((196, 0.6), (784, 0.5))]
+    for name, result in (("one", one), ("two", two)):
+        path = tmp_path / f"{name}.png"
+        sweep.plot(result, path)
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 1000

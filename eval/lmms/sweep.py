@@ -7,10 +7,11 @@
 
 The model is loaded once; each run wraps it (``vtc.apply``), evaluates every task in-process with lmms-eval
 (``simple_evaluate``), and unwraps it. The uncompressed baseline runs first. Writes ``OUT/vtc_eval.json`` (schema:
-``RESULT_KEYS`` / ``RUN_KEYS``), ``OUT/vtc_eval.png`` (accuracy against the visual tokens the LLM received, one
-line per compressor, the baseline dashed) and lmms-eval's own per-sample logs under ``OUT/samples/``, and prints a
-table: accuracy per task, mean visual tokens in -> out, analytic prefill FLOPs, measured time to first token and
-peak memory, each relative to the baseline.
+``RESULT_KEYS`` / ``RUN_KEYS``), ``OUT/vtc_eval.png`` (accuracy with 95 % Wilson intervals against the visual
+tokens the LLM received, lines only between a compressor's budgets, the baseline a point and a dashed line) and
+lmms-eval's own per-sample logs under ``OUT/samples/``, and prints two tables: accuracy and mean visual tokens
+in -> out per task; analytic prefill FLOPs, measured time to first token and peak memory, each relative to the
+baseline.
 
 It fails (exit 1, a message saying what and how to fix it) when the model cannot be loaded, a task is unknown or
 produced no samples, or any answer is empty -- lmms-eval itself would exit 0 in all these cases.
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import itertools
 import json
 import pathlib
 import statistics
@@ -239,40 +241,101 @@ def _ratio(value) -> str:
     return "" if value is None else f" ({value:.2f}x)"
 
 
+def _tokens(by_task: dict) -> str:
+    if by_task is None or by_task.get("in") is None or by_task.get("out") is None:
+        return "-"
+    return f"{by_task['in']:.0f}->{by_task['out']:.0f}"
+
+
+def _grid(head: list, rows: list) -> list[str]:
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
+    lines = ["  ".join(str(x).ljust(w) for x, w in zip(row, widths)).rstrip() for row in [head, *rows]]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return lines
+
+
 def table(result: dict) -> str:
+    """The printed summary, two tables so that 2-3 tasks fit in 120 columns: per task the accuracy and the mean
+    visual tokens per request in -> out (per task: an image, a video and a multiple-choice question carry different
+    counts, so one mean over all of them matches no workload); then the prefill FLOPs, time to first token and peak
+    memory of each run, relative to the baseline."""
     tasks = result["tasks"]
-    head = ["compressor", "budget"] + [t.replace("vtc_shapes_", "") for t in tasks] + [
-        "visual tokens", "prefill FLOPs", "first token", "peak mem"]
-    rows = []
+    head = ["compressor", "budget"]
+    for t in tasks:
+        short = t.replace("vtc_shapes_", "")
+        head += [short, f"{short} tok"]
+    cost_head = ["compressor", "budget", "prefill FLOPs", "first token", "peak mem"]
+    rows, cost_rows = [], []
     for run in result["runs"]:
         rel = run["relative"]
         budget = "all" if run["budget"] is None else str(run["budget"])
-        accs = []
+        cells = []
         for t in tasks:
             delta = rel["accuracy_delta"][t]
-            accs.append(f"{run['accuracy'][t]:.3f}" + ("" if run["budget"] is None else f" ({delta:+.3f})"))
-        tokens = f"{run['visual_tokens_in']:.0f} -> {run['visual_tokens_out']:.0f}"
+            cells.append(f"{run['accuracy'][t]:.3f}" + ("" if run["budget"] is None else f" ({delta:+.3f})"))
+            cells.append(_tokens((run.get("visual_tokens_by_task") or {}).get(t)))
         ttft = "-" if run["first_token_seconds"] is None else f"{run['first_token_seconds'] * 1e3:.1f} ms"
         mem = "-" if run["peak_memory_bytes"] is None else f"{run['peak_memory_bytes'] / 2**20:.1f} MB"
-        rows.append([run["compressor"], budget, *accs, tokens,
-                     _fmt_flops(run["prefill_flops"]) + _ratio(rel["prefill_flops"]),
-                     ttft + _ratio(rel["first_token_seconds"]), mem + _ratio(rel["peak_memory_bytes"])])
-    widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
-    lines = ["  ".join(str(x).ljust(w) for x, w in zip(row, widths)) for row in [head, *rows]]
-    lines.insert(1, "  ".join("-" * w for w in widths))
+        rows.append([run["compressor"], budget, *cells])
+        cost_rows.append([run["compressor"], budget, _fmt_flops(run["prefill_flops"]) + _ratio(rel["prefill_flops"]),
+                          ttft + _ratio(rel["first_token_seconds"]), mem + _ratio(rel["peak_memory_bytes"])])
+    lines = _grid(head, rows) + [""] + _grid(cost_head, cost_rows)
     source = next((r["peak_memory_source"] for r in result["runs"] if r["peak_memory_source"]), None)
     notes = [f"positions: {result['positions']} ({vtc.POSITION_MODES.get(result['positions'], '')}) in every "
              "compressed run (vtc eval --positions to change)",
              "accuracy: exact match of the first word (generate tasks), argmin loss among the choices (_mc); "
              "in brackets the change from the baseline",
-             "prefill FLOPs: analytic, per request (formula in vtc_eval.json 'flops_formula'); first token: median "
-             "time to first token of generate requests; peak mem: highest " +
+             ("<task> tok: visual tokens per request in -> out, averaged per task (an image, a video and a question "
+              "carry different counts)"),
+             "prefill FLOPs: analytic, per request over all tasks (formula in vtc_eval.json 'flops_formula'); first "
+             "token: median time to first token of generate requests; peak mem: highest " +
              ("resident-memory growth per request (CPU)" if source == "cpu_rss" else "CUDA memory allocated "
               "above the start per request")]
     return "\n".join(lines + [""] + notes)
 
 
+#: two-sided 95 % normal quantile
+Z95 = 1.959963984540054
+
+
+def wilson(accuracy: float, n: int, z: float = Z95) -> tuple[float, float]:
+    """The Wilson score interval (95 % by default) of a proportion ``accuracy`` observed over ``n`` samples.
+
+    Assumes ``accuracy`` is the mean of ``n`` independent 0/1 outcomes (exact match, argmin-loss choice: true for
+    the offline tasks and most lmms-eval accuracy metrics; not for graded scores such as MME's sums or ANLS).
+    Unlike the normal approximation it stays inside [0, 1] and is not zero-width at 0 or 1."""
+    if not n:
+        return 0.0, 1.0
+    p = min(max(float(accuracy), 0.0), 1.0)
+    z2 = z * z
+    denom = 1 + z2 / n
+    centre = (p + z2 / (2 * n)) / denom
+    half = z / denom * (p * (1 - p) / n + z2 / (4 * n * n)) ** 0.5
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def points(result: dict, task: str) -> dict[str, list[tuple[float, float]]]:
+    """Each compressor's measured (visual tokens received, accuracy) on ``task``, sorted by tokens; the baseline
+    under ``"none"``."""
+    out: dict[str, list[tuple[float, float]]] = {}
+    for run in result["runs"]:
+        tokens = run["visual_tokens_by_task"][task]["out"]
+        out.setdefault(run["compressor"], []).append((tokens, run["accuracy"][task]))
+    return {name: sorted(p) for name, p in out.items()}
+
+
+def segments(result: dict, task: str) -> dict[str, list[tuple[tuple[float, float], tuple[float, float]]]]:
+    """The line segments of the plot: one between consecutive measured budgets of the same compressor, none to the
+    baseline (nothing was measured in between) and none for a compressor with a single budget."""
+    return {name: list(itertools.pairwise(p)) for name, p in points(result, task).items() if name != "none"}
+
+
 def plot(result: dict, path: pathlib.Path) -> None:
+    """Accuracy against the visual tokens the LLM received, one panel per task: every measured point with its 95 %
+    Wilson interval (``wilson``: accuracy taken as a mean of 0/1 outcomes over the task's ``samples``), lines only
+    between a compressor's own measured budgets, the baseline as its own point with a dashed horizontal reference,
+    and the y axis fixed at [0, 1] so that differences inside the intervals do not look significant. Compressors
+    are drawn a sliver apart on x (1.2 % of the baseline's tokens each) so that equal budgets do not overlap."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -281,22 +344,36 @@ def plot(result: dict, path: pathlib.Path) -> None:
     tasks = result["tasks"]
     fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 4), squeeze=False)
     base = result["runs"][0]
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, task in zip(axes[0], tasks):
+        measured = points(result, task)
+        lines = segments(result, task)
+        counts = {r["compressor"]: r["samples"][task] for r in result["runs"]}  # n per point (same limit per run)
         full = base["visual_tokens_by_task"][task]["out"]
-        ax.axhline(base["accuracy"][task], color="black", linestyle="--", label="all tokens")
-        ax.plot([full], [base["accuracy"][task]], marker="s", color="black")
-        for name in result["compressors"]:
-            # each compressor's curve starts at the baseline: at every token, pruning is the identity
-            runs = sorted([base, *(r for r in result["runs"] if r["compressor"] == name)],
-                          key=lambda r: r["visual_tokens_by_task"][task]["out"])
-            ax.plot([r["visual_tokens_by_task"][task]["out"] for r in runs], [r["accuracy"][task] for r in runs],
-                    marker="o", label=name)
-        ax.set_title(task)
+        names = ["none", *(c for c in result["compressors"] if c in measured)]
+        for i, name in enumerate(names):
+            # compressors at one budget share x: shift each by a sliver of the axis so no interval hides another
+            dodge = 0.0 if name == "none" else (i - len(names) / 2) * 0.012 * full
+            xs, ys = zip(*measured[name])
+            xs = [x + dodge for x in xs]
+            lo, hi = zip(*(wilson(y, counts[name]) for y in ys))
+            err = [[y - l for y, l in zip(ys, lo)], [h - y for y, h in zip(ys, hi)]]
+            color = "black" if name == "none" else colors[(i - 1) % len(colors)]
+            label = "all tokens (baseline)" if name == "none" else name
+            ax.errorbar(xs, ys, yerr=err, fmt="s" if name == "none" else "o", color=color, capsize=3,
+                        label=label)
+            if name == "none":
+                ax.axhline(ys[0], color="black", linestyle="--", linewidth=1)
+            for (x0, y0), (x1, y1) in lines.get(name, []):
+                ax.plot([x0 + dodge, x1 + dodge], [y0, y1], color=color)
+        ns = sorted(set(counts.values()))
+        ax.set_title(f"{task} (n = {ns[0] if len(ns) == 1 else ns} per point)")
         ax.set_xlabel(f"visual tokens the LLM received per request (all: {full:.0f})")
-        ax.set_ylabel("accuracy")
+        ax.set_ylabel("accuracy (95 % Wilson interval)")
+        ax.set_ylim(-0.02, 1.02)
         ax.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=7, loc="lower right")
-    fig.suptitle(f"{result['model']}: accuracy vs visual-token budget")
+    axes[0][-1].legend(fontsize=7, loc="best")
+    fig.suptitle(f"{result['model']}: accuracy vs visual tokens (lines join one compressor's budgets)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
