@@ -16,6 +16,7 @@ import pathlib
 import gradio as gr
 
 import vtc
+from vtc.budget import describe_budget
 
 from .engine import EMBEDDED, DemoError, Engine, Result, RunResult, Spec
 
@@ -44,6 +45,25 @@ def _ms(seconds: float | None) -> str:
     return "n/a" if seconds is None else f"{seconds * 1000:.1f} ms"
 
 
+def speed_words(baseline_seconds: float, seconds: float) -> str:
+    """``"1.60× faster"`` than all tokens, or ``"1.33× slower"`` when it took longer -- never "0.75× faster"."""
+    ratio = baseline_seconds / seconds
+    return f"{ratio:.2f}× faster" if ratio >= 1 else f"{1 / ratio:.2f}× slower"
+
+
+def options_hint(compressor: str) -> str:
+    """A placeholder for the options box that is valid for ``compressor``: its first option at its default value
+    (``"e.g. start_layer=None"``), or a note when it has none."""
+    import dataclasses
+
+    fields = [f for f in dataclasses.fields(vtc.get_compressor_class(compressor))]
+    if not fields:
+        return f"{compressor} has no options"
+    first = fields[0]
+    default = first.default if first.default is not dataclasses.MISSING else first.default_factory()
+    return f"e.g. {first.name}={default!r} (key=value, ... or JSON)"
+
+
 def _verdict(answer: str, expected: str | None) -> str:
     if expected is None:
         return ""
@@ -56,13 +76,14 @@ def stats_markdown(run: RunResult, baseline: RunResult, expected: str | None) ->
     if run.compressor is None:
         lines.append(f"**all {run.visual_in} visual tokens**")
     else:
-        budget = run.budget if isinstance(run.budget, int) else f"{run.budget:g} = {run.budget_tokens} tokens"
-        lines.append(f"**kept {run.kept} / {run.visual_in} visual tokens** (budget {budget})")
+        unit = "video" if run.frames else "image"
+        lines.append(f"**kept {run.kept} / {run.visual_in} visual tokens** (budget: "
+                     f"{describe_budget(run.budget, run.visual_in, unit)})")
         if run.positions:
             lines.append(f"positions: `{run.positions}` ({vtc.POSITION_MODES.get(run.positions, '')})")
     lines.append(f"visual tokens in → out: {run.visual_in} → {run.visual_out}")
     speed = "" if run.compressor is None or not baseline.prefill_seconds or not run.prefill_seconds else \
-        f" ({baseline.prefill_seconds / run.prefill_seconds:.2f}× faster)"
+        f" ({speed_words(baseline.prefill_seconds, run.prefill_seconds)})"
     lines.append(f"prefill (time to first token): {_ms(run.prefill_seconds)}{speed}")
     share = "" if run.compressor is None else f" ({100 * run.flops / baseline.flops:.0f} % of all tokens)"
     lines.append(f"prefill FLOPs: {_gflops(run.flops)}{share}")
@@ -164,13 +185,14 @@ def build_app(engine: Engine | None = None) -> gr.Blocks:
                     name_a = gr.Dropdown(compressors, value="cls_attention", label="Compressor A",
                                          elem_id="compressor-a")
                     budget_a = gr.Textbox("0.25", label="Budget A (tokens, or a fraction)", elem_id="budget-a")
-                    options_a = gr.Textbox(label="Options A (key=value, ... or JSON)", placeholder="e.g. layer=5",
-                                           elem_id="options-a")
+                    options_a = gr.Textbox(label="Options A (key=value, ... or JSON)",
+                                           placeholder=options_hint("cls_attention"), elem_id="options-a")
                 compare = gr.Checkbox(label="Compare with a second compressor", elem_id="compare")
                 with gr.Group(visible=False) as group_b:
                     name_b = gr.Dropdown(compressors, value="random", label="Compressor B", elem_id="compressor-b")
                     budget_b = gr.Textbox("0.25", label="Budget B (tokens, or a fraction)", elem_id="budget-b")
-                    options_b = gr.Textbox(label="Options B (key=value, ... or JSON)", elem_id="options-b")
+                    options_b = gr.Textbox(label="Options B (key=value, ... or JSON)",
+                                           placeholder=options_hint("random"), elem_id="options-b")
                 run = gr.Button("Run", variant="primary", elem_id="run")
                 status = gr.Textbox(label="Status", interactive=False, elem_id="status")
             with gr.Column(scale=3):
@@ -193,6 +215,9 @@ def build_app(engine: Engine | None = None) -> gr.Blocks:
         upload.upload(lambda: None, None, example)  # an own file is no longer the selected example
         upload.change(on_file, [upload, question, frames], [picture_all, status, expected])
         compare.change(lambda on: (gr.update(visible=on), gr.update(visible=on)), compare, [group_b, column_b])
+        # the options box's example follows the chosen compressor, so it is always a valid input
+        name_a.change(lambda name: gr.update(placeholder=options_hint(name)), name_a, options_a)
+        name_b.change(lambda name: gr.update(placeholder=options_hint(name)), name_b, options_b)
         run.click(on_run, [upload, question, model, frames, max_new, name_a, budget_a, options_a, compare, name_b,
                            budget_b, options_b],
                   [picture_all, stats_all, picture_a, stats_a, picture_b, stats_b, table, status],

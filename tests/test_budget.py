@@ -48,3 +48,15 @@ def test_parse(text, expected):
 def test_parse_rejects(text):
     with pytest.raises(ValueError):
         parse_budget(text)
+
+
+def test_describe_budget_reads_as_a_person_would():
+    from vtc.budget import describe_budget
+
+    assert describe_budget(0.25, 196) == "25 % of 196 = 49 tokens per image"
+    assert describe_budget(1.0, 196) == "100 % of 196 = 196 tokens per image"  # not "budget 1 = 196 tokens"
+    assert describe_budget(64, 196) == "64 tokens per image"
+    assert describe_budget(300, 196) == "300 tokens per image (the image has 196: all kept)"  # capped, and said
+    assert describe_budget(0.25, 1568, "video") == "25 % of 1568 = 392 tokens per video"
+    with pytest.raises(ValueError):
+        describe_budget(0, 196)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import fractions
 import threading
 
@@ -333,3 +334,26 @@ def test_vtc_demo_command_line(tmp_path, capsys):
     assert (args.func, args.model, args.host, args.port, args.share) == (cmd_demo, None, "0.0.0.0", 8123, "no")
     assert main(["demo", "--model", str(tmp_path / "missing")]) == 1  # fails before serving anything
     assert "cannot load model" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("compressor", vtc.list_compressors("encoder"))
+def test_options_placeholder_is_a_valid_input_for_its_compressor(compressor):
+    """The options box's example follows the chosen compressor; typed in as shown, it must be accepted."""
+    from vtc.demo.app import options_hint
+    from vtc.demo.engine import parse_options
+
+    hint = options_hint(compressor)
+    if hint.endswith("has no options"):
+        assert not dataclasses.fields(vtc.get_compressor_class(compressor))
+        return
+    assert hint.startswith("e.g. ")
+    options = parse_options(hint[len("e.g. "):].split(" (key=")[0])
+    vtc.create_compressor(compressor, **options)  # raises on an invalid example
+
+
+def test_speed_is_called_slower_when_slower():
+    from vtc.demo.app import speed_words
+
+    assert speed_words(0.2, 0.1) == "2.00× faster"
+    assert speed_words(0.1, 0.1) == "1.00× faster"
+    assert speed_words(0.3, 0.4) == "1.33× slower"  # not "0.75× faster"

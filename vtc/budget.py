@@ -68,3 +68,15 @@ def parse_budget(text: str | Budget) -> Budget:
     except ValueError:
         raise ValueError(f"cannot parse budget {text!r}: write {_FORMS}, e.g. '64' or '0.25'") from None
     return validate_budget(value)
+
+
+def describe_budget(budget: Budget, num_tokens: int, unit: str = "image") -> str:
+    """The budget as a person reads it, for an item of ``num_tokens`` visual tokens: ``"25 % of 196 = 49 tokens per
+    image"`` for a fraction, ``"64 tokens per image"`` for a count -- saying so when the item has fewer tokens than
+    that (``"(the image has 36: all kept)"``), since the budget is then capped."""
+    budget = validate_budget(budget)
+    if isinstance(budget, int):
+        capped = f" (the {unit} has {num_tokens}: all kept)" if budget > num_tokens else ""
+        return f"{budget} tokens per {unit}{capped}"
+    return f"{round(budget * 100, 1):g} % of {num_tokens} = {resolve_budget(budget, num_tokens)} tokens per {unit}"
+

@@ -111,15 +111,10 @@ def held_out_set(per_kind: int = DEFAULT_PER_KIND, start: int = 0) -> list[tuple
 
 
 def budget_words(budget, num_tokens: int) -> str:
-    """The budget as a person reads it: ``"25 % of 196 = 49 tokens per image"`` for a ratio, ``"64 tokens per
-    image"`` for a count (saying so when the image has fewer tokens than that: all are kept)."""
-    from .budget import resolve_budget, validate_budget
+    """The budget as a person reads it (``vtc.budget.describe_budget`` for one image)."""
+    from .budget import describe_budget
 
-    budget = validate_budget(budget)
-    if isinstance(budget, int):
-        return f"{budget} tokens per image" + (f" (the image has {num_tokens}: all kept)" if budget > num_tokens
-                                               else "")
-    return f"{round(budget * 100, 1):g} % of {num_tokens} = {resolve_budget(budget, num_tokens)} tokens per image"
+    return describe_budget(budget, num_tokens, "image")
 
 
 def relative_time(ratio: float) -> str:
