@@ -207,6 +207,23 @@ def _not_media(name: str) -> DemoError:
                      f"(MP4, WebM, MOV, MKV, AVI)")
 
 
+def _looks_like_video(path: str) -> bool:
+    """Whether the file starts like a video container (MP4 / MOV ``ftyp``-style boxes, Matroska / WebM, AVI, FLV,
+    MPEG-TS / PS): such a file that FFmpeg cannot open is a damaged video, not some other kind of file."""
+    with open(path, "rb") as handle:
+        head = handle.read(189)
+    transport_stream = len(head) == 189 and head[0] == head[188] == 0x47  # a sync byte every 188 bytes
+    return (head[4:8] in (b"ftyp", b"moov", b"mdat", b"wide", b"free", b"skip") or head[:4] == b"\x1a\x45\xdf\xa3"
+            or (head[:4] == b"RIFF" and head[8:12] == b"AVI ") or head[:3] == b"FLV" or transport_stream
+            or head[:4] in (b"\x00\x00\x01\xba", b"\x00\x00\x01\xb3"))
+
+
+def _damaged_video(name: str, exc: Exception) -> DemoError:
+    reason = " ".join(str(exc).split())[:120] or type(exc).__name__
+    return DemoError(f"{name} looks like a video but cannot be read -- the file may be truncated or damaged "
+                     f"({reason}); upload it again or re-encode it")
+
+
 def _duration(seconds: float) -> str:
     return f"{seconds:.3g} s" if seconds < 120 else f"{seconds / 60:.3g} min"
 
@@ -246,6 +263,8 @@ def _probe_video(path: str, name: str) -> tuple[float | None, int | None] | None
     except DemoError:
         raise
     except Exception as exc:  # av.error.FFmpegError and its subclasses: not a container FFmpeg can read
+        if _looks_like_video(path):
+            raise _damaged_video(name, exc) from exc
         raise _not_media(name) from exc
 
 
@@ -283,6 +302,8 @@ def load_media(path, *, num_frames: int = 8, limits: Limits = Limits(), name: st
     except ImportError as exc:
         raise DemoError(f"{name}: reading videos needs a decoder; install one with `pip install av`") from exc
     except (ValueError, OSError) as exc:
+        if _looks_like_video(path):
+            raise _damaged_video(name, exc) from exc
         raise DemoError(f"{name} could not be read as a video: {exc}") from exc
     if error := _too_long(name, clip.duration, clip.num_source_frames, limits):
         raise error

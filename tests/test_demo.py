@@ -357,3 +357,18 @@ def test_speed_is_called_slower_when_slower():
     assert speed_words(0.2, 0.1) == "2.00× faster"
     assert speed_words(0.1, 0.1) == "1.00× faster"
     assert speed_words(0.3, 0.4) == "1.33× slower"  # not "0.75× faster"
+
+
+def test_a_truncated_video_is_called_damaged_not_unknown(tmp_path):
+    """A cut-off MP4 (an interrupted upload or copy) is a damaged video: say so, not "neither an image nor a video"."""
+    from vtc.demo.engine import write_video
+
+    whole = tmp_path / "whole.mp4"
+    frames = [Image.fromarray(np.full((64, 64, 3), 40 * i, dtype=np.uint8)) for i in range(6)]
+    write_video(frames, whole, fps=4)
+    data = whole.read_bytes()
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(data[: len(data) // 3])
+    assert load_media(whole, num_frames=2).kind == "video"
+    with pytest.raises(DemoError, match="looks like a video but cannot be read -- the file may be truncated"):
+        load_media(cut, num_frames=2)
