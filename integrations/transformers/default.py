@@ -2,7 +2,7 @@
 
 It lets the main command, the evaluation harness and the demo show real behaviour with no download: its CLS
 attention lands on objects, and pruning the wrong tokens costs accuracy. ``python -m vtc.eval.default_model.train``
-reproduces it; the README's "Embedded default model" section is its card (data, training, size, accuracy, limits).
+reproduces it; docs/default_model.md is its card (data, training, size, accuracy, limits).
 """
 
 from __future__ import annotations
