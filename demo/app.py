@@ -5,7 +5,10 @@ Only layout and formatting live here; uploads, models, locking and drawing are `
 (``error: ...``): a user sees what to fix, never a stack trace (unexpected errors are logged on the server).
 
     python -m vtc demo                      # embedded default model, http://127.0.0.1:7860
-    python -m vtc demo --model DIR_OR_HUB_ID --host 0.0.0.0 --port 8080
+    python -m vtc demo --model DIR_OR_HUB_ID --model ANOTHER --host 0.0.0.0 --port 8080
+
+The page offers exactly the engine's served models in a dropdown (labels, never server paths); a typed folder or
+hub id only with ``allow_any_model``, which ``launch`` refuses on a non-loopback host (``engine.check_host``).
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import gradio as gr
 import vtc
 from vtc.budget import describe_budget
 
-from .engine import EMBEDDED, DemoError, Engine, Result, RunResult, Spec
+from .engine import DemoError, Engine, Result, RunResult, Spec, check_host
 
 log = logging.getLogger(__name__)
 
@@ -174,8 +177,11 @@ def build_app(engine: Engine | None = None) -> gr.Blocks:
                                  type="filepath", elem_id="upload")
                 question = gr.Textbox(label="Question", elem_id="question")
                 expected = gr.Markdown(elem_id="expected")
-                model = gr.Textbox(label="Model: local folder or hub id (empty: the embedded default model)",
-                                   value=engine.default_model or "", placeholder=EMBEDDED, elem_id="model")
+                served = list(engine.labels.values())
+                model = gr.Dropdown(served, value=engine.default_label, elem_id="model",
+                                    allow_custom_value=engine.allow_any_model,
+                                    label="Model: one of the served models, or a local folder or hub id"
+                                    if engine.allow_any_model else "Model")
                 with gr.Row():
                     frames = gr.Slider(1, engine.limits.max_frames, value=8, step=1, label="Frames per video",
                                        elem_id="frames")
@@ -225,12 +231,15 @@ def build_app(engine: Engine | None = None) -> gr.Blocks:
     return demo
 
 
-def launch(model: str | None = None, *, host: str = "127.0.0.1", port: int | None = 7860, share: bool = False,
-           engine: Engine | None = None, prevent_thread_lock: bool = False, quiet: bool = False) -> gr.Blocks:
+def launch(model: str | None = None, *, models=None, allow_any_model: bool = False, host: str = "127.0.0.1",
+           port: int | None = 7860, share: bool = False, engine: Engine | None = None,
+           prevent_thread_lock: bool = False, quiet: bool = False) -> gr.Blocks:
     """Build and serve the app; returns the Blocks (``.close()`` stops a server started with
-    ``prevent_thread_lock=True``). Gradio's own upload limit is twice the engine's, so files in between get the
-    engine's explanation rather than a bare refusal."""
-    engine = engine or Engine(model)
+    ``prevent_thread_lock=True``). ``models`` / ``allow_any_model``: see ``Engine``; an engine that allows any
+    model is refused (``DemoError``) on a non-loopback host or with ``share``. Gradio's own upload limit is twice
+    the engine's, so files in between get the engine's explanation rather than a bare refusal."""
+    check_host(host, allow_any_model or (engine is not None and engine.allow_any_model), share)
+    engine = engine or Engine(model, models=models, allow_any_model=allow_any_model)
     demo = build_app(engine)
     demo.queue()
     folders = sorted({str(pathlib.Path(e.path).parent) for e in engine.examples})

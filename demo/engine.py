@@ -6,6 +6,11 @@ that does not load) and everything that must be safe between users (one model in
 
 * ``load_media`` accepts an image or a video file and rejects anything else, files over ``Limits.max_bytes`` and
   videos longer than ``Limits.max_video_seconds`` / ``max_source_frames``, with a message saying what is accepted.
+* ``Engine`` serves an allowlist of models (``models``; default: the embedded model), each checked at start with
+  ``preflight.resolve_model_ref`` (a missing folder or an unreachable hub id fails there, not in a request). Any
+  other reference is refused at once, without touching the file system or the network, unless
+  ``allow_any_model`` (for a loopback host only: ``check_host``). Labels never show server paths (a folder's base
+  name).
 * ``Engine.model`` loads a model once and keeps the last few in an LRU; each has a lock held for the whole
   apply -> generate -> read selection -> remove sequence, so two users' selections never cross.
 * ``Engine.run`` answers a question with all visual tokens and with one or two compressors, and returns what each
@@ -21,6 +26,7 @@ from __future__ import annotations
 import collections
 import hashlib
 import importlib.util
+import ipaddress
 import json
 import logging
 import os
@@ -488,18 +494,106 @@ def _load_model(ref: str | None):
         raise DemoError(str(exc).removeprefix("error: ")) from None
 
 
+LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost"})
+
+
+def is_loopback(host: str | None) -> bool:
+    """Whether ``host`` is only reachable from this machine (127.0.0.1 and the rest of 127/8, ::1, localhost)."""
+    host = (host or "").strip().strip("[]").lower()
+    if host in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_host(host: str | None, allow_any_model: bool, share: bool = False) -> None:
+    """``DemoError`` when ``allow_any_model`` would let people on the network name any server path or hub id:
+    a host other than a loopback address, or a public share link."""
+    if not allow_any_model:
+        return
+    if share:
+        raise DemoError("--allow-any-model cannot be combined with a public share link: any visitor could load any "
+                        "folder or hub id on this server; list the models to serve with --model instead")
+    if not is_loopback(host):
+        raise DemoError(f"--allow-any-model is only allowed on a loopback host (127.0.0.1, ::1 or localhost), not "
+                        f"{host!r}: on a network address any visitor could load any folder or hub id on this server; "
+                        "list the models to serve with --model instead")
+
+
+def _is_embedded(ref) -> bool:
+    return ref is None or (isinstance(ref, str) and ref.strip() in ("", EMBEDDED))
+
+
+def _key_of(ref) -> str:
+    return EMBEDDED if _is_embedded(ref) else ref.strip()
+
+
+def model_label(ref: str | None, source: str | None = None) -> str:
+    """What the page shows for a model: the embedded model's name, a folder's base name (never its absolute path),
+    or a hub id as it is."""
+    if _is_embedded(ref):
+        from vtc.integrations.transformers.default import DEFAULT_MODEL_NAME
+
+        return DEFAULT_MODEL_NAME
+    ref = ref.strip()
+    if source == "folder" or (source is None and os.path.isdir(os.path.expanduser(ref))):
+        return os.path.basename(os.path.normpath(os.path.expanduser(ref))) or ref
+    return ref
+
+
+def check_models(refs: Sequence[str | None]) -> dict[str, str]:
+    """``{key: label}`` for the allowlist, in order, after resolving each reference
+    (``preflight.resolve_model_ref``): a missing folder or an unreachable hub id raises ``DemoError`` now."""
+    from vtc.integrations.transformers.preflight import ModelNotFoundError, resolve_model_ref
+
+    labels: dict[str, str] = {}
+    for ref in refs:
+        key = _key_of(ref)
+        if key in labels:
+            continue
+        if key == EMBEDDED:
+            label = model_label(None)
+        else:
+            try:
+                resolved = resolve_model_ref(key)
+            except ModelNotFoundError as exc:
+                raise DemoError(str(exc)) from None
+            if resolved.note:
+                log.warning("%s", resolved.note)
+            label = model_label(key, resolved.source)
+        base, n = label, 2
+        while label in labels.values():  # two folders with one base name: both stay selectable
+            label, n = f"{base} ({n})", n + 1
+        labels[key] = label
+    return labels
+
+
 class Engine:
     """Models (an LRU of ``cache_size``, each loaded once, each with its own lock) and requests on them.
 
-    ``default_model``: the model ref used when a request names none (``None``: the embedded default model).
-    ``loader(ref) -> ((model, processor), label)`` is injectable for tests.
+    ``models``: the references this engine serves (local folders, hub ids; ``None`` is the embedded default
+    model), checked now with ``preflight.resolve_model_ref``; default ``[default_model]``. ``default_model``: the
+    one used when a request names none (default: the first of ``models``). A request may name a model by its label
+    (``labels``) or its reference; anything else is refused at once, unless ``allow_any_model`` (serve that only on
+    a loopback host: ``check_host``). ``loader(ref) -> ((model, processor), label)`` is injectable for tests.
     """
 
-    def __init__(self, default_model: str | None = None, *, cache_size: int = 2, limits: Limits = Limits(),
-                 examples_dir=None, loader=None):
+    def __init__(self, default_model: str | None = None, *, models: Sequence[str | None] | None = None,
+                 allow_any_model: bool = False, cache_size: int = 2, limits: Limits = Limits(), examples_dir=None,
+                 loader=None):
         if cache_size < 1:
             raise ValueError(f"cache_size must be >= 1, got {cache_size}")
-        self.default_model = default_model or None
+        refs = list(models) if models else [default_model]
+        if default_model is not None and _key_of(default_model) not in map(_key_of, refs):
+            refs.insert(0, default_model)
+        #: ``{key: label}`` of the served models, in order (key: the reference, or ``EMBEDDED``)
+        self.labels = check_models(refs)
+        self._by_label = {label: key for key, label in self.labels.items()}
+        default_key = next(iter(self.labels)) if default_model is None else _key_of(default_model)
+        self.default_model = None if default_key == EMBEDDED else default_key
+        self.allow_any_model = bool(allow_any_model)
         self.cache_size = cache_size
         self.limits = limits
         self.loads = 0  # models loaded so far (cache misses)
@@ -511,9 +605,22 @@ class Engine:
         self._example_by_hash = {_sha256(e.path): e for e in self.examples}
 
     # -- models ---------------------------------------------------------------------------------------------
+    @property
+    def default_label(self) -> str:
+        return self.labels[self.default_model or EMBEDDED]
+
     def _key(self, ref: str | None) -> str:
-        ref = (ref or "").strip() or self.default_model or ""
-        return EMBEDDED if ref in ("", EMBEDDED) else ref
+        """The served model a request names (its label or reference; empty: the default). Anything else raises
+        ``DemoError`` at once -- the message names only the served models, never what was typed."""
+        ref = (ref or "").strip()
+        if not ref:
+            return self.default_model or EMBEDDED
+        if ref in self._by_label:
+            return self._by_label[ref]
+        key = EMBEDDED if ref == EMBEDDED else ref
+        if key in self.labels or self.allow_any_model:
+            return key
+        raise DemoError("model not available: this demo serves only: " + ", ".join(self.labels.values()))
 
     def model(self, ref: str | None = None) -> LoadedModel:
         """The loaded model for ``ref`` (cached; concurrent first requests load it once)."""
@@ -549,7 +656,14 @@ class Engine:
     def _load(self, key: str) -> LoadedModel:
         from vtc.integrations.transformers.adapter import adapter_for
 
-        (model, processor), label = self._loader(None if key == EMBEDDED else key)
+        label = self.labels.get(key) or model_label(key)  # never an absolute server path
+        try:
+            (model, processor), _ = self._loader(None if key == EMBEDDED else key)
+        except DemoError as exc:  # name the model by its label, not by the server path it was loaded from
+            message = str(exc)
+            for path in {key, os.path.expanduser(key), os.path.abspath(os.path.expanduser(key))} - {EMBEDDED}:
+                message = message.replace(path, label)
+            raise DemoError(message) from None
         try:
             adapter = adapter_for(model)
         except TypeError as exc:
@@ -807,4 +921,5 @@ def _video_picture(media: Media, records, videos, boxes: _BoxCache) -> tuple[Ima
 
 
 __all__ = ["DemoError", "Engine", "Example", "FrameInfo", "Limits", "LoadedModel", "Media", "Result", "RunResult",
-           "Spec", "load_media", "parse_options", "write_examples", "write_video"]
+           "Spec", "check_host", "check_models", "is_loopback", "load_media", "model_label", "parse_options",
+           "write_examples", "write_video"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import fractions
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -208,8 +209,9 @@ def test_video_strip_shows_each_frames_budget_and_score(engine, video):
 
 
 @pytest.mark.parametrize("family", ["qwen2_vl", "llava_next"])
-def test_other_families_real_video_input_and_anyres_panels(engine, video, image, tmp_path, family):
+def test_other_families_real_video_input_and_anyres_panels(video, image, tmp_path, family):
     folder = tiny.save_tiny(family, tmp_path / family)
+    engine = Engine(models=[None, str(folder)], examples_dir=tmp_path / "examples")  # served: embedded + tiny
     if family == "qwen2_vl":  # a model with a video input: LLM frames are temporal steps of 2 sampled frames
         result = engine.run(video, "how many shapes ?", [Spec("cls_attention", "0.25")], model=str(folder),
                             max_new_tokens=2)
@@ -266,7 +268,7 @@ def test_models_load_once_and_are_cached_lru(tmp_path):
         calls.append(ref)
         return _load_model(ref)
 
-    engine = Engine(cache_size=1, examples_dir=tmp_path / "examples", loader=loader)
+    engine = Engine(models=[None, str(folder)], cache_size=1, examples_dir=tmp_path / "examples", loader=loader)
     entries = []
     threads = [threading.Thread(target=lambda: entries.append(engine.model(str(folder)))) for _ in range(3)]
     for thread in threads:
@@ -280,8 +282,66 @@ def test_models_load_once_and_are_cached_lru(tmp_path):
     assert engine.model("") is default and engine.loads == 2
     engine.model(str(folder))
     assert calls == [str(folder), None, str(folder)]
-    with pytest.raises(DemoError, match="cannot load model"):
+    assert engine.model("llava") is engine.model(str(folder))  # by its label too, loaded once
+    with pytest.raises(DemoError, match="this demo serves only"):
         engine.model(str(tmp_path / "missing"))
+    assert calls == [str(folder), None, str(folder)]
+
+
+def _never(ref):
+    raise AssertionError(f"loaded {ref!r}")
+
+
+def test_only_the_served_models_are_offered_and_anything_else_is_refused_at_once(tmp_path, monkeypatch):
+    first, second = tmp_path / "srv" / "first-model", tmp_path / "srv" / "org" / "second-model"
+    first.mkdir(parents=True)
+    second.mkdir(parents=True)
+    engine = Engine(models=[str(first), str(second)], examples_dir=tmp_path / "examples", loader=_never)
+    assert list(engine.labels.values()) == ["first-model", "second-model"]  # base names, never server paths
+    assert engine.default_model == str(first) and engine.default_label == "first-model"
+    assert engine._key("second-model") == engine._key(f" {second} ") == str(second)
+    assert engine._key("") == str(first)
+
+    from vtc.integrations.transformers import preflight
+
+    def no_probe(*args, **kwargs):
+        raise AssertionError("a refused model must not touch the file system or the network")
+
+    monkeypatch.setattr(preflight, "resolve_model_ref", no_probe)
+    monkeypatch.setattr("os.path.isdir", no_probe)
+    media = load_media(engine.examples[0].path)
+    for typed in ("/etc", str(tmp_path / "srv"), "llava-hf/llava-1.5-7b-hf", "embedded default"):
+        start = time.perf_counter()
+        with pytest.raises(DemoError) as caught:
+            engine.run(media, "how many shapes are there ?", [Spec("random", "4")], model=typed)
+        assert time.perf_counter() - start < 0.5
+        message = str(caught.value)
+        assert message == "model not available: this demo serves only: first-model, second-model"
+        assert str(tmp_path) not in message and typed not in message
+    assert engine.loads == 0
+
+
+def test_a_missing_served_folder_fails_at_start(tmp_path):
+    with pytest.raises(DemoError, match="cannot load model .*no such folder"):
+        Engine(models=[None, str(tmp_path / "missing")], examples_dir=tmp_path / "examples", loader=_never)
+
+
+def test_any_model_only_on_a_loopback_host(tmp_path):
+    from vtc.demo.engine import check_host, is_loopback
+
+    assert all(map(is_loopback, ["127.0.0.1", "::1", "localhost", "[::1]", "127.0.1.1"]))
+    assert not any(map(is_loopback, ["0.0.0.0", "::", "10.1.2.3", "example.org", ""]))
+    for host in ("127.0.0.1", "::1", "localhost"):
+        check_host(host, True)
+    for host in ("0.0.0.0", "192.168.1.5", "::"):
+        check_host(host, False)  # an allowlist is fine anywhere
+        with pytest.raises(DemoError, match="only allowed on a loopback host"):
+            check_host(host, True)
+    with pytest.raises(DemoError, match="share link"):
+        check_host("127.0.0.1", True, share=True)
+    engine = Engine(allow_any_model=True, examples_dir=tmp_path / "examples")
+    with pytest.raises(DemoError, match="cannot load model .*no such folder"):  # typed refs load as before
+        engine.model(str(tmp_path / "missing") + "/")
 
 
 # ------------------------------------------------------------------------------------------------- drawing
@@ -332,8 +392,11 @@ def test_vtc_demo_command_line(tmp_path, capsys):
 
     args = build_parser().parse_args(["demo", "--host", "0.0.0.0", "--port", "8123", "--share", "no"])
     assert (args.func, args.model, args.host, args.port, args.share) == (cmd_demo, None, "0.0.0.0", 8123, "no")
+    assert build_parser().parse_args(["demo", "--model", "a", "--model", "b"]).model == ["a", "b"]
     assert main(["demo", "--model", str(tmp_path / "missing")]) == 1  # fails before serving anything
     assert "cannot load model" in capsys.readouterr().err
+    assert main(["demo", "--allow-any-model", "--host", "0.0.0.0"]) == 1  # refused before loading anything
+    assert "--allow-any-model is only allowed on a loopback host" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("compressor", vtc.list_compressors("encoder"))

@@ -18,6 +18,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from vtc import testing as tiny
+
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
@@ -45,7 +47,9 @@ def server(tmp_path_factory):
     from vtc.demo.app import launch
     from vtc.demo.engine import Engine
 
-    engine = Engine(examples_dir=tmp_path_factory.mktemp("demo-examples"))
+    served = tmp_path_factory.mktemp("served")
+    tiny.save_tiny("llava", served / "tiny-llava")  # a second served model; the page shows its base name only
+    engine = Engine(models=[None, str(served / "tiny-llava")], examples_dir=tmp_path_factory.mktemp("demo-examples"))
     engine.model()  # loaded before the page asks, as `vtc demo` does
     port = _free_port()
     demo = launch(engine=engine, host="127.0.0.1", port=port, prevent_thread_lock=True, quiet=True)
@@ -146,6 +150,30 @@ def test_compare_two_compressors_on_the_bundled_video(page, server):
     strip_a, strip_b = _picture(page, url, "picture-a"), _picture(page, url, "picture-b")
     assert strip_a.width > strip_a.height and strip_a.size == strip_b.size  # 8 frames in rows of 4
     assert np.abs(np.asarray(strip_a, dtype=np.float64) - np.asarray(strip_b, dtype=np.float64)).mean() > 5
+
+
+def test_the_model_is_a_dropdown_of_the_served_models(page, server):
+    engine, _ = server
+    labels = list(engine.labels.values())
+    assert labels == ["vtc-shapes-llava (embedded default)", "tiny-llava"]
+    box = page.locator("#model input")
+    expect(box).to_have_value(labels[0])
+    box.click()
+    options = page.locator("ul[role=listbox] li")
+    expect(options).to_have_count(2)
+    assert [o.replace("✓", "").strip() for o in options.all_inner_texts()] == labels  # ✓ marks the selected
+    assert "/" not in "".join(options.all_inner_texts())  # no server path on the page
+    options.nth(1).click()
+    expect(box).to_have_value("tiny-llava")
+    page.get_by_label(engine.examples[0].label).check()
+    expect(_status(page)).to_have_value(re.compile(r"^ready"), timeout=30_000)
+    page.locator("#run").click()
+    expect(_status(page)).to_have_value(re.compile(r"^done: 1 compressor\(s\) on tiny-llava"),
+                                        timeout=RUN_TIMEOUT_MS)
+    box.fill("/etc")  # not a served model: the dropdown takes no other value
+    box.press("Enter")
+    box.blur()
+    expect(box).not_to_have_value("/etc")
 
 
 def test_bad_uploads_and_options_show_a_message_not_a_traceback(page, server, tmp_path):

@@ -224,7 +224,9 @@ def test_cli_plugin_and_demo_fail_fast_on_an_unreachable_hub(hub_unreachable, mo
     monkeypatch.setattr(transformers.AutoProcessor, "from_pretrained", _never)
     with pytest.raises(SystemExit, match="neither a local folder nor reachable on the Hugging Face Hub"):
         cli._load(HUB_ID)
-    engine = Engine(examples_dir=tmp_path / "examples")  # the demo's model cache loads through cli._load
+    with pytest.raises(DemoError, match="neither a local folder nor reachable on the Hugging Face Hub"):
+        Engine(models=[HUB_ID], examples_dir=tmp_path / "examples")  # a served model is checked at start
+    engine = Engine(examples_dir=tmp_path / "examples", allow_any_model=True)  # the model cache loads via cli._load
     with pytest.raises(DemoError, match="neither a local folder nor reachable on the Hugging Face Hub"):
         engine.model(HUB_ID)
     pytest.importorskip("lmms_eval")

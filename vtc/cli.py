@@ -576,18 +576,23 @@ def cmd_demo(args) -> int:
     """Serve the Gradio demo (``vtc.demo.app``) until interrupted."""
     try:
         from .demo.app import launch
-        from .demo.engine import DemoError, Engine
+        from .demo.engine import DemoError, Engine, check_host
     except ImportError as exc:
         print(f"error: vtc demo needs gradio ({exc}); install it with pip install 'vtc[demo]'", file=sys.stderr)
         return 1
-    engine = Engine(args.model)
     try:
+        check_host(args.host, args.allow_any_model, args.share == "yes")
+        # every --model is resolved now (a missing folder, an unreachable hub id fail here, not in a request)
+        engine = Engine(models=args.model, allow_any_model=args.allow_any_model)
         engine.model()  # load the start model now: a bad --model fails here, and the first request is fast
     except DemoError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     try:
         launch(engine=engine, host=args.host, port=args.port, share=args.share == "yes")
+    except DemoError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     except OSError as exc:  # the port is taken, the host cannot be bound
         print(f"error: cannot serve the demo on {args.host}:{args.port}: {exc}", file=sys.stderr)
         return 1
@@ -666,8 +671,13 @@ def build_parser() -> argparse.ArgumentParser:
     ev.set_defaults(func=cmd_eval)
     demo = sub.add_parser("demo", help="web demo: see which visual tokens survive, for images and videos "
                                         "(needs vtc[demo])")
-    demo.add_argument("--model", help="model the page starts with: local save_pretrained folder or hub id "
-                                      "(default: the embedded model); users can pick another in the page")
+    demo.add_argument("--model", action="append", metavar="DIR_OR_HUB_ID",
+                      help="a model to serve: local save_pretrained folder or hub id; repeat for several (the "
+                           "first is the page's default). The page offers exactly these (default: the embedded "
+                           "model); each is checked at start")
+    demo.add_argument("--allow-any-model", action="store_true",
+                      help="also let the page load any local folder or hub id typed into it; refused unless "
+                           "--host is a loopback address (127.0.0.1, ::1, localhost) and --share is no")
     demo.add_argument("--host", default="127.0.0.1", help="address to serve on (default 127.0.0.1; 0.0.0.0 for "
                                                          "every interface)")
     demo.add_argument("--port", type=int, default=7860, help="port (default 7860)")
