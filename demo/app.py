@@ -21,6 +21,7 @@ import gradio as gr
 import vtc
 from vtc.budget import describe_budget
 
+from . import render
 from .engine import DemoError, Engine, Result, RunResult, Spec, check_host
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,37 @@ bright on the model's real patch grid, pruned ones dimmed; the members of one me
 CSS = """
 #status textarea { font-family: ui-monospace, monospace; }
 .vtc-stats p { margin: 0.15em 0; }
+#legend .swatch { display: inline-block; width: 1.1em; height: 1.1em; vertical-align: middle; margin-right: 0.3em;
+                  border: 2px solid transparent; }
+#legend li { list-style: none; margin: 0.1em 0; }
+#legend ul { padding-left: 0; margin: 0.2em 0; }
+"""
+
+
+def _rgb(colour) -> str:
+    return "rgb({}, {}, {})".format(*colour)
+
+
+def _hatch_css() -> str:
+    stripe, wash = _rgb(render.HATCH_COLOUR), _rgb(render.UNSEEN_COLOUR)
+    return f"background: repeating-linear-gradient(-45deg, {stripe} 0 2px, {wash} 2px 6px)"
+
+
+#: what the overlay's marks mean; the swatches use the drawing's own colours (demo/render.py)
+LEGEND = f"""\
+<div id="legend-text"><b>Legend</b> (what the pictures show)
+<ul>
+<li><span class="swatch" style="background: #c8c8c8; border-color: {_rgb(render.KEPT_COLOUR)}"></span><b>kept</b>
+token: bright, green outline (AnyRes crops: one outline colour per crop)</li>
+<li><span class="swatch" style="background: #3a3a3a"></span><b>pruned</b> token: dimmed and greyed -- the
+compressor dropped it</li>
+<li><span class="swatch" style="background: #9a9a9a; border-color: {_rgb(render.GROUP_COLOURS[0])}"></span>
+<b>merged member</b>: half-bright, outlined in its group's colour; the <b>merge representative</b> (the token the
+LLM receives) has the same colour, thicker</li>
+<li><span class="swatch" style="{_hatch_css()}"></span><b>never seen by the model</b>: hatched grey -- outside
+every token box (the model's center crop or padding), not pruned by the compressor</li>
+<li>the <b>all tokens</b> picture draws the model's token grid in white</li>
+</ul></div>
 """
 
 
@@ -160,9 +192,12 @@ def build_app(engine: Engine | None = None) -> gr.Blocks:
         base = result.baseline
         a = result.runs[0]
         b = result.runs[1] if len(result.runs) > 1 else None
-        return [base.picture, stats_markdown(base, base, result.expected),
-                a.picture, stats_markdown(a, base, result.expected),
-                None if b is None else b.picture, "" if b is None else stats_markdown(b, base, result.expected),
+        # each column is titled by what it shows: "all 196 tokens", "cls_attention @ 25 % → 49 tokens"
+        return [gr.update(value=base.picture, label=base.title), stats_markdown(base, base, result.expected),
+                gr.update(value=a.picture, label=a.title), stats_markdown(a, base, result.expected),
+                gr.update(value=None, label="Compressor B") if b is None else gr.update(value=b.picture,
+                                                                                        label=b.title),
+                "" if b is None else stats_markdown(b, base, result.expected),
                 table_markdown(result),
                 with_notes(f"done: {len(result.runs)} compressor(s) on {result.model_label}", result.notes)]
 
@@ -215,6 +250,7 @@ def build_app(engine: Engine | None = None) -> gr.Blocks:
                         picture_b = gr.Image(label="Compressor B", type="pil", format="png", interactive=False,
                                              elem_id="picture-b")
                         stats_b = gr.Markdown(elem_id="stats-b", elem_classes="vtc-stats")
+                gr.HTML(LEGEND, elem_id="legend")
                 table = gr.Markdown(elem_id="table")
 
         example.change(on_example, example, [upload, question, expected])

@@ -152,6 +152,7 @@ class RunResult:
     selections: list = field(default_factory=list)  # vtc.ImageSelection records
     videos: list = field(default_factory=list)  # vtc.video.VideoRecord records
     positions: str | None = None  # the position mode of the run (``vtc.position_modes``); None for all tokens
+    title: str = ""  # what the picture shows: "cls_attention @ 25 % → 49 tokens", "all 196 tokens"
 
 
 @dataclass
@@ -755,8 +756,8 @@ class Engine:
         same = media.timestamps is not None and len(media.timestamps) == len(sizes)
         base_frames = [FrameInfo(t, tokens=n, kept=n, timestamp=media.timestamps[t] if same else None)
                        for t, n in enumerate(sizes)]
-        if media.kind == "image":
-            picture = render.plain(media.image)
+        if media.kind == "image":  # the token grid, and the areas no token covers (center crop, padding) hatched
+            picture = render.all_tokens(media.image, boxes.image(0))
         elif len(base_frames) == len(media.frames):
             picture = render.frame_strip(media.frames, [_frame_caption(i.frame, media, i) for i in base_frames],
                                          columns=STRIP_COLUMNS)
@@ -766,7 +767,7 @@ class Engine:
             label="all tokens", compressor=None, budget=None, options={}, answer=base[0], visual_in=visual_in,
             visual_out=visual_in, kept=visual_in, budget_tokens=visual_in, prefill_seconds=base[1],
             generate_seconds=base[2], flops=request_flops(entry.model, inputs)[0].total, picture=picture,
-            frames=base_frames)
+            frames=base_frames, title=run_title(None, None, visual_in))
         runs = []
         for p, (answer, first, total), (records, videos, lengths, positions) in outcomes:
             n_in, n_out = lengths[0]
@@ -785,7 +786,8 @@ class Engine:
                 visual_in=visual_in, visual_out=visual_in - (n_in - n_out), kept=kept, budget_tokens=budget_tokens,
                 prefill_seconds=first, generate_seconds=total,
                 flops=request_flops(entry.model, inputs, [n for _, n in lengths])[0].total, picture=picture,
-                frames=frames, selections=records, videos=videos, positions=positions))
+                frames=frames, selections=records, videos=videos, positions=positions,
+                title=run_title(p.compressor, p.budget, kept)))
         example = self.example_for(media)
         return Result(kind=media.kind, media_name=media.name, question=question,
                       expected=None if example is None else example.answers.get(question),
@@ -881,6 +883,20 @@ class _BoxCache:
         return self._video
 
 
+def run_title(compressor: str | None, budget, kept: int) -> str:
+    """The heading of a result column: ``"cls_attention @ 25 % → 49 tokens"`` (a fraction budget),
+    ``"random @ 20 tokens → 20 tokens"`` (a count), ``"all 196 tokens"`` (``compressor`` None: the baseline)."""
+    if compressor is None:
+        return f"all {kept} tokens"
+    if isinstance(budget, float):
+        spent = f"{round(budget * 100, 1):g} %"
+    elif isinstance(budget, int):
+        spent = f"{budget} tokens"
+    else:
+        spent = str(budget)
+    return f"{compressor} @ {spent} → {kept} tokens"
+
+
 def _frame_caption(t: int, media: Media, info: FrameInfo | None) -> str:
     stamp = info.timestamp if info is not None else (media.timestamps[t] if media.timestamps else None)
     head = f"frame {t}" + (f" · {stamp:.1f} s" if stamp is not None else "")
@@ -890,8 +906,11 @@ def _frame_caption(t: int, media: Media, info: FrameInfo | None) -> str:
         return f"{head}\n{info.tokens} tokens (all)"
     if info.budget == 0:
         return f"{head}\ndropped (budget 0)"
-    score = "n/a" if info.score is None else f"{info.score:.3f}"
-    return f"{head}\nkept {info.kept}/{info.tokens} · budget {info.budget}\nscore {score}"
+    # short lines: the strip is shown at about half size, so the font is large and a line holds ~16 characters
+    lines = [head, f"kept {info.kept}/{info.tokens}", f"budget {info.budget}"]
+    if info.score is not None:  # only frame-scoring compressors score frames: no score, no line
+        lines.append(f"score {info.score:.3f}")
+    return "\n".join(lines)
 
 
 def _video_picture(media: Media, records, videos, boxes: _BoxCache) -> tuple[Image.Image, list[FrameInfo]]:
@@ -922,4 +941,4 @@ def _video_picture(media: Media, records, videos, boxes: _BoxCache) -> tuple[Ima
 
 __all__ = ["DemoError", "Engine", "Example", "FrameInfo", "Limits", "LoadedModel", "Media", "Result", "RunResult",
            "Spec", "check_host", "check_models", "is_loopback", "load_media", "model_label", "parse_options",
-           "write_examples", "write_video"]
+           "run_title", "write_examples", "write_video"]

@@ -4,7 +4,9 @@ Every token is drawn as the box of original-image pixels it covers (``TokenBoxes
 geometry), so the picture shows the real patch grid -- square CLIP patches, Qwen's 2x2 merge units, AnyRes crops --
 not a grid guessed from the token count. Kept tokens stay bright, pruned ones are dimmed; a merged token's members
 share one outline colour (its own slot outlined thicker), because for merging compressors "kept" is a group, not a
-patch. AnyRes images get two panels, base view and crops, since their tokens overlap in the image.
+patch. AnyRes images get two panels, base view and crops, since their tokens overlap in the image. Pixels outside
+every token box (the strips a center crop cuts off, padding) never reach the model: they are hatched grey, not dimmed,
+so nobody mistakes them for tokens a compressor pruned.
 """
 
 from __future__ import annotations
@@ -24,6 +26,17 @@ GROUP_COLOURS = ((255, 99, 71), (30, 144, 255), (255, 215, 0), (186, 85, 211), (
                  (124, 252, 0), (255, 20, 147), (70, 130, 180), (240, 128, 128), (154, 205, 50), (238, 130, 238))
 DIM_BRIGHTNESS = 0.35  # pruned tokens keep this much of their brightness (and little colour): visible, clearly off
 MEMBER_SHOW = 170  # 0..255: how much of a merged (absorbed) token shows through
+#: areas no token covers (never seen by the model): a light grey wash with diagonal stripes every ``HATCH_PERIOD``
+#: pixels, ``HATCH_WIDTH`` wide -- brighter than a pruned token, and patterned, so the two are not confused
+UNSEEN_COLOUR = (205, 205, 205)
+HATCH_COLOUR = (120, 120, 120)
+HATCH_PERIOD = 8
+HATCH_WIDTH = 2
+UNSEEN_SHOW = 0.2  # how much of the image shows through the grey wash
+#: the token grid of the "all tokens" picture
+GRID_COLOUR = (255, 255, 255)
+#: frame captions: font size as a share of the tile width (a 4-column strip is shown at about half size)
+CAPTION_SCALE = 0.115
 
 
 @functools.lru_cache(maxsize=8)
@@ -56,14 +69,47 @@ def _scaled(image: Image.Image, side: int) -> tuple[Image.Image, float]:
 
 
 def _rect(box, scale: float) -> list[float]:
-    x0, y0, x1, y1 = (float(v) * scale for v in box)
+    # whole pixels, rounded the same way on both sides of a shared edge: neighbouring boxes tile without gaps
+    x0, y0, x1, y1 = (round(float(v) * scale) for v in box)
     return [x0, y0, max(x0, x1 - 1), max(y0, y1 - 1)]
 
 
+def is_hatch(x, y):
+    """Whether pixel (x, y) of a picture lies on a stripe of the "never seen" hatch pattern."""
+    return (np.asarray(x) + np.asarray(y)) % HATCH_PERIOD < HATCH_WIDTH
+
+
+def _unseen(base: Image.Image) -> Image.Image:
+    """``base`` as an area outside every token box: washed-out grey with diagonal hatching."""
+    wash = Image.blend(Image.new("RGB", base.size, UNSEEN_COLOUR), base.convert("L").convert("RGB"), UNSEEN_SHOW)
+    pixels = np.array(wash)
+    ys, xs = np.mgrid[0:base.height, 0:base.width]
+    pixels[is_hatch(xs, ys)] = HATCH_COLOUR
+    return Image.fromarray(pixels)
+
+
+def _hatch_outside(picture: Image.Image, boxes: np.ndarray, show: np.ndarray, scale: float) -> Image.Image:
+    """``picture`` with every pixel outside the boxes of the shown tokens hatched (unchanged when all is covered)."""
+    seen = Image.new("L", picture.size, 0)
+    mask = ImageDraw.Draw(seen)
+    for i in np.flatnonzero(show):
+        mask.rectangle(_rect(boxes[i], scale), fill=255)
+    if min(seen.getextrema()) == 255:
+        return picture
+    return Image.composite(picture, _unseen(picture), seen)
+
+
 def _panel(image: Image.Image, boxes: np.ndarray, views: np.ndarray, show: np.ndarray, kept: set[int],
-           groups: Sequence[Sequence[int]] | None, side: int) -> Image.Image:
-    """One picture: tokens with ``show[i]`` drawn (kept bright, the rest dimmed), others ignored."""
+           groups: Sequence[Sequence[int]] | None, side: int, grid: bool = False) -> Image.Image:
+    """One picture: tokens with ``show[i]`` drawn (kept bright, the rest dimmed), others ignored; pixels outside
+    every shown token hatched. ``grid``: the all-tokens view -- every token kept, outlined thinly in white."""
     base, scale = _scaled(image.convert("RGB"), side)
+    if grid:
+        out = _hatch_outside(base, boxes, show, scale)
+        draw = ImageDraw.Draw(out)
+        for i in np.flatnonzero(show):
+            draw.rectangle(_rect(boxes[i], scale), outline=GRID_COLOUR, width=1)
+        return out
     dim = ImageEnhance.Brightness(ImageEnhance.Color(base).enhance(0.25)).enhance(DIM_BRIGHTNESS)
     reveal = Image.new("L", base.size, 0)
     mask = ImageDraw.Draw(reveal)
@@ -75,7 +121,7 @@ def _panel(image: Image.Image, boxes: np.ndarray, views: np.ndarray, show: np.nd
     for i in sorted(kept):
         if show[i]:
             mask.rectangle(_rect(boxes[i], scale), fill=255)
-    out = Image.composite(base, dim, reveal)
+    out = _hatch_outside(Image.composite(base, dim, reveal), boxes, show, scale)
     draw = ImageDraw.Draw(out)
     width = max(1, round(scale / 2))
     # a partition (VisionZip clusters, pooled cells) outlines every member; overlapping groups (bilinear resizes)
@@ -115,6 +161,30 @@ def _labelled(panels: list[tuple[Image.Image, str | None]], gap: int = 8) -> Ima
     return out
 
 
+def _boxes_and_views(token_boxes) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    boxes = _array(token_boxes.boxes, 4)
+    views = _array(token_boxes.views).astype(np.int64).reshape(-1)
+    if views.shape[0] != boxes.shape[0]:
+        raise ValueError(f"token boxes have {boxes.shape[0]} boxes but {views.shape[0]} views")
+    return boxes, views, np.isfinite(boxes).all(axis=1)
+
+
+def _views(image, boxes, views, drawable, kept_set, pairs, side, grid=False) -> Image.Image:
+    if (views > 0).any():
+        base = drawable & (views == 0)
+        crops = drawable & (views > 0)
+        return _labelled([(_panel(image, boxes, views, base, kept_set, pairs, side, grid), "base view"),
+                          (_panel(image, boxes, views, crops, kept_set, pairs, side, grid), "crops")])
+    return _panel(image, boxes, views, drawable, kept_set, pairs, side, grid)
+
+
+def all_tokens(image: Image.Image, token_boxes, *, side: int = 448) -> Image.Image:
+    """The "all tokens" picture: the input with the model's token grid drawn on it and the areas the model never
+    sees (outside every token box) hatched; AnyRes images get the base view and crops panels like the overlay."""
+    boxes, views, drawable = _boxes_and_views(token_boxes)
+    return _views(image, boxes, views, drawable, set(np.flatnonzero(drawable).tolist()), None, side, grid=True)
+
+
 def token_overlay(image: Image.Image, token_boxes, kept, groups=None, *, side: int = 448) -> Image.Image:
     """``image`` with the tokens in ``kept`` highlighted and every other token dimmed, on the model's patch grid.
 
@@ -123,11 +193,7 @@ def token_overlay(image: Image.Image, token_boxes, kept, groups=None, *, side: i
     receives. ``groups``: per kept token, in the order of ``kept``, the tokens merged into it
     (``Selection.groups``; ``None`` when nothing was merged). ``side``: the longer edge of each panel in pixels.
     """
-    boxes = _array(token_boxes.boxes, 4)
-    views = _array(token_boxes.views).astype(np.int64).reshape(-1)
-    if views.shape[0] != boxes.shape[0]:
-        raise ValueError(f"token boxes have {boxes.shape[0]} boxes but {views.shape[0]} views")
-    drawable = np.isfinite(boxes).all(axis=1)
+    boxes, views, drawable = _boxes_and_views(token_boxes)
     kept_list = _indices(kept)
     bad = [i for i in kept_list if not 0 <= i < boxes.shape[0]]
     if bad:
@@ -139,12 +205,7 @@ def token_overlay(image: Image.Image, token_boxes, kept, groups=None, *, side: i
         pairs = [(slot, [m for m in _indices(g) if 0 <= m < boxes.shape[0] and drawable[m]])
                  for slot, g in zip(kept_list, groups)]
     kept_set = {i for i in kept_list if drawable[i]}
-    if (views > 0).any():
-        base = drawable & (views == 0)
-        crops = drawable & (views > 0)
-        return _labelled([(_panel(image, boxes, views, base, kept_set, pairs, side), "base view"),
-                          (_panel(image, boxes, views, crops, kept_set, pairs, side), "crops")])
-    return _panel(image, boxes, views, drawable, kept_set, pairs, side)
+    return _views(image, boxes, views, drawable, kept_set, pairs, side)
 
 
 def plain(image: Image.Image, *, side: int = 448) -> Image.Image:
@@ -159,18 +220,32 @@ def side_by_side(panels: Sequence[tuple[Image.Image, str | None]], *, gap: int =
     return _labelled(list(panels), gap)
 
 
+def caption_size(captions: Sequence[str], tile: int) -> int:
+    """The caption font size of a strip of ``tile``-wide frames: ``CAPTION_SCALE`` of the tile (at least 12), less
+    where the longest line would not fit."""
+    size = max(12, round(tile * CAPTION_SCALE))
+    longest = [line for c in captions for line in c.splitlines()]
+    while size > 9 and longest and max(_font(size).getlength(line) for line in longest) > tile - 4:
+        size -= 1
+    return size
+
+
 def frame_strip(tiles: Sequence[Image.Image], captions: Sequence[str], *, tile: int = 176,
                 columns: int = 8) -> Image.Image:
-    """Frames left to right (wrapping after ``columns``), each ``tile`` pixels wide with its caption under it."""
+    """Frames left to right (wrapping after ``columns``), each ``tile`` pixels wide with its caption under it.
+
+    The caption font grows with the tile (``CAPTION_SCALE``) so it stays legible when the page shows the strip at
+    half size, and shrinks only as far as needed for the longest line to fit the tile."""
     if not tiles:
         raise ValueError("a frame strip needs at least one frame")
     if len(captions) != len(tiles):
         raise ValueError(f"{len(captions)} captions for {len(tiles)} frames")
-    font = _font(12)
+    size = caption_size(captions, tile)
+    font, line_h = _font(size), size + 4
     lines = max(len(c.splitlines()) for c in captions)
     scaled = [t.convert("RGB").resize((tile, max(1, round(t.height * tile / t.width))), Image.Resampling.BICUBIC)
               for t in tiles]
-    cell_h = max(s.height for s in scaled) + 6 + 15 * lines
+    cell_h = max(s.height for s in scaled) + 6 + line_h * lines
     cols = min(columns, len(tiles))
     rows = math.ceil(len(tiles) / cols)
     gap = 6
@@ -181,5 +256,5 @@ def frame_strip(tiles: Sequence[Image.Image], captions: Sequence[str], *, tile: 
         x, y = c * (tile + gap), r * (cell_h + gap)
         out.paste(picture, (x, y))
         for k, line in enumerate(caption.splitlines()):
-            draw.text((x + 2, y + picture.height + 3 + 15 * k), line, fill=(20, 20, 20), font=font)
+            draw.text((x + 2, y + picture.height + 3 + line_h * k), line, fill=(20, 20, 20), font=font)
     return out

@@ -14,7 +14,9 @@ from PIL import Image
 
 import vtc
 from vtc.demo import render
-from vtc.demo.engine import DemoError, Engine, Limits, Spec, load_media, parse_options, write_examples
+from vtc.demo.engine import (DemoError, Engine, FrameInfo, Limits, Media, Spec, load_media, parse_options,
+                             run_title, write_examples)
+from vtc.demo.engine import _frame_caption
 from vtc.eval.default_model import synthetic
 from vtc import testing as tiny
 from vtc.integrations.transformers.geometry import TokenBoxes
@@ -147,6 +149,7 @@ def test_image_run_keeps_the_budget_and_draws_it(engine, image):
     assert run.answer and base.answer
     # the overlay is the input at the same size with the pruned 3/4 dimmed
     assert run.picture.size == base.picture.size == render.plain(image.image).size
+    assert (base.title, run.title) == ("all 196 tokens", "cls_attention @ 49 tokens → 49 tokens")
     plain, overlay = _brightness(base.picture), _brightness(run.picture)
     assert np.abs(plain - overlay).mean() > 20 and overlay.mean() < plain.mean()
     assert not vtc.is_applied(engine.model().model)
@@ -158,6 +161,7 @@ def test_compare_mode_runs_two_compressors_on_one_input(engine, image):
     a, b = result.runs
     assert (a.compressor, a.kept, a.visual_out) == ("visionzip", 49, 49)
     assert (b.compressor, b.kept, b.options) == ("random", 20, {"seed": 1})
+    assert (a.title, b.title) == ("visionzip @ 25 % → 49 tokens", "random @ 20 tokens → 20 tokens")
     assert a.selections[0].selection.groups is not None  # visionzip merges: its groups are drawn
     assert b.flops < a.flops < result.baseline.flops
     assert np.abs(_brightness(a.picture) - _brightness(b.picture)).mean() > 5
@@ -206,6 +210,8 @@ def test_video_strip_shows_each_frames_budget_and_score(engine, video):
         assert run.picture.width > run.picture.height and run.picture.width >= 4 * 176  # 2 rows of 4 frames
     quota = result.runs[0]
     assert all(f.score is not None for f in quota.frames)  # quota scores the frames' relevance
+    assert result.runs[0].title == "quota @ 25 % → 392 tokens"
+    assert result.runs[1].title == "cls_attention @ 25 % → 392 tokens"
 
 
 @pytest.mark.parametrize("family", ["qwen2_vl", "llava_next"])
@@ -435,3 +441,76 @@ def test_a_truncated_video_is_called_damaged_not_unknown(tmp_path):
     assert load_media(whole, num_frames=2).kind == "video"
     with pytest.raises(DemoError, match="looks like a video but cannot be read -- the file may be truncated"):
         load_media(cut, num_frames=2)
+
+
+def test_column_titles_say_what_each_picture_shows():
+    assert run_title(None, None, 196) == "all 196 tokens"
+    assert run_title("cls_attention", 0.25, 49) == "cls_attention @ 25 % → 49 tokens"
+    assert run_title("random", 0.125, 25) == "random @ 12.5 % → 25 tokens"
+    assert run_title("visionzip", 64, 64) == "visionzip @ 64 tokens → 64 tokens"
+
+
+def _center_crop_boxes(width: int, height: int, grid: int) -> TokenBoxes:
+    """What LLaVA's processor sees of a landscape image: the centre square, ``grid`` x ``grid`` tokens."""
+    side = min(width, height)
+    x_off, y_off, cell = (width - side) / 2, (height - side) / 2, side / grid
+    boxes = torch.tensor([[x_off + c * cell, y_off + r * cell, x_off + (c + 1) * cell, y_off + (r + 1) * cell]
+                          for r in range(grid) for c in range(grid)], dtype=torch.float32)
+    return TokenBoxes(boxes, torch.zeros(grid * grid, dtype=torch.long), (1, 1))
+
+
+def test_areas_the_model_never_sees_are_hatched_not_dimmed():
+    picture = Image.new("RGB", (1200, 800), (200, 60, 60))  # 200-px strips left and right are cropped away
+    boxes = _center_crop_boxes(1200, 800, 14)
+    out = render.token_overlay(picture, boxes, list(range(0, 196, 4)), side=448)
+    rgb = np.asarray(out).astype(int)
+    assert out.size == (448, 299)
+    scale = 448 / 1200
+    # token 1 (row 0, column 1) is pruned; the strip left of x=200 is outside every token box
+    px, py = round((200 + 1.5 * 800 / 14) * scale), round(0.5 * 800 / 14 * scale)
+    pruned = rgb[py, px]
+    assert pruned.max() < 100  # dimmed
+    ys, xs = np.mgrid[0:out.height, 0:int(200 * scale) - 2]
+    strip = rgb[:, :int(200 * scale) - 2]
+    on = render.is_hatch(xs, ys)
+    assert (strip[on] == render.HATCH_COLOUR).all()  # the hatch pattern, stripe by stripe
+    assert (np.abs(strip[~on] - pruned).sum(axis=-1) > 150).all()  # between the stripes: light grey, not dimmed
+    assert np.abs(strip[~on].mean() - strip[on].mean()) > 50
+    inside = rgb[:, round(200 * scale) + 2:round(1000 * scale) - 2]
+    iy, ix = np.mgrid[0:inside.shape[0], 0:inside.shape[1]]
+    assert not (inside == render.HATCH_COLOUR).all(axis=-1).any()  # no hatching on tokens, even at their edges
+    # the all-tokens view: the same strips hatched, the token grid drawn, the tokens themselves untouched
+    full = np.asarray(render.all_tokens(picture, boxes, side=448)).astype(int)
+    assert (full[:, :int(200 * scale) - 2][on] == render.HATCH_COLOUR).all()
+    column = full[:, round(200 * scale) + 5]  # a vertical line through the first token column: crosses 13 edges
+    assert (column == render.GRID_COLOUR).all(axis=-1).sum() >= 13
+    assert tuple(full[py, px]) == (200, 60, 60)
+    # a square image fully covered by tokens: nothing hatched
+    square = render.token_overlay(Image.new("RGB", (64, 64), (200, 200, 200)), _grid(4, 4, 16), [0], side=64)
+    assert not (np.asarray(square) == render.HATCH_COLOUR).all(axis=-1).any()
+
+
+def test_frame_captions_are_legible_and_omit_missing_scores():
+    media = Media("video", [Image.new("RGB", (32, 32))] * 2, "v.mp4", "0", timestamps=[0.0, 1.5])
+    unscored = _frame_caption(1, media, FrameInfo(1, tokens=196, kept=49, budget=49, timestamp=1.5))
+    assert unscored == "frame 1 · 1.5 s\nkept 49/196\nbudget 49"
+    assert "n/a" not in unscored and "score" not in unscored
+    scored = _frame_caption(0, media, FrameInfo(0, tokens=196, kept=49, budget=49, score=0.25, timestamp=0.0))
+    assert scored.endswith("\nscore 0.250")
+    # a 4-column strip is shown at about half size: its captions are drawn large enough to stay ~10 px on screen
+    tiles = [Image.new("RGB", (64, 64), (0, 0, 0))] * 8
+    captions = [scored] * 8
+    strip = render.frame_strip(tiles, captions, tile=176, columns=4)
+    size = render.caption_size(captions, 176)
+    assert size * 350 / strip.width >= 9  # a 350-px column shows the strip at 350 / width of its size
+    ink = np.asarray(strip.convert("L"))[176:, :176] < 128  # the first frame's caption
+    rows = np.flatnonzero(ink.any(axis=1))
+    assert rows.size and rows.max() - rows.min() >= 3 * size  # four lines of text, each about `size` tall
+
+
+def test_video_captions_never_say_score_na(engine, video):
+    result = engine.run(video, "how many shapes are there ?", [Spec("cls_attention", "0.25")])
+    run = result.runs[0]
+    captions = [_frame_caption(f.frame, video, f) for f in run.frames]
+    assert all("n/a" not in c for c in captions)
+    assert all(("score" in c) == (f.score is not None) for c, f in zip(captions, run.frames))

@@ -117,6 +117,13 @@ def test_upload_an_example_compress_and_see_the_kept_tokens(page, server, reques
     assert re.search(r"prefill FLOPs: [\d.]+ GFLOPs \(\d+ % of all tokens\)", stats)
     assert "all 196 visual tokens" in page.locator("#stats-all").inner_text()
     assert "cls_attention" in page.locator("#table").inner_text()
+    # the columns are titled by what they show, and a legend explains the marks
+    title_a = page.locator("#picture-a").inner_text()
+    assert "cls_attention" in title_a and "tokens" in title_a, title_a
+    assert "all 196 tokens" in page.locator("#picture-all").inner_text()
+    legend = page.locator("#legend").inner_text()
+    for words in ("kept", "pruned", "merged member", "merge representative", "never seen by the model"):
+        assert words in legend, legend
 
     overlay = _picture(page, url, "picture-a")
     original = Image.open(example.path).convert("RGB")
