@@ -147,33 +147,53 @@ def with_notes(status: str, notes) -> str:
     return "\n".join([status, *(f"warning: {note}" for note in notes or [])])
 
 
+def known_answer(answers: dict, question: str) -> str:
+    """The "known answer" line for ``question`` on a bundled example with ``answers``; empty for any other."""
+    expected = (answers or {}).get((question or "").strip())
+    return "" if expected is None else f"known answer: **{expected}**"
+
+
 def build_app(engine: Engine | None = None) -> gr.Blocks:
     """The Blocks app on ``engine`` (default: a new ``Engine`` on the embedded model)."""
     engine = engine or Engine()
     examples = {e.label: e for e in engine.examples}
     compressors = vtc.list_compressors("encoder")
 
+    def cleared():
+        """What a new input clears: every picture and word that described the previous one (new updates each
+        call: gradio consumes an update's value)."""
+        return [gr.update(value=None, label="All tokens"), "", gr.update(value=None, label="Compressor A"), "",
+                gr.update(value=None, label="Compressor B"), "", ""]
+
     def on_example(label):
         example = examples.get(label)
         if example is None:  # the radio was cleared by an upload
-            return gr.update(), gr.update(), gr.update()
-        return example.path, example.question, f"known answer: **{example.answer}**"
+            return gr.update(), gr.update(), gr.update(), gr.update()
+        return example.path, example.question, f"known answer: **{example.answer}**", dict(example.answers)
 
     def on_file(path, question, frames):
+        """Reads a new input: the results of the previous one are cleared, the status says what was read (or
+        why not), and the known answers of a bundled example are kept for the question box."""
         if not path:
-            return None, "", ""
+            return [*cleared(), "", "", {}]
         try:
             media = engine.load_media(path, int(frames))
         except DemoError as exc:
-            return None, f"error: {exc}", ""
+            return [*cleared(), f"error: {exc}", "", {}]
         except Exception as exc:  # noqa: BLE001 - shown as one line, logged in full
             log.exception("reading an upload failed")
-            return None, f"error: internal error ({type(exc).__name__}: {exc}); details are in the server log", ""
-        expected = engine.expected_answer(media, question)
+            return [*cleared(), f"error: internal error ({type(exc).__name__}: {exc}); details are in the server log",
+                    "", {}]
+        example = engine.example_for(media)
+        answers = {} if example is None else dict(example.answers)
         what = f"{media.image.width}×{media.image.height} image" if media.kind == "image" else \
             f"video, {len(media.frames)} frames sampled of {media.duration:.1f} s"
-        return (engine.preview(media), with_notes(f"ready: {media.name} ({what})", media.notes),
-                "" if expected is None else f"known answer: **{expected}**")
+        return [gr.update(value=engine.preview(media), label="All tokens"), *cleared()[1:],
+                with_notes(f"ready: {media.name} ({what})", media.notes), known_answer(answers, question), answers]
+
+    def on_question(question, answers):
+        """An edited question: the answers shown were to another question, and the known answer follows it."""
+        return [*cleared()[1:], known_answer(answers, question)]
 
     def on_run(path, question, model_ref, frames, max_new_tokens, name_a, budget_a, options_a, compare, name_b,
                budget_b, options_b):
@@ -212,6 +232,9 @@ def build_app(engine: Engine | None = None) -> gr.Blocks:
                                  type="filepath", elem_id="upload")
                 question = gr.Textbox(label="Question", elem_id="question")
                 expected = gr.Markdown(elem_id="expected")
+                answers = gr.State({})  # the known answers of the bundled example on screen (question -> answer)
+                # Run sits under the question, above the settings, so it is on screen without scrolling
+                run = gr.Button("Run", variant="primary", elem_id="run")
                 served = list(engine.labels.values())
                 model = gr.Dropdown(served, value=engine.default_label, elem_id="model",
                                     allow_custom_value=engine.allow_any_model,
@@ -234,9 +257,9 @@ def build_app(engine: Engine | None = None) -> gr.Blocks:
                     budget_b = gr.Textbox("0.25", label="Budget B (tokens, or a fraction)", elem_id="budget-b")
                     options_b = gr.Textbox(label="Options B (key=value, ... or JSON)",
                                            placeholder=options_hint("random"), elem_id="options-b")
-                run = gr.Button("Run", variant="primary", elem_id="run")
-                status = gr.Textbox(label="Status", interactive=False, elem_id="status")
             with gr.Column(scale=3):
+                # at the top of the results, so an error is seen without scrolling
+                status = gr.Textbox(label="Status", interactive=False, elem_id="status")
                 with gr.Row():
                     with gr.Column(min_width=240):
                         picture_all = gr.Image(label="All tokens", type="pil", format="png", interactive=False,
@@ -253,9 +276,13 @@ def build_app(engine: Engine | None = None) -> gr.Blocks:
                 gr.HTML(LEGEND, elem_id="legend")
                 table = gr.Markdown(elem_id="table")
 
-        example.change(on_example, example, [upload, question, expected])
+        example.change(on_example, example, [upload, question, expected, answers])
         upload.upload(lambda: None, None, example)  # an own file is no longer the selected example
-        upload.change(on_file, [upload, question, frames], [picture_all, status, expected])
+        results = [picture_all, stats_all, picture_a, stats_a, picture_b, stats_b, table]
+        upload.change(on_file, [upload, question, frames], [*results, status, expected, answers])
+        # an edited question: the answers shown were to another one (`change`, not `input`: a pasted or
+        # programmatically filled question counts too; an example sets `answers` with its question)
+        question.change(on_question, [question, answers], [*results[1:], expected])
         compare.change(lambda on: (gr.update(visible=on), gr.update(visible=on)), compare, [group_b, column_b])
         # the options box's example follows the chosen compressor, so it is always a valid input
         name_a.change(lambda name: gr.update(placeholder=options_hint(name)), name_a, options_a)

@@ -514,3 +514,28 @@ def test_video_captions_never_say_score_na(engine, video):
     captions = [_frame_caption(f.frame, video, f) for f in run.frames]
     assert all("n/a" not in c for c in captions)
     assert all(("score" in c) == (f.score is not None) for c, f in zip(captions, run.frames))
+
+
+def test_a_new_input_or_question_clears_the_results_and_the_known_answer_follows_the_question(engine, tmp_path):
+    from vtc.demo.app import build_app
+
+    demo = build_app(engine)
+    fns = {f.fn.__name__: f.fn for f in demo.fns.values() if f.fn is not None}
+    example = engine.examples[0]
+    notes = tmp_path / "notes.txt"
+    notes.write_text("shopping list\n")
+    # a bad upload: every picture and word of the previous input is cleared; the error is the status
+    *results, status, expected, answers = fns["on_file"](str(notes), example.question, 8)
+    assert status.startswith("error: notes.txt is neither") and expected == "" and answers == {}
+    assert [r["value"] if isinstance(r, dict) else r for r in results] == [None, "", None, "", None, "", ""]
+    # a bundled example: its preview, its known answers, no results yet
+    *results, status, expected, answers = fns["on_file"](example.path, example.question, 8)
+    assert results[0]["value"] is not None
+    assert [r["value"] if isinstance(r, dict) else r for r in results[1:]] == ["", None, "", None, "", ""]
+    assert status.startswith("ready") and expected == f"known answer: **{example.answer}**"
+    assert answers == example.answers
+    # an edited question clears the answers shown and the known answer follows it
+    *cleared, expected = fns["on_question"]("is there a purple unicorn?", answers)
+    assert all((c["value"] if isinstance(c, dict) else c) in (None, "") for c in cleared) and expected == ""
+    for question, answer in example.answers.items():
+        assert fns["on_question"](f" {question} ", answers)[-1] == f"known answer: **{answer}**"

@@ -200,3 +200,60 @@ def test_bad_uploads_and_options_show_a_message_not_a_traceback(page, server, tm
     expect(_status(page)).to_have_value(re.compile(r"^error: compressor A \(cls_attention\): .*no_such_option"),
                                         timeout=RUN_TIMEOUT_MS)
     assert "Traceback" not in page.content()
+
+
+def test_run_and_status_are_on_screen_without_scrolling(page):
+    """A 1400x1000 window shows Run (under the question, above the settings) and the status (at the top of the
+    results) without scrolling."""
+    run_box = page.locator("#run").bounding_box()
+    status_box = page.locator("#status").bounding_box()
+    assert run_box and run_box["y"] + run_box["height"] < 900, run_box
+    assert status_box and status_box["y"] < 1000, status_box
+
+
+def _run_example(page, example):
+    page.get_by_label(example.label).check()
+    expect(_status(page)).to_have_value(re.compile(r"^ready"), timeout=30_000)
+    page.locator("#run").click()
+    expect(_status(page)).to_have_value(re.compile(r"^done"), timeout=RUN_TIMEOUT_MS)
+    expect(page.locator("#stats-a")).to_contain_text("kept")
+    expect(page.locator("#picture-a img")).to_have_count(1)
+
+
+def test_editing_the_question_clears_the_answers_and_the_known_answer_follows_it(page, server):
+    engine, _ = server
+    example = engine.examples[0]
+    _run_example(page, example)
+    expect(page.locator("#expected")).to_contain_text(f"known answer: {example.answer}")
+    question = page.get_by_label("Question")
+    question.fill("is there a purple unicorn?")
+    for elem_id in ("stats-all", "stats-a", "table"):
+        expect(page.locator(f"#{elem_id}")).not_to_contain_text("kept")
+        expect(page.locator(f"#{elem_id}")).not_to_contain_text("prefill")
+    expect(page.locator("#picture-a img")).to_have_count(0)  # the overlay answered another question
+    expect(page.locator("#expected")).not_to_contain_text("known answer")
+    other = next((q for q in example.answers if q != example.question), None)
+    if other is not None:  # another question of the same sample: its own known answer
+        question.fill(other)
+        expect(page.locator("#expected")).to_contain_text(f"known answer: {example.answers[other]}")
+    question.fill(example.question)
+    expect(page.locator("#expected")).to_contain_text(f"known answer: {example.answer}")
+
+
+def test_a_bad_upload_clears_the_previous_results_and_shows_the_error_on_screen(page, server, tmp_path):
+    engine, _ = server
+    _run_example(page, engine.examples[0])
+    notes = tmp_path / "notes.txt"
+    notes.write_text("shopping list\n" * 50)
+    page.locator("#upload").get_by_label("Clear").click()  # the example's file goes; the upload area returns
+    page.locator("#upload input[type=file]").set_input_files(str(notes))
+    expect(_status(page)).to_have_value(re.compile(r"^error: notes\.txt is neither an image nor a video"),
+                                        timeout=30_000)
+    box = page.locator("#status").bounding_box()
+    assert box and box["y"] < 1000, box  # seen without scrolling
+    expect(_status(page)).to_be_in_viewport()
+    for elem_id in ("picture-all", "picture-a"):
+        expect(page.locator(f"#{elem_id} img")).to_have_count(0)  # nothing of the previous input stays
+    for elem_id in ("stats-all", "stats-a", "table"):
+        expect(page.locator(f"#{elem_id}")).not_to_contain_text("kept")
+    expect(page.locator("#expected")).not_to_contain_text("known answer")
