@@ -8,7 +8,9 @@ from .attention_scores import (
     cls_attention_row_reference,
     cls_logits_row,
     cls_logits_row_reference,
+    fused_available,
     received_attention,
+    received_attention_fused,
     received_attention_reference,
 )
 from .llm_attention import apply_rotary, attention_rows, attention_rows_reference, rotate_half
@@ -22,6 +24,8 @@ __all__ = [
     "cls_attention_row_reference",
     "cls_logits_row",
     "cls_logits_row_reference",
+    "fused_available",
     "received_attention",
+    "received_attention_fused",
     "received_attention_reference",
 ]

@@ -44,9 +44,9 @@ oneDNN take for themselves is not seen, for either variant.
 
 Reported: the tower's activation peak (a: plain), the peak with capture + selection (b), extra = b - a and
 extra / a against the 5 % target, the phase holding b's peak (tower, capture or selection); per captured block the
-transient memory of vtc's hook, its largest single allocation (with the op that made it), the largest block of
-attention scores the kernel formed, and what the hook left allocated after it returned -- next to one N x N map of
-the largest span (heads x span^2 x 4 B) and one of the whole video (heads x patches^2 x 4 B). The profiler ranges
+transient memory of vtc's hook, its largest single allocation (with the op that made it), the largest allocation
+inside the scoring kernel (a padded copy of q or k: the fused kernel forms no map), and what the hook left
+allocated after it returned -- next to one N x N map of the largest span (heads x span^2 x 4 B) and one of the whole video (heads x patches^2 x 4 B). The profiler ranges
 that delimit the hook and the kernel are added by this script for the memory pass only (a forward pre-hook before and
 one after vtc's, and a record_function around ``received_attention``); they observe, they change nothing. No
 assertions -- it prints figures (and ``--json`` writes them).
@@ -497,7 +497,7 @@ def main(argv=None) -> int:
     rows = [(name, layer, c) for name in names for layer, c in memory[name]["capture"].items()]
     if rows:
         print(f"{'capture':<12} {'block':>5} {'span':>5} {'hook MiB':>9} {'largest MiB':>12} {'(op)':<14} "
-              f"{'scores MiB':>11} {'x map':>6} {'kept after KiB':>15}")
+              f"{'kernel MiB':>11} {'x map':>6} {'kept after KiB':>15}")
         for name, layer, c in rows:
             ratio = c["scores_largest_bytes"] / (heads * c["span"] ** 2 * 4) if c["span"] else float("nan")
             print(f"{name:<12} {layer:>5} {c['span']:>5} {_mib(c['transient_bytes']):>9} "
@@ -516,7 +516,8 @@ def main(argv=None) -> int:
     if rows:
         biggest = max(c["scores_largest_bytes"] for _, _, c in rows)
         verdict = "no N x N map outlives its layer" if kept_after < map_span else "a hook keeps >= one N x N map"
-        print(f"N x N: largest score block {_mib(biggest)} MiB (one map of the largest span {_mib(map_span)} MiB); "
+        print(f"N x N: largest allocation inside the scoring kernel {_mib(biggest)} MiB (one map of the largest span "
+              f"{_mib(map_span)} MiB, of the whole video {_mib(map_video)} MiB); "
               f"most a hook left allocated {kept_after / 1024:.1f} KiB -> {verdict}")
     wall = finish(args.device, share, wall_start)
 
