@@ -4,6 +4,11 @@ Only layout and formatting live here; uploads, models, locking and drawing are `
 ``vtc.demo.render``, which are tested without a browser. Every handler turns errors into a line in the status box
 (``error: ...``): a user sees what to fix, never a stack trace (unexpected errors are logged on the server).
 
+Run is an async generator with no Gradio concurrency limit: it says when a model is still loading and awaits it
+(``Engine.wait_for_model``, time-limited) without taking a slot, and only the work on a loaded model takes one of
+``RUN_SLOTS`` -- so one user's slow model load never queues the others. The page is readable by screen readers:
+the pictures get alt text naming what they show, and the status is mirrored into a ``role="status"`` live region.
+
     python -m vtc demo                      # embedded default model, http://127.0.0.1:7860
     python -m vtc demo --model DIR_OR_HUB_ID --model ANOTHER --host 0.0.0.0 --port 8080
 
@@ -13,6 +18,9 @@ hub id only with ``allow_any_model``, which ``launch`` refuses on a non-loopback
 
 from __future__ import annotations
 
+import asyncio
+import functools
+import json
 import logging
 import pathlib
 
@@ -22,7 +30,7 @@ import vtc
 from vtc.budget import describe_budget
 
 from . import render
-from .engine import DemoError, Engine, Result, RunResult, Spec, check_host
+from .engine import DemoError, Engine, Loading, Result, RunResult, Spec, check_host
 
 log = logging.getLogger(__name__)
 
@@ -35,9 +43,17 @@ video, ask a question, and choose a compressor with a **budget**: an integer is 
 video: over all its frames), a fraction in (0, 1] is the share kept (`64`, `0.25`, `25%`). Kept tokens are drawn
 bright on the model's real patch grid, pruned ones dimmed; the members of one merged token share an outline colour.
 """
+RUN_SLOTS = 4  # requests computing at once; requests on one model also wait for its lock
 CSS = """
 #status textarea { font-family: ui-monospace, monospace; }
 .vtc-stats p { margin: 0.15em 0; }
+/* numbers and words are never split into syllables; a table too wide for the window scrolls sideways */
+#table, #table *, .vtc-stats, .vtc-stats * { word-break: normal !important; overflow-wrap: normal !important;
+                                             hyphens: none !important; }
+#table { overflow-x: auto; }
+#table table { table-layout: auto; }
+.vtc-sr-only { position: absolute !important; width: 1px; height: 1px; padding: 0; margin: -1px; overflow: hidden;
+               clip: rect(0, 0, 0, 0); white-space: nowrap; border: 0; }
 #legend .swatch { display: inline-block; width: 1.1em; height: 1.1em; vertical-align: middle; margin-right: 0.3em;
                   border: 2px solid transparent; }
 #legend li { list-style: none; margin: 0.1em 0; }
@@ -70,6 +86,59 @@ every token box (the model's center crop or padding), not pruned by the compress
 <li>the <b>all tokens</b> picture draws the model's token grid in white</li>
 </ul></div>
 """
+
+
+#: what each picture shows, after its title (the column label), for its alt text; the all-tokens column shows the
+#: plain input until a run titles it "all N tokens" (``PREVIEW_ALT``)
+PREVIEW_ALT = "the input as uploaded"
+PICTURE_ALT = {
+    "picture-all": "the input with the model's token grid drawn; hatched areas are never seen by the model",
+    "picture-a": "tokens compressor A kept, bright on the model's patch grid; pruned tokens dimmed",
+    "picture-b": "tokens compressor B kept, bright on the model's patch grid; pruned tokens dimmed",
+}
+#: runs when the page loads: gives each result picture an alt text (its column title, which names the compressor,
+#: budget and tokens kept, and what it shows; gr.Image has no alt option) and creates the status live region
+PAGE_JS = """
+() => {
+  const alts = %s, preview = %s;
+  const live = document.createElement("div");
+  live.id = "status-live";
+  live.className = "vtc-sr-only";
+  live.setAttribute("role", "status");
+  live.setAttribute("aria-live", "polite");
+  document.body.appendChild(live);
+  const label = (block) => {
+    const title = block.querySelector("[data-testid=block-label]");
+    return title ? title.textContent.trim() : "";
+  };
+  const update = () => {
+    for (const [id, what] of Object.entries(alts)) {
+      const block = document.getElementById(id);
+      if (!block) continue;
+      const title = label(block);
+      const alt = `${title}: ${id === "picture-all" && !/^all \\d+ tokens/.test(title) ? preview : what}`;
+      for (const img of block.querySelectorAll("img")) {
+        if (img.getAttribute("alt") !== alt) img.setAttribute("alt", alt);
+      }
+    }
+  };
+  new MutationObserver(update).observe(document.body, {subtree: true, childList: true, characterData: true,
+                                                       attributes: true, attributeFilter: ["src"]});
+  update();
+}
+"""
+#: the status box's text, copied into the live region whenever it changes (a textarea's value is not announced)
+STATUS_JS = """
+(text) => {
+  const live = document.getElementById("status-live");
+  if (live) live.textContent = text || "";
+  return [];
+}
+"""
+
+
+def page_js() -> str:
+    return PAGE_JS % (json.dumps(PICTURE_ALT), json.dumps(PREVIEW_ALT))
 
 
 def _gflops(flops: int) -> str:
@@ -195,31 +264,47 @@ def build_app(engine: Engine | None = None) -> gr.Blocks:
         """An edited question: the answers shown were to another question, and the known answer follows it."""
         return [*cleared()[1:], known_answer(answers, question)]
 
-    def on_run(path, question, model_ref, frames, max_new_tokens, name_a, budget_a, options_a, compare, name_b,
-               budget_b, options_b):
+    slots = asyncio.Semaphore(RUN_SLOTS)
+
+    async def on_run(path, question, model_ref, frames, max_new_tokens, name_a, budget_a, options_a, compare, name_b,
+                     budget_b, options_b):
+        """One request, as an async generator without a Gradio concurrency limit: the input is read and the request
+        checked first; a model that is not loaded yet is announced in the status and awaited (its load is
+        time-limited, and shared by everyone who asks for it) without taking a slot; only the work on the loaded
+        model takes one of ``RUN_SLOTS``. Yields the outputs: a "loading" status, then the results or the error."""
         failed = [None, "", None, "", None, "", ""]
         try:
-            media = engine.load_media(path, int(frames))
+            media = await asyncio.to_thread(engine.load_media, path, int(frames))
             specs = [Spec(name_a, budget_a, options_a)]
             if compare:
                 specs.append(Spec(name_b, budget_b, options_b))
-            result = engine.run(media, question, specs, model=model_ref, max_new_tokens=int(max_new_tokens))
+            engine.check(question, specs, int(max_new_tokens))
+            loading = engine.load(model_ref)
+            if isinstance(loading, Loading):  # the first request for this model: say why nothing happens yet
+                yield [gr.update()] * len(failed) + [f"loading model {loading.label} (its first use; at most "
+                                                     f"{loading.remaining():.0f} s more)…"]
+                await engine.wait_for_model(model_ref)
+            async with slots:
+                result = await asyncio.to_thread(functools.partial(
+                    engine.run, media, question, specs, model=model_ref, max_new_tokens=int(max_new_tokens)))
         except DemoError as exc:
-            return [*failed, f"error: {exc}"]
+            yield [*failed, f"error: {exc}"]
+            return
         except Exception as exc:  # noqa: BLE001 - shown as one line, logged in full
             log.exception("a demo request failed")
-            return [*failed, f"error: internal error ({type(exc).__name__}: {exc}); details are in the server log"]
+            yield [*failed, f"error: internal error ({type(exc).__name__}: {exc}); details are in the server log"]
+            return
         base = result.baseline
         a = result.runs[0]
         b = result.runs[1] if len(result.runs) > 1 else None
         # each column is titled by what it shows: "all 196 tokens", "cls_attention @ 25 % → 49 tokens"
-        return [gr.update(value=base.picture, label=base.title), stats_markdown(base, base, result.expected),
-                gr.update(value=a.picture, label=a.title), stats_markdown(a, base, result.expected),
-                gr.update(value=None, label="Compressor B") if b is None else gr.update(value=b.picture,
-                                                                                        label=b.title),
-                "" if b is None else stats_markdown(b, base, result.expected),
-                table_markdown(result),
-                with_notes(f"done: {len(result.runs)} compressor(s) on {result.model_label}", result.notes)]
+        yield [gr.update(value=base.picture, label=base.title), stats_markdown(base, base, result.expected),
+               gr.update(value=a.picture, label=a.title), stats_markdown(a, base, result.expected),
+               gr.update(value=None, label="Compressor B") if b is None else gr.update(value=b.picture,
+                                                                                       label=b.title),
+               "" if b is None else stats_markdown(b, base, result.expected),
+               table_markdown(result),
+               with_notes(f"done: {len(result.runs)} compressor(s) on {result.model_label}", result.notes)]
 
     with gr.Blocks(title=TITLE, analytics_enabled=False) as demo:
         gr.Markdown(INTRO)
@@ -290,7 +375,8 @@ def build_app(engine: Engine | None = None) -> gr.Blocks:
         run.click(on_run, [upload, question, model, frames, max_new, name_a, budget_a, options_a, compare, name_b,
                            budget_b, options_b],
                   [picture_all, stats_all, picture_a, stats_a, picture_b, stats_b, table, status],
-                  concurrency_limit=4)  # requests on one model wait for its lock; other models run meanwhile
+                  concurrency_limit=None)  # on_run bounds its work itself (RUN_SLOTS), not its wait for a model
+        status.change(None, status, None, js=STATUS_JS)  # screen readers hear every new status
     return demo
 
 
@@ -308,7 +394,7 @@ def launch(model: str | None = None, *, models=None, allow_any_model: bool = Fal
     folders = sorted({str(pathlib.Path(e.path).parent) for e in engine.examples})
     demo.launch(server_name=host, server_port=port, share=share, prevent_thread_lock=prevent_thread_lock,
                 allowed_paths=folders, max_file_size=2 * engine.limits.max_bytes, show_error=False, quiet=quiet,
-                ssr_mode=False, css=CSS)
+                ssr_mode=False, css=CSS, js=page_js())
     return demo
 
 

@@ -12,7 +12,11 @@ that does not load) and everything that must be safe between users (one model in
   ``allow_any_model`` (for a loopback host only: ``check_host``). Labels never show server paths (a folder's base
   name).
 * ``Engine.model`` loads a model once and keeps the last few in an LRU; each has a lock held for the whole
-  apply -> generate -> read selection -> remove sequence, so two users' selections never cross.
+  apply -> generate -> read selection -> remove sequence, so two users' selections never cross. A model is loaded
+  in a background thread of its own (``Engine.load``), never in a request's slot: requests for it wait for that one
+  load (``Engine.wait_for_model`` without holding a thread), each other request goes on, and a load that takes
+  longer than ``load_timeout`` fails its waiters with one message. Failed loads are not cached (the next request
+  tries again).
 * ``Engine.run`` answers a question with all visual tokens and with one or two compressors, and returns what each
   kept (drawn on the model's real token geometry), visual tokens in -> out, time to first token and FLOPs. The
   question, budgets, compressor names and options (names and types) are checked before a model is loaded; words of
@@ -23,7 +27,9 @@ that does not load) and everything that must be safe between users (one model in
 
 from __future__ import annotations
 
+import asyncio
 import collections
+import concurrent.futures
 import hashlib
 import importlib.util
 import ipaddress
@@ -169,6 +175,26 @@ class Result:
     @property
     def all_runs(self) -> list[RunResult]:
         return [self.baseline, *self.runs]
+
+
+@dataclass
+class Loading:
+    """One model load in progress (``Engine.load``): every request for the model waits on ``future``, until
+    ``started + timeout`` (monotonic seconds)."""
+
+    key: str
+    label: str
+    started: float
+    timeout: float
+    future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
+
+    def remaining(self) -> float:
+        return max(0.0, self.started + self.timeout - time.monotonic())
+
+    def timed_out(self) -> "DemoError":
+        return DemoError(f"model {self.label} did not load within {self.timeout:g} s (the demo's time limit; a "
+                         "large download or a slow disk); it goes on loading in the background: try again in a "
+                         "few minutes, or choose another model")
 
 
 @dataclass
@@ -578,14 +604,18 @@ class Engine:
     model), checked now with ``preflight.resolve_model_ref``; default ``[default_model]``. ``default_model``: the
     one used when a request names none (default: the first of ``models``). A request may name a model by its label
     (``labels``) or its reference; anything else is refused at once, unless ``allow_any_model`` (serve that only on
-    a loopback host: ``check_host``). ``loader(ref) -> ((model, processor), label)`` is injectable for tests.
+    a loopback host: ``check_host``). ``load_timeout``: seconds a model load may take before its waiters get an
+    error (the load itself cannot be stopped; it is cached if it finishes later). ``loader(ref) -> ((model,
+    processor), label)`` is injectable for tests.
     """
 
     def __init__(self, default_model: str | None = None, *, models: Sequence[str | None] | None = None,
                  allow_any_model: bool = False, cache_size: int = 2, limits: Limits = Limits(), examples_dir=None,
-                 loader=None):
+                 loader=None, load_timeout: float = 600.0):
         if cache_size < 1:
             raise ValueError(f"cache_size must be >= 1, got {cache_size}")
+        if not load_timeout > 0:
+            raise ValueError(f"load_timeout must be > 0 seconds, got {load_timeout}")
         refs = list(models) if models else [default_model]
         if default_model is not None and _key_of(default_model) not in map(_key_of, refs):
             refs.insert(0, default_model)
@@ -596,12 +626,13 @@ class Engine:
         self.default_model = None if default_key == EMBEDDED else default_key
         self.allow_any_model = bool(allow_any_model)
         self.cache_size = cache_size
+        self.load_timeout = float(load_timeout)
         self.limits = limits
         self.loads = 0  # models loaded so far (cache misses)
         self._loader = loader or _load_model
         self._cache: collections.OrderedDict[str, LoadedModel] = collections.OrderedDict()
         self._cache_lock = threading.Lock()
-        self._loading: dict[str, threading.Lock] = {}
+        self._loading: dict[str, Loading] = {}
         self.examples = write_examples(examples_dir)
         self._example_by_hash = {_sha256(e.path): e for e in self.examples}
 
@@ -623,32 +654,62 @@ class Engine:
             return key
         raise DemoError("model not available: this demo serves only: " + ", ".join(self.labels.values()))
 
-    def model(self, ref: str | None = None) -> LoadedModel:
-        """The loaded model for ``ref`` (cached; concurrent first requests load it once)."""
+    def load(self, ref: str | None = None) -> LoadedModel | Loading:
+        """The loaded model for ``ref`` if it is cached, else its load in progress -- started now in a thread of its
+        own, or the one already running (concurrent requests share one load). Never blocks on a load."""
         key = self._key(ref)
         with self._cache_lock:
             if key in self._cache:
                 self._cache.move_to_end(key)
                 return self._cache[key]
-            loading = self._loading.setdefault(key, threading.Lock())
-        with loading:
+            if key in self._loading:
+                return self._loading[key]
+            loading = Loading(key, self.labels.get(key) or model_label(key), time.monotonic(), self.load_timeout)
+            loading.future.set_running_or_notify_cancel()  # a waiter that gives up cannot cancel it for the rest
+            self._loading[key] = loading
+        threading.Thread(target=self._load_in_background, args=(loading,), name=f"vtc-demo-load-{loading.label}",
+                         daemon=True).start()  # daemon: a load that never ends does not keep the server alive
+        return loading
+
+    def _load_in_background(self, loading: Loading) -> None:
+        try:
+            entry = self._load(loading.key)
+        except BaseException as exc:  # noqa: BLE001 - handed to every waiter; not cached: the next request retries
             with self._cache_lock:
-                if key in self._cache:
-                    self._cache.move_to_end(key)
-                    return self._cache[key]
-            try:
-                entry = self._load(key)
-            except BaseException:
-                with self._cache_lock:
-                    self._loading.pop(key, None)
-                raise
-            with self._cache_lock:  # cached and no longer loading in one step: nobody starts a second load
-                self._cache[key] = entry
-                self._loading.pop(key, None)
-                self.loads += 1
-                while len(self._cache) > self.cache_size:
-                    self._cache.popitem(last=False)  # a request still holding it finishes on its own reference
-            return entry
+                if self._loading.get(loading.key) is loading:
+                    del self._loading[loading.key]
+            loading.future.set_exception(exc)
+            return
+        with self._cache_lock:  # cached and no longer loading in one step: nobody starts a second load
+            self._cache[loading.key] = entry
+            self._cache.move_to_end(loading.key)
+            if self._loading.get(loading.key) is loading:
+                del self._loading[loading.key]
+            self.loads += 1
+            while len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)  # a request still holding it finishes on its own reference
+        loading.future.set_result(entry)
+
+    def model(self, ref: str | None = None) -> LoadedModel:
+        """The loaded model for ``ref``: cached, or waited for (``load``) until the load's time limit, after which
+        ``DemoError`` says so. Blocks the calling thread; request handlers await ``wait_for_model`` first."""
+        got = self.load(ref)
+        if isinstance(got, LoadedModel):
+            return got
+        try:
+            return got.future.result(timeout=got.remaining())
+        except concurrent.futures.TimeoutError:
+            raise got.timed_out() from None
+
+    async def wait_for_model(self, ref: str | None = None) -> LoadedModel:
+        """``model`` for an event loop: waits for the load without holding a thread or a request slot."""
+        got = self.load(ref)
+        if isinstance(got, LoadedModel):
+            return got
+        try:  # the load's future cannot be cancelled (it is running): giving up here leaves it to the others
+            return await asyncio.wait_for(asyncio.wrap_future(got.future), got.remaining())
+        except asyncio.TimeoutError:
+            raise got.timed_out() from None
 
     def cached_models(self) -> list[str]:
         with self._cache_lock:
@@ -699,9 +760,9 @@ class Engine:
                                   columns=STRIP_COLUMNS)
 
     # -- requests -------------------------------------------------------------------------------------------
-    def run(self, media: Media, question: str, specs: Sequence[Spec], *, model: str | None = None,
-            max_new_tokens: int = 8) -> Result:
-        """Answer ``question`` about ``media`` with all tokens and with each of ``specs`` (one or two compressors)."""
+    def check(self, question: str, specs: Sequence[Spec], max_new_tokens: int = 8) -> list[_Parsed]:
+        """The question, budgets, compressor names and options (names and types) checked without a model:
+        ``DemoError`` for the first problem, so a typo is reported before anyone waits for a model to load."""
         question = (question or "").strip()
         if not question:
             raise DemoError("type a question")
@@ -717,6 +778,13 @@ class Engine:
                 check_request(p.compressor, p.budget, p.options)
             except (ValueError, TypeError) as exc:
                 raise DemoError(f"compressor {p.slot} ({p.compressor}): {exc}") from exc
+        return parsed
+
+    def run(self, media: Media, question: str, specs: Sequence[Spec], *, model: str | None = None,
+            max_new_tokens: int = 8) -> Result:
+        """Answer ``question`` about ``media`` with all tokens and with each of ``specs`` (one or two compressors)."""
+        parsed = self.check(question, specs, max_new_tokens)
+        question = question.strip()
         entry = self.model(model)
         notes = list(media.notes)
         if (unknown := unknown_words_message(entry.processor, question)) is not None:
@@ -753,16 +821,12 @@ class Engine:
         visual_in = _visual_tokens(entry, inputs)
         boxes = _BoxCache(entry, inputs, media)
         sizes = _frame_sizes(media, outcomes)
-        same = media.timestamps is not None and len(media.timestamps) == len(sizes)
-        base_frames = [FrameInfo(t, tokens=n, kept=n, timestamp=media.timestamps[t] if same else None)
+        base_frames = [FrameInfo(t, tokens=n, kept=n, timestamp=_frame_timestamp(media, outcomes, t, len(sizes)))
                        for t, n in enumerate(sizes)]
         if media.kind == "image":  # the token grid, and the areas no token covers (center crop, padding) hatched
             picture = render.all_tokens(media.image, boxes.image(0))
-        elif len(base_frames) == len(media.frames):
-            picture = render.frame_strip(media.frames, [_frame_caption(i.frame, media, i) for i in base_frames],
-                                         columns=STRIP_COLUMNS)
-        else:  # several sampled frames per LLM frame (Qwen fuses 2): the sampled frames themselves
-            picture = self.preview(media)
+        else:  # the same per frame, on the frames and token boxes the compressed strips use
+            picture = _video_all_tokens(media, base_frames, outcomes, boxes)
         baseline = RunResult(
             label="all tokens", compressor=None, budget=None, options={}, answer=base[0], visual_in=visual_in,
             visual_out=visual_in, kept=visual_in, budget_tokens=visual_in, prefill_seconds=base[1],
@@ -913,6 +977,34 @@ def _frame_caption(t: int, media: Media, info: FrameInfo | None) -> str:
     return "\n".join(lines)
 
 
+def _source_frame(media: Media, t: int, n: int) -> int:
+    """The sampled frame shown for LLM frame ``t`` of ``n`` (Qwen fuses 2 sampled frames per LLM frame)."""
+    return min(len(media.frames) - 1, t * len(media.frames) // n)
+
+
+def _frame_timestamp(media: Media, outcomes, t: int, n: int) -> float | None:
+    """Seconds of LLM frame ``t`` of ``n``, as the compressed strips caption it (the video record's own times, else
+    the sampled frame's), so the all-tokens strip and theirs agree."""
+    videos = outcomes[0][2][1] if outcomes else []
+    if videos and videos[0].timestamps:
+        return videos[0].timestamps[t]
+    return media.timestamps[_source_frame(media, t, n)] if media.timestamps else None
+
+
+def _video_all_tokens(media: Media, base_frames: list[FrameInfo], outcomes, boxes: _BoxCache) -> Image.Image:
+    """The "all tokens" frame strip: each LLM frame with the model's token grid drawn and the areas it never sees
+    hatched (``render.all_tokens``, as for an image), on the token boxes of the compressed runs' path (the model's
+    own video input, or each frame as an image)."""
+    records, videos = outcomes[0][2][:2] if outcomes else ([], [])
+    n = len(base_frames)
+    tiles = []
+    for info in base_frames:
+        source = _source_frame(media, info.frame, n)
+        frame_boxes = boxes.video()[info.frame] if videos and not records else boxes.image(info.frame)
+        tiles.append(render.all_tokens(media.frames[source], frame_boxes, side=256))
+    return render.frame_strip(tiles, [_frame_caption(i.frame, media, i) for i in base_frames], columns=STRIP_COLUMNS)
+
+
 def _video_picture(media: Media, records, videos, boxes: _BoxCache) -> tuple[Image.Image, list[FrameInfo]]:
     """The frame strip of one compressed video: each LLM frame with its kept tokens, budget and score."""
     infos, tiles = [], []
@@ -921,7 +1013,7 @@ def _video_picture(media: Media, records, videos, boxes: _BoxCache) -> tuple[Ima
         per_frame = boxes.video() if not records else None
         n = len(video.grids)
         for t, (frame_record, grid) in enumerate(zip(video.selection.frames, video.grids)):
-            source = min(len(media.frames) - 1, t * len(media.frames) // n)  # Qwen fuses 2 frames per LLM frame
+            source = _source_frame(media, t, n)
             frame_boxes = per_frame[t] if per_frame is not None else boxes.image(t)
             stamp = (video.timestamps[t] if video.timestamps else
                      media.timestamps[source] if media.timestamps else None)
@@ -939,6 +1031,6 @@ def _video_picture(media: Media, records, videos, boxes: _BoxCache) -> tuple[Ima
     return strip, infos
 
 
-__all__ = ["DemoError", "Engine", "Example", "FrameInfo", "Limits", "LoadedModel", "Media", "Result", "RunResult",
-           "Spec", "check_host", "check_models", "is_loopback", "load_media", "model_label", "parse_options",
-           "run_title", "write_examples", "write_video"]
+__all__ = ["DemoError", "Engine", "Example", "FrameInfo", "Limits", "LoadedModel", "Loading", "Media", "Result",
+           "RunResult", "Spec", "check_host", "check_models", "is_loopback", "load_media", "model_label",
+           "parse_options", "run_title", "write_examples", "write_video"]

@@ -224,6 +224,9 @@ def test_other_families_real_video_input_and_anyres_panels(video, image, tmp_pat
         run = result.runs[0]
         assert len(run.frames) == len(run.videos[0].grids) == 4 and not run.selections
         assert run.kept == run.budget_tokens == run.videos[0].budget
+        # the all-tokens strip shows the same 4 LLM frames, at the same times, as the compressed one
+        assert [f.timestamp for f in result.baseline.frames] == [f.timestamp for f in run.frames]
+        assert result.baseline.picture.width == run.picture.width
     else:  # AnyRes: base view and crops are drawn as two panels
         result = engine.run(image, "how many shapes ?", [Spec("cls_attention", 20)], model=str(folder),
                             max_new_tokens=2)
@@ -539,3 +542,147 @@ def test_a_new_input_or_question_clears_the_results_and_the_known_answer_follows
     assert all((c["value"] if isinstance(c, dict) else c) in (None, "") for c in cleared) and expected == ""
     for question, answer in example.answers.items():
         assert fns["on_question"](f" {question} ", answers)[-1] == f"known answer: **{answer}**"
+
+
+# ------------------------------------------------------------------------------------------------- slow model loads
+
+SLOW = "org/slow-model"  # a hub id whose download hangs (no network: the loader is a fake that waits on an event)
+
+
+def _hanging_loader(started: threading.Event, release: threading.Event, calls: list, outcome):
+    """A loader for ``SLOW`` that signals ``started``, hangs until ``release`` and then returns ``outcome()`` (or
+    raises it, for an exception); any other model loads for real."""
+    from vtc.demo.engine import _load_model
+
+    def loader(ref):
+        calls.append(ref)
+        if ref != SLOW:
+            return _load_model(ref)
+        started.set()
+        assert release.wait(300)
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome()
+
+    return loader
+
+
+def test_a_slow_model_load_blocks_nobody_else_and_fails_after_its_time_limit(tmp_path, image):
+    from vtc.demo.engine import _load_model
+
+    started, release, calls = threading.Event(), threading.Event(), []
+    engine = Engine(allow_any_model=True, examples_dir=tmp_path / "examples",
+                    loader=_hanging_loader(started, release, calls, lambda: _load_model(None)))
+    engine.model()  # the default model, loaded
+    engine.load_timeout = 0.5  # for loads started from now on
+    with pytest.raises(DemoError) as caught:  # the load hangs: its waiter gets one message at the time limit
+        engine.model(SLOW)
+    message = str(caught.value)
+    assert message.startswith(f"model {SLOW} did not load within 0.5 s (the demo's time limit")
+    assert "try again in a few minutes, or choose another model" in message and str(tmp_path) not in message
+    assert started.is_set() and calls.count(SLOW) == 1
+    with pytest.raises(DemoError, match="did not load within 0.5 s"):  # still loading: fails at once, no 2nd load
+        engine.model(SLOW)
+    assert calls.count(SLOW) == 1
+    result = engine.run(image, "how many shapes are there ?", [Spec("random", "4")], max_new_tokens=2)
+    assert result.runs[0].kept == 4  # another model's request is not held up by the hanging load
+    release.set()  # the load finishes after all: it is cached, and the next request gets it
+    for _ in range(600):
+        if SLOW in engine.cached_models():
+            break
+        time.sleep(0.1)
+    assert engine.model(SLOW).label == SLOW and calls.count(SLOW) == 1
+
+
+def test_a_failed_load_is_reported_to_every_waiter_and_not_cached(tmp_path):
+    started, release, calls = threading.Event(), threading.Event(), []
+    engine = Engine(allow_any_model=True, load_timeout=300, examples_dir=tmp_path / "examples", loader=_never)
+    engine._loader = _hanging_loader(started, release, calls, DemoError(f"cannot load model {SLOW!r}: interrupted"))
+    errors = []
+
+    def user():
+        try:
+            engine.model(SLOW)
+        except DemoError as exc:
+            errors.append(str(exc))
+
+    users = [threading.Thread(target=user) for _ in range(3)]
+    for thread in users:
+        thread.start()
+    assert started.wait(60)
+    release.set()
+    for thread in users:
+        thread.join(timeout=60)
+    assert errors == [f"cannot load model {SLOW!r}: interrupted"] * 3 and calls == [SLOW]  # one load, shared
+    with pytest.raises(DemoError, match="interrupted"):  # not cached: the next request tries again
+        engine.model(SLOW)
+    assert calls == [SLOW, SLOW] and engine.loads == 0
+
+
+def test_run_waits_for_a_loading_model_outside_the_request_slots(tmp_path, image):
+    """More requests for a hanging model than there are slots: another user's request still completes, and the
+    waiters get the loader's message once it fails."""
+    import asyncio
+    import inspect
+
+    from vtc.demo.app import RUN_SLOTS, build_app
+
+    started, release, calls = threading.Event(), threading.Event(), []
+    failure = DemoError(f"cannot load model {SLOW!r}: it is neither a local folder nor reachable on the Hub")
+    engine = Engine(allow_any_model=True, load_timeout=300, examples_dir=tmp_path / "examples",
+                    loader=_hanging_loader(started, release, calls, failure))
+    engine.model()
+    demo = build_app(engine)
+    block = next(f for f in demo.fns.values() if f.fn is not None and f.fn.__name__ == "on_run")
+    assert block.concurrency_limit is None and inspect.isasyncgenfunction(block.fn)
+    path = engine.examples[0].path
+
+    async def request(model) -> list[str]:
+        """The statuses the request shows, in order."""
+        outputs = block.fn(path, "how many shapes are there ?", model, 8, 2, "random", "4", "", False, "random",
+                           "4", "")
+        return [out[-1] async for out in outputs]
+
+    async def scenario():
+        waiting = [asyncio.create_task(request(SLOW)) for _ in range(RUN_SLOTS + 2)]
+        assert await asyncio.to_thread(started.wait, 60)
+        other = await asyncio.wait_for(request(""), 300)
+        assert len(other) == 1 and other[0].startswith("done: 1 compressor(s)"), other
+        assert not any(task.done() for task in waiting)  # still waiting for the load
+        release.set()
+        return await asyncio.wait_for(asyncio.gather(*waiting), 300)
+
+    statuses = asyncio.run(scenario())
+    for shown in statuses:  # while it loads the status says so, then the loader's message
+        assert len(shown) == 2 and shown[0].startswith(f"loading model {SLOW} (its first use; at most "), shown
+        assert shown[1] == f"error: {failure}"
+    assert calls.count(SLOW) == 1
+
+
+def test_the_all_tokens_video_strip_draws_the_token_grid_and_hatches_what_is_never_seen(engine, tmp_path):
+    """Wide frames: the model sees their centre square only. Like the image view, the all-tokens strip hatches the
+    strips left and right (grey, striped) and draws the token grid in white over the centre."""
+    from vtc.demo.engine import write_video
+
+    frames = [Image.fromarray(np.full((120, 240, 3), (200, 60 + 20 * i, 60), np.uint8)) for i in range(4)]
+    write_video(frames, tmp_path / "wide.mp4", fps=2)
+    media = engine.load_media(tmp_path / "wide.mp4", 4)
+    result = engine.run(media, "how many shapes are there ?", [Spec("random", "0.25")], max_new_tokens=2)
+    strips = {"all tokens": np.asarray(result.baseline.picture).astype(int),
+              "random": np.asarray(result.runs[0].picture).astype(int)}
+    tile, gap, height = 176, 6, 88  # 4 frames of 240x120 in one row, each 176 px wide
+    for name, strip in strips.items():
+        for t in range(4):
+            x = t * (tile + gap)
+            side = strip[2:height - 2, x + 2:x + 40]  # left of the centre square (x < 60 of 240)
+            assert np.abs(side[..., 0] - side[..., 1]).max() <= 3, (name, t)  # grey: the frame's red is washed out
+            assert side.std() > 15, (name, t)  # striped, not a flat dim
+    grid = strips["all tokens"]
+    for t in range(4):
+        x = t * (tile + gap)
+        rows = grid[height // 2 - 4:height // 2 + 4, x + 46:x + 130]  # across the centre square: 14 token columns
+        row = rows[rows[..., 1].mean(axis=1).argmin()]  # a row through the tokens, not along a horizontal line
+        lines = np.flatnonzero(row[:, 1] > 180)  # white grid lines over the frame's colour (green <= 120)
+        assert len(np.unique(lines // 4)) >= 12, (t, row[:, 1].tolist())
+        inside = np.median(row[row[:, 1] < 130], axis=0)  # between the lines (bicubic rings a little at them)
+        assert np.abs(inside - [200, 60 + 20 * t, 60]).max() <= 12  # the tokens themselves untouched

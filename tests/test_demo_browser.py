@@ -257,3 +257,113 @@ def test_a_bad_upload_clears_the_previous_results_and_shows_the_error_on_screen(
     for elem_id in ("stats-all", "stats-a", "table"):
         expect(page.locator(f"#{elem_id}")).not_to_contain_text("kept")
     expect(page.locator("#expected")).not_to_contain_text("known answer")
+
+
+#: every word of the visible text under the selectors that the browser drew on more than one line (split mid-word)
+SPLIT_WORDS_JS = """
+(selectors) => {
+  const split = [];
+  for (const root of document.querySelectorAll(selectors)) {
+    const walker = document.createTreeWalker(root, NodeFilter.SHOW_TEXT);
+    for (let node = walker.nextNode(); node; node = walker.nextNode()) {
+      for (const match of node.textContent.matchAll(/\\S+/g)) {
+        const range = document.createRange();
+        range.setStart(node, match.index);
+        range.setEnd(node, match.index + match[0].length);
+        const tops = new Set([...range.getClientRects()].filter(r => r.width > 0).map(r => Math.round(r.top)));
+        if (tops.size > 1) split.push(match[0]);
+      }
+    }
+  }
+  return split;
+}
+"""
+
+
+def test_at_800_px_numbers_stay_whole_pictures_have_alt_text_and_the_status_is_announced(browser, server):
+    """A narrow window: no word or number of the results is broken across lines (a wide table scrolls instead);
+    each result picture has an alt text naming what it shows; the status is a polite live region."""
+    engine, url = server
+    context = browser.new_context(viewport={"width": 800, "height": 1000})
+    page = context.new_page()
+    try:
+        page.goto(url)
+        expect(page.locator("#run")).to_be_visible(timeout=30_000)
+        live = page.locator("#status-live")
+        expect(live).to_have_attribute("role", "status")
+        expect(live).to_have_attribute("aria-live", "polite")
+        page.get_by_label("Compare with a second compressor").check()
+        page.get_by_label(engine.examples[0].label).check()
+        expect(page.locator("#picture-all img")).to_have_attribute("alt", "All tokens: the input as uploaded",
+                                                                    timeout=30_000)  # before a run: no grid yet
+        _run_example(page, engine.examples[0])
+        status = _status(page).input_value()
+        expect(live).to_have_text(status)  # what a screen reader announces is the status itself
+
+        alts = {elem_id: page.locator(f"#{elem_id} img").get_attribute("alt")
+                for elem_id in ("picture-all", "picture-a", "picture-b")}
+        assert alts["picture-all"].startswith("all 196 tokens: ") and "token grid" in alts["picture-all"], alts
+        assert re.match(r"cls_attention @ 25 % → 49 tokens: .*kept", alts["picture-a"]), alts
+        assert re.match(r"random @ 25 % → 49 tokens: .*kept", alts["picture-b"]), alts
+
+        selectors = "#table, .vtc-stats"
+        expect(page.locator("#table table")).to_be_visible()
+        for cell in page.locator("#table th, #table td").all():
+            style = cell.evaluate("e => [getComputedStyle(e).wordBreak, getComputedStyle(e).overflowWrap, "
+                                  "getComputedStyle(e).hyphens]")
+            assert style == ["normal", "normal", "none"], style
+        assert page.evaluate(SPLIT_WORDS_JS, selectors) == []
+        table = page.locator("#table").bounding_box()
+        assert table and table["x"] + table["width"] <= 800 + 1, table  # the page itself never scrolls sideways
+        assert page.locator("#table").evaluate("e => e.scrollWidth <= e.clientWidth || "
+                                               "getComputedStyle(e).overflowX === 'auto'")  # a wide table scrolls
+        page.screenshot(path=str(ARTIFACT.with_name("demo-800px.png")), full_page=True)  # for a look, not checked
+    finally:
+        context.close()
+
+
+def test_a_hanging_model_load_says_loading_and_holds_up_no_other_user(browser, tmp_path):
+    """One user asks for a model whose load hangs: their status says it is loading, another user's request on the
+    loaded model completes meanwhile, and the failed load ends in one message."""
+    import threading
+
+    from vtc.demo.app import launch
+    from vtc.demo.engine import DemoError, Engine, _load_model
+
+    slow, release = "org/slow-model", threading.Event()
+
+    def loader(ref):
+        if ref != slow:
+            return _load_model(ref)
+        assert release.wait(300)
+        raise DemoError(f"cannot load model {slow!r}: the download was interrupted")
+
+    engine = Engine(allow_any_model=True, examples_dir=tmp_path / "examples", loader=loader)
+    engine.model()
+    port = _free_port()
+    demo = launch(engine=engine, host="127.0.0.1", port=port, prevent_thread_lock=True, quiet=True)
+    contexts = [browser.new_context(viewport={"width": 1400, "height": 1000}) for _ in range(2)]
+    try:
+        first, second = (context.new_page() for context in contexts)
+        for page in (first, second):
+            page.goto(f"http://127.0.0.1:{port}/")
+            expect(page.locator("#run")).to_be_visible(timeout=30_000)
+            page.get_by_label(engine.examples[0].label).check()
+            expect(_status(page)).to_have_value(re.compile(r"^ready"), timeout=30_000)
+        box = first.locator("#model input")
+        box.fill(slow)
+        box.press("Enter")
+        expect(box).to_have_value(slow)
+        first.locator("#run").click()
+        expect(_status(first)).to_have_value(re.compile(rf"^loading model {slow} \(its first use"), timeout=30_000)
+        second.locator("#run").click()
+        expect(_status(second)).to_have_value(re.compile(r"^done: 1 compressor"), timeout=RUN_TIMEOUT_MS)
+        expect(_status(first)).to_have_value(re.compile(r"^loading model"))  # still waiting for its load
+        release.set()
+        expect(_status(first)).to_have_value(f"error: cannot load model {slow!r}: the download was interrupted",
+                                              timeout=30_000)
+    finally:
+        release.set()
+        for context in contexts:
+            context.close()
+        demo.close()
