@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.vtc-installed
 
-.PHONY: run test bench eval demo list clean default-model fidelity
+.PHONY: run test bench eval demo list clean default-model fidelity gpu-check gpu-wheels
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,16 @@ bench: $(STAMP)
 	$(PY) -m vtc.eval.bench.capture
 	$(PY) -m vtc.eval.bench.selection
 	$(PY) -m vtc.eval.bench.prefill
+
+## on a CUDA machine (no network needed): benchmarks in bf16 + the equality tests on the GPU, ~8 min, into
+## ./gpu_check (JSON + markdown); uses the machine's python3 and installs what it lacks from .gpuwheels/
+gpu-check:
+	$(PYTHON) eval/gpu_check.py --out gpu_check
+
+## here, with network: the wheels a GPU machine may lack (versions pinned from this venv), into .gpuwheels/
+gpu-wheels: $(STAMP)
+	$(PIP) download --quiet --no-deps -d .gpuwheels $$($(PY) -c "import importlib.metadata as m, runpy; \
+	  names = runpy.run_path('eval/gpu_check.py')['WHEELS']; print(' '.join(f'{n}=={m.version(n)}' for n in names))")
 
 ## lmms-eval sweep on the embedded model: every compressor at 33 % / 11 % on the offline tasks (./vtc_eval)
 eval: $(STAMP)

@@ -40,6 +40,20 @@ def pytest_addoption(parser):
                      help="write the family x compressor support matrix (markdown) from this run's results")
     parser.addoption("--update-screenshot", action="store_true", default=False,
                      help="tests/test_demo_browser.py also writes its screenshot to docs/demo.png (the README's)")
+    parser.addoption("--device", default="cpu",
+                     help="where tests/test_device_equality.py runs its models (default cpu; cuda on a GPU machine, "
+                          "as `make gpu-check` does)")
+
+
+@pytest.fixture(scope="session")
+def device(request):
+    """``--device``: the torch device of tests/test_device_equality.py (the other tests always run on the CPU)."""
+    import torch
+
+    name = request.config.getoption("--device")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        pytest.fail(f"--device {name}: this torch sees no CUDA device")
+    return name
 
 
 def support_cell(item) -> tuple[str, str, str] | None:

@@ -112,11 +112,11 @@ def hand_built(model, inputs, family: str, positions: str = "reindex"):
                                             video_grid_thw=inputs.get("video_grid_thw"),
                                             second_per_grid_ts=inputs.get("second_per_grid_ts"))
         mrope = pos[:, :, keep[0]]
-        text = torch.arange(mrope.shape[-1])[None, None]
+        text = torch.arange(mrope.shape[-1], device=mrope.device)[None, None]
         short["position_ids"] = torch.cat([text, mrope], dim=0)
         short["mm_token_type_ids"] = inputs["mm_token_type_ids"][:, keep[0]]
     elif positions == "keep":
-        short["position_ids"] = torch.arange(ids.shape[1])[None, keep[0]]
+        short["position_ids"] = torch.arange(ids.shape[1], device=ids.device)[None, keep[0]]
     image = BaseModelOutputWithPooling(pooler_output=tuple(feats))
     if family == "qwen3_vl":  # every deepstack level gets the image's selection too
         deepstack = [tuple(reduce_by_hand(f, r.selection) for f, r in zip(level, records))
