@@ -28,8 +28,8 @@ is recorded as timed out and the next one runs):
 All in ``--dtype`` (default bfloat16) with SDPA; flash-attention is reported when installed (the benchmarks keep
 SDPA, the attention vtc is designed to leave untouched). ``--small`` shrinks every size (depth 2, 112 px, 4 frames,
 2 LLM layers) so the script itself can be tested on a CPU: ``python3 eval/gpu_check.py --device cpu --small``.
-Outputs in ``--out``: one JSON per benchmark, ``gpu_check.json`` (every step: command, exit code, seconds, its
-figures) and ``gpu_check.md`` (the headline ratios).
+Outputs in ``--out``: ``gpu_check.json`` (every step: command, exit code, seconds, the end of its output, and the
+benchmark's own JSON report) and ``gpu_check.md`` (the headline ratios).
 """
 
 from __future__ import annotations
@@ -70,6 +70,17 @@ def _wheel_name_version(path: pathlib.Path) -> tuple[str, str]:
     return name, version
 
 
+def wheels_to_install(files, installed) -> list[pathlib.Path]:
+    """The wheels whose distribution ``installed(name)`` reports missing (None) or older than the wheel."""
+    todo = []
+    for path in files:
+        name, version = _wheel_name_version(pathlib.Path(path))
+        have = installed(name)
+        if have is None or _version_tuple(have) < _version_tuple(version):
+            todo.append(pathlib.Path(path))
+    return todo
+
+
 def ensure_environment(wheels: pathlib.Path, python: str, log) -> dict:
     """Install from ``wheels`` every wheel whose distribution is missing or older than the wheel (never a
     downgrade), then vtc from this checkout; returns what was found and done. Fails with one message naming the fix
@@ -78,13 +89,7 @@ def ensure_environment(wheels: pathlib.Path, python: str, log) -> dict:
     found = {name: _installed(name) for name in names}
     actions = []
     files = sorted(wheels.glob("*.whl")) if wheels.is_dir() else []
-    todo = []
-    for path in files:
-        name, version = _wheel_name_version(path)
-        have = _installed(name)
-        if have is None or _version_tuple(have) < _version_tuple(version):
-            todo.append(path)
-    for path in todo:  # one at a time: a wheel this python cannot take is reported, the others still go in
+    for path in wheels_to_install(files, _installed):  # one at a time: a wheel this python cannot take is reported, the others still go in
         done = subprocess.run([python, "-m", "pip", "install", "--no-deps", "--no-index", "-q", str(path)],
                               capture_output=True, text=True)
         actions.append(f"{'installed' if done.returncode == 0 else 'could not install'} {path.name}")
@@ -133,9 +138,8 @@ def plan(device: str, dtype: str, small: bool, out: pathlib.Path) -> list[tuple[
     return steps
 
 
-def run_steps(steps, python: str, budget_s: float, out: pathlib.Path, log) -> list[dict]:
+def run_steps(steps, python: str, budget_s: float, scratch: pathlib.Path, log) -> list[dict]:
     results, start = [], time.monotonic()
-    scratch = tempfile.mkdtemp(prefix="vtc_gpu_check_")
     for index, (name, argv, share) in enumerate(steps):
         left = budget_s - (time.monotonic() - start)
         later = sum(s for _, _, s in steps[index:])
@@ -152,10 +156,10 @@ def run_steps(steps, python: str, budget_s: float, out: pathlib.Path, log) -> li
             status, rc = "timed out", None
             output = (error.stdout or b"").decode() if isinstance(error.stdout, bytes) else (error.stdout or "")
         seconds = time.monotonic() - began
-        (out / f"{name}.log").write_text(output)
-        tail = "\n".join(line for line in output.splitlines() if "USDT" not in line)[-1500:]
-        log(f"[{name}] {status} in {seconds:.0f} s\n{tail}\n")
-        results.append({"step": name, "status": status, "rc": rc, "seconds": round(seconds, 1), "argv": argv})
+        tail = "\n".join(line for line in output.splitlines() if "USDT" not in line)[-4000:]
+        log(f"[{name}] {status} in {seconds:.0f} s\n{tail[-1500:]}\n")
+        results.append({"step": name, "status": status, "rc": rc, "seconds": round(seconds, 1), "argv": argv,
+                        "output_tail": tail})
     return results
 
 
@@ -230,7 +234,8 @@ def main(argv=None) -> int:
     log(f"torch, transformers, GPU: {probe.stdout.strip()}")
     if args.device.startswith("cuda") and probe.stdout.strip().endswith("False"):
         raise SystemExit("error: --device cuda but this torch sees no CUDA device")
-    steps = plan(args.device, args.dtype, args.small, out)
+    scratch = pathlib.Path(tempfile.mkdtemp(prefix="vtc_gpu_check_"))  # the benchmarks' JSONs, folded in below
+    steps = plan(args.device, args.dtype, args.small, scratch)
     if args.steps:
         wanted = {s.strip() for s in args.steps.split(",")}
         unknown = wanted - {name for name, _, _ in steps}
@@ -238,8 +243,8 @@ def main(argv=None) -> int:
             raise SystemExit(f"error: unknown steps {sorted(unknown)}; known: {', '.join(n for n, _, _ in steps)}")
         steps = [step for step in steps if step[0] in wanted]
     budget = args.budget_s - (time.monotonic() - began)
-    results = run_steps(steps, python, budget, out, log)
-    table = summary_table(out, results)
+    results = run_steps(steps, python, budget, scratch, log)
+    table = summary_table(scratch, results)
     flash = (environment.get("after") or {}).get("flash-attn")
     header = (f"# vtc GPU check\n\n{probe.stdout.strip()} -- dtype {args.dtype}, SDPA"
               f"{'' if not flash else f'; flash-attn {flash} installed (benchmarks keep SDPA)'}"
@@ -247,7 +252,7 @@ def main(argv=None) -> int:
     (out / "gpu_check.md").write_text(header + table)
     report = {"device": args.device, "dtype": args.dtype, "small": args.small, "environment": environment,
               "versions": probe.stdout.strip(), "steps": results,
-              "figures": {r["step"]: _load(out / f"{r['step'].replace('-', '_')}.json") for r in results},
+              "figures": {r["step"]: _load(scratch / f"{r['step'].replace('-', '_')}.json") for r in results},
               "total_s": round(time.monotonic() - began, 1)}
     (out / "gpu_check.json").write_text(json.dumps(report, indent=2))
     print(header + table)

@@ -14,17 +14,18 @@ Segments = Sequence[tuple[int, int]] | None
 
 
 def cls_attention_row(q_cls: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
-    """Head-mean softmax attention of one query (the CLS token, ``q_cls: [H, d]``) over all ``S`` keys -> ``[S]``.
+    """Head-mean softmax attention of one query (the CLS token, ``q_cls: [..., H, d]``) over all ``S`` keys
+    (``k: [..., H, S, d]``) -> ``[..., S]``; leading dims (a batch of images / views) go through in one op.
 
-    Cost H*S*d: only the CLS row of the map is ever formed.
+    Cost H*S*d per image: only the CLS row of the map is ever formed.
     """
-    logits = torch.einsum("hd,hsd->hs", q_cls.float(), k.float()) * scale
-    return logits.softmax(dim=-1).mean(dim=0)
+    logits = torch.einsum("...hd,...hsd->...hs", q_cls.float(), k.float()) * scale
+    return logits.softmax(dim=-1).mean(dim=-2)
 
 
 def cls_logits_row(q_cls: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
-    """Head-mean pre-softmax logits of one query (``q_cls: [H, d]``) over all ``S`` keys -> ``[S]`` (cost H*S*d)."""
-    return (torch.einsum("hd,hsd->hs", q_cls.float(), k.float()) * scale).mean(dim=0)
+    """Head-mean pre-softmax logits of one query (``q_cls: [..., H, d]``) over all ``S`` keys -> ``[..., S]``."""
+    return (torch.einsum("...hd,...hsd->...hs", q_cls.float(), k.float()) * scale).mean(dim=-2)
 
 
 def received_attention(
@@ -83,7 +84,7 @@ def fused_available(device: torch.device | str) -> bool:
 def _attention_lse(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
     """``logsumexp_j(q_i k_j * scale)`` per query, fp32, from the fused attention kernel SDPA runs: ``[B, H, Sq]``.
 
-    ``q: [B, H, Sq, d]``, ``k: [B, H, Sk, d]`` fp32, contiguous. The kernel's output is discarded (the value tensor
+    ``q: [B, H, Sq, d]``, ``k: [B, H, Sk, d]`` contiguous, fp32 (or bf16 / fp16 on CUDA). The kernel's output is discarded (the value tensor
     is ``k`` itself: any tensor of the right shape does).
     """
     if q.device.type == "cpu":
@@ -92,32 +93,45 @@ def _attention_lse(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tens
     return out[1][..., : q.shape[2]]  # the CUDA kernel pads the log-sum-exps to a multiple of 32
 
 
-def _padded(x: torch.Tensor, index: torch.Tensor, spans: int, length: int) -> torch.Tensor:
-    """Tokens ``index`` of ``x: [H, S, d]`` as ``[spans, H, length, w]`` fp32 with ``w - d >= 1`` zero features
-    (``w`` a multiple of 8, the kernels' alignment): room for the extra feature of the second call; zeros add
-    nothing to a dot product."""
+def _padded(x: torch.Tensor, index: torch.Tensor, spans: int, length: int, dtype: torch.dtype) -> torch.Tensor:
+    """Tokens ``index`` of ``x: [H, S, d]`` as ``[spans, H, length, w]`` in ``dtype`` with ``w - d >= 2`` zero
+    features (``w`` a multiple of 8, the kernels' alignment): room for the extra features of the second call; zeros
+    add nothing to a dot product."""
     heads, _, dim = x.shape
-    out = x.new_zeros(spans, heads, length, -(-(dim + 1) // 8) * 8, dtype=torch.float32)
+    out = x.new_zeros(spans, heads, length, -(-(dim + 2) // 8) * 8, dtype=dtype)
     out[..., :dim] = x.index_select(1, index).reshape(heads, spans, length, dim).transpose(0, 1)
     return out
 
 
+def _kernel_dtype(x: torch.Tensor) -> torch.dtype:
+    """fp32, except half-precision inputs on CUDA, which stay in their dtype: the kernels multiply them exactly
+    into fp32 accumulators (a product of two bf16 / fp16 numbers is exact in fp32) and return fp32 log-sum-exps, so
+    the statistic is the fp32 one of the same q and k -- at tensor-core speed (about 8x the fp32 kernel's)."""
+    if x.device.type == "cuda" and x.dtype in (torch.bfloat16, torch.float16):
+        return x.dtype
+    return torch.float32
+
+
 def received_attention_fused(
-    q: torch.Tensor, k: torch.Tensor, scale: float, segments: Segments = None, max_tokens: int = 4096
+    q: torch.Tensor, k: torch.Tensor, scale: float, segments: Segments = None, max_tokens: int = 4096,
+    compute_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """:func:`received_attention` from two fused attention calls per group of equal-length spans, no map formed.
 
     ``received[j] = (1/H) sum_h sum_i exp(s_ij - lse_i)`` with ``s_ij = q_i k_j * scale`` and ``lse_i`` the log-sum-exp
     of query ``i``'s row. Call 1 (queries ``q``, keys ``k``) gives ``lse_i``; call 2 swaps the roles (queries ``k``,
-    keys ``q``) and carries ``-lse_i`` as one extra feature (``[k_j, 1] . [q_i, -lse_i / scale] * scale =
+    keys ``q``) and carries ``-lse_i`` as extra features (``[k_j, 1] . [q_i, -lse_i / scale] * scale =
     s_ij - lse_i``), so its log-sum-exp for query ``j`` is ``log sum_i exp(s_ij - lse_i)``: the log of what token
-    ``j`` receives. An extra feature, not an attention mask: the kernels run as fast as without one, a mask costs
-    about 1.6x on a CPU. Both calls are the kernels SDPA runs (flash on CPU, memory-efficient on CUDA), in fp32.
+    ``j`` receives. Extra features, not an attention mask: the kernels run as fast as without one, a mask costs
+    about 1.6x on a CPU. Both calls are the kernels SDPA runs (flash on CPU, memory-efficient on CUDA), in fp32
+    (half-precision inputs on CUDA: in their dtype, see ``_kernel_dtype``; agrees with fp32 to ~1e-4 relative).
     Spans of equal length are batched (Qwen's windows), up to ``max_tokens`` tokens per call, so a windowed block
-    costs a few calls, not one per window. Extra memory: two fp32 copies of q and k for one call (``2 * H * tokens *
-    (d + 8)`` floats, tokens = the larger of one span and ``max_tokens``); no map is formed.
+    costs a few calls, not one per window. Extra memory: two padded copies of q and k for one call (``2 * H * tokens
+    * (d + 8)`` numbers, tokens = the larger of one span and ``max_tokens``); no map is formed. ``compute_dtype``
+    overrides the kernels' dtype (tests run the half-precision route on a CPU with it).
     """
     heads, total, dim = q.shape
+    dtype = compute_dtype or _kernel_dtype(q)
     spans = list(segments) if segments is not None else [(0, total)]
     out = torch.zeros(total, dtype=torch.float32, device=q.device)
     by_length: dict[int, list[int]] = {}
@@ -129,10 +143,15 @@ def received_attention_fused(
         for first in range(0, len(starts), per_call):
             batch = torch.tensor(starts[first : first + per_call], device=q.device)
             index = (batch[:, None] + torch.arange(length, device=q.device)).reshape(-1)
-            qs, ks = _padded(q, index, len(batch), length), _padded(k, index, len(batch), length)
+            qs, ks = _padded(q, index, len(batch), length, dtype), _padded(k, index, len(batch), length, dtype)
             lse = _attention_lse(qs, ks, scale)  # the extra features are still zero: plain q -> k
-            ks[..., dim] = 1.0
-            qs[..., dim] = -lse / scale
+            ks[..., dim : dim + 2] = 1.0
+            # -lse / scale as a sum of two features: exact in fp32, and to ~2^-16 relative in bf16 (its high part
+            # and the remainder), where one bf16 feature would shift each query's weights by up to ~3 %
+            bias = -lse / scale
+            high = bias.to(dtype)
+            qs[..., dim] = high
+            qs[..., dim + 1] = (bias - high.float()).to(dtype)
             received = _attention_lse(ks, qs, scale).exp()  # [spans, H, length]
             out[index] = received.mean(dim=1).reshape(-1)
     return out

@@ -73,3 +73,30 @@ def test_received_attention_rejects_unknown_method():
     q = torch.zeros(1, 3, 2)
     with pytest.raises(ValueError, match="'auto', 'fused' or 'chunked'"):
         received_attention(q, q, 1.0, method="fast")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_route_matches_fp32_of_the_same_inputs(dtype):
+    """The CUDA route for bf16 / fp16 models runs the kernels in the model's dtype: q.k products are exact in the
+    kernels' fp32 accumulators, and -lse / scale travels as a high part plus a remainder, so the statistic equals
+    the fp32 one of the same (half-precision) q and k to ~1e-4 -- where one half-precision feature would be off by
+    percents. Run here through the CPU kernel with ``compute_dtype``."""
+    g = torch.Generator().manual_seed(3)
+    q = (torch.randn(4, 300, 64, generator=g) * 3).to(dtype)
+    k = (torch.randn(4, 300, 64, generator=g) * 3).to(dtype)
+    segments = [(0, 64), (64, 128), (128, 192), (192, 300)]
+    ref = received_attention_reference(q.float(), k.float(), 0.125, segments)
+    got = received_attention_fused(q, k, 0.125, segments, compute_dtype=dtype)
+    assert torch.allclose(got, ref, rtol=2e-3, atol=1e-4), (got - ref).abs().max()
+    for start, end in segments:
+        assert abs(float(got[start:end].sum()) - (end - start)) < 1e-2 * (end - start)
+
+
+def test_cls_rows_take_a_batch_in_one_call():
+    """A batch of images (AnyRes views) in one op equals one call per image."""
+    g = torch.Generator().manual_seed(1)
+    q, k = torch.randn(3, 2, 9, 4, generator=g), torch.randn(3, 2, 9, 4, generator=g)
+    for kernel in (cls_attention_row, cls_logits_row):
+        batched = kernel(q[:, :, 0], k, 0.5)
+        assert batched.shape == (3, 9)
+        assert torch.allclose(batched, torch.stack([kernel(q[b, :, 0], k[b], 0.5) for b in range(3)]), atol=1e-6)

@@ -103,17 +103,20 @@ class ProjectionCapture(_HookSet):
             if kinds & {SignalKind.CLS_ATTENTION, SignalKind.CLS_LOGITS}:
                 if self.cls_index is None:
                     raise ValueError("this vision tower has no CLS token; use received attention instead")
-                row = q[:, :, 0] if q.shape[2] == 1 else q[:, :, self.cls_index]
+                row = q[:, :, 0] if q.shape[2] == 1 else q[:, :, self.cls_index]  # [B, H, d]
+                # the whole batch (AnyRes views, images) in one op: one launch per layer, not one per image
                 for kind, kernel in ((SignalKind.CLS_ATTENTION, cls_attention_row),
                                      (SignalKind.CLS_LOGITS, cls_logits_row)):
                     if kind in kinds:
-                        self.results[Signal(kind, layer)] = torch.stack(
-                            [kernel(row[b], k[b], scale) for b in range(k.shape[0])]
-                        )
+                        self.results[Signal(kind, layer)] = kernel(row, k, scale)
             if SignalKind.RECEIVED_ATTENTION in kinds:
-                self.results[Signal(SignalKind.RECEIVED_ATTENTION, layer)] = torch.stack(
-                    [received_attention(q[b], k[b], scale) for b in range(k.shape[0])]
-                )
+                # every image of the batch is one span of one packed sequence: equal spans go through the fused
+                # kernels together
+                b, h, n, d = k.shape
+                spans = [(i * n, (i + 1) * n) for i in range(b)]
+                packed = received_attention(q.transpose(0, 1).reshape(h, b * n, d),
+                                            k.transpose(0, 1).reshape(h, b * n, d), scale, spans)
+                self.results[Signal(SignalKind.RECEIVED_ATTENTION, layer)] = packed.view(b, n)
 
         return hook
 
