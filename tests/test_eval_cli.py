@@ -52,7 +52,18 @@ def test_sweep_writes_json_plot_and_table(tmp_path, tasks_dir, capsys):
     assert runs[1]["visual_tokens_by_task"]["vtc_shapes_video"]["out"] == 8 * 196 // 2
     assert sixteen["relative"]["visual_tokens_out"] == pytest.approx(16 / base["visual_tokens_out"])
     assert (out / "vtc_eval.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert len(list((out / "samples").glob("*.jsonl"))) == 5 * 3
+    # lmms-eval's own layout, one folder per run named by model, compressor and budget (never shared by budgets)
+    folders = sorted(p.name for p in out.iterdir() if p.is_dir() and p.name != "tasks")
+    assert folders == sorted(f"vtc-shapes-llava-embedded-default__{name}" for name in (
+        "none", "random_0.5", "random_16", "fastervlm_0.5", "fastervlm_16"))
+    for folder in folders:
+        assert len(list((out / folder).glob("*_results.json"))) == 1
+        logged = list((out / folder).glob("*_samples_*.jsonl"))
+        assert len(logged) == 3
+        line = json.loads(logged[0].read_text().splitlines()[0])
+        assert line["token_counts"][0]["visual_tokens_in"] > 0  # vtc's per-sample counts kept in the sample lines
+    assert (out / "vtc_table.md").exists() and (out / "vtc_table.csv").exists()
+    assert "avg % of all tokens" in printed
     assert "prefill FLOPs" in printed and "fastervlm" in printed
     assert result["positions"] == "reindex" and "positions: reindex (kept tokens renumbered" in printed
 

@@ -1,7 +1,8 @@
 """Stand-in data for real lmms-eval benchmarks (``vtc.eval.lmms.standin``): every stand-in loads through lmms-eval's
 own TaskManager with the task's own functions, its answers are the true ones (a perfect prediction gets the
 benchmark's top score from the task's own process_results and aggregation), and MME, POPE, Video-MME, ChartQA,
-DocVQA, MMBench and an MVBench subtask run end to end through ``--model vtc`` on tiny offline models.
+DocVQA, MMBench, an MVBench subtask, MMMU and EgoSchema run end to end through ``--model vtc`` on tiny offline
+models.
 
 That ``compressor=none`` equals the uncompressed path is tested in test_lmms_plugin.py, not here.
 """
@@ -23,16 +24,18 @@ from vtc.eval.lmms import standin
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 DOCS = 4
 IMAGE_TASKS = ["mme", "pope", "pope_full", "gqa", "scienceqa_img", "textvqa_val", "mmbench_en_dev_static", "chartqa",
-               "docvqa_val"]
-TOP_LEVEL = IMAGE_TASKS + ["videomme", "mvbench"]
+               "docvqa_val", "vqav2_val", "mmmu_val", "seedbench"]
+VIDEO_TASKS = ["videomme", "egoschema_subset", "mlvu_dev", "longvideobench_val_v"]
+TOP_LEVEL = IMAGE_TASKS + VIDEO_TASKS + ["mvbench"]
 
 
 @pytest.fixture(scope="module")
 def written(tmp_path_factory):
-    """Every stand-in in one folder: the image tasks and Video-MME with 4 documents, MVBench with 1 per subtask (20
-    videos), written by two calls into the same folder."""
+    """Every stand-in in one folder: the image tasks and the one-dataset video tasks (Video-MME, EgoSchema, MLVU,
+    LongVideoBench) with 4 documents, MVBench with 1 per subtask (20 videos), written by two calls into the same
+    folder."""
     root = tmp_path_factory.mktemp("standin")
-    first = standin.write_standins(root, IMAGE_TASKS + ["videomme"], n_docs=DOCS)
+    first = standin.write_standins(root, IMAGE_TASKS + VIDEO_TASKS, n_docs=DOCS)
     second = standin.write_standins(root, "mvbench", n_docs=1)
     return first, second
 
@@ -46,7 +49,7 @@ def tiny_dirs(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def video_env(written):
-    """Video-MME's and MVBench's utils read HF_HOME when they are imported (each time a task loads)."""
+    """The video tasks' utils read HF_HOME when they are imported (each time a task loads)."""
     with pytest.MonkeyPatch.context() as patch:
         for key, value in written[1].env.items():
             patch.setenv(key, value)
@@ -81,6 +84,11 @@ def test_unknown_or_unsupported_tasks_say_which_have_standins(tmp_path):
         standin.write_standins(tmp_path, ["mme", "nosuch"])
     with pytest.raises(ValueError, match="mmbench_en_dev: .*OpenAI judge.*use mmbench_en_dev_static"):
         standin.check_tasks("mmbench_en_dev")
+    with pytest.raises(ValueError, match="vqav2_test: .*EvalAI server.*use vqav2_val"):
+        standin.check_tasks("vqav2_test")
+    with pytest.raises(ValueError, match="egoschema: .*validation server.*use egoschema_subset"):
+        standin.check_tasks("egoschema")
+    assert not set(standin.NO_STANDIN) & set(standin.STANDIN_TASKS)
     with pytest.raises(ValueError, match="n_docs"):
         standin.write_standins(tmp_path, ["mme"], n_docs=0)
     assert not any(tmp_path.iterdir())  # nothing written on a bad request
@@ -93,7 +101,7 @@ def test_unknown_or_unsupported_tasks_say_which_have_standins(tmp_path):
 
 def test_written_set_names_tasks_docs_and_environment(written):
     images, videos = written
-    assert images.tasks == {t: f"vtc_standin_{t}" for t in IMAGE_TASKS + ["videomme"]}
+    assert images.tasks == {t: f"vtc_standin_{t}" for t in IMAGE_TASKS + VIDEO_TASKS}
     assert images.lmms_eval_args()[:2] == ["--tasks", ",".join(images.task_names)]
     assert images.include_path == images.root / "tasks" and videos.include_path == images.include_path
     assert images.docs["vtc_standin_mme"] == DOCS and images.docs["vtc_standin_pope_adv"] == DOCS
@@ -157,8 +165,16 @@ def video_root(written):
 
 def perfect(task, doc):
     """The right answer in the form each benchmark's parser reads."""
-    if task in ("mme", "pope", "pope_adv", "gqa", "chartqa", "videomme"):
+    if task in ("mme", "pope", "pope_adv", "gqa", "chartqa", "videomme", "seedbench", "mlvu_dev"):
         return doc["answer"]
+    if task == "vqav2_val":
+        return doc["answers"][0]["answer"]
+    if task == "mmmu_val":  # a letter (multiple-choice) or the open answer itself
+        return doc["answer"]
+    if task == "egoschema_subset":
+        return "ABCDE"[int(doc["answer"])]
+    if task == "longvideobench_val_v":
+        return "ABCDE"[doc["correct_choice"]]
     if task == "scienceqa_img":
         return "ABCDE"[doc["answer"]]
     if task in ("textvqa_val", "docvqa_val"):
@@ -176,7 +192,11 @@ TOP_SCORE = {"mme": {"mme_perception_score": 200.0, "mme_cognition_score": 200.0
              "mmbench_en_dev_static": {"gpt_eval_score": 100.0},
              "chartqa": {"relaxed_overall": 1.0, "relaxed_human_split": 1.0, "relaxed_augmented_split": 1.0},
              "docvqa_val": {"anls": 1.0}, "videomme": {"videomme_perception_score": 100.0},
-             "mvbench_moving_direction": {"mvbench_accuracy": 100.0}}
+             "mvbench_moving_direction": {"mvbench_accuracy": 100.0},
+             "vqav2_val": {"exact_match": 1.0}, "mmmu_val": {"mmmu_acc": 1.0},
+             "seedbench": {"seed_image": 1.0, "seed_all": 1.0}, "egoschema_subset": {"score": 1.0},
+             # M-Avg averages MLVU's 7 task types, an absent one as 0: 4 documents cover 4 of them
+             "mlvu_dev": {"mlvu_percetion_score": 100.0 * min(DOCS, 7) / 7}, "longvideobench_val_v": {"lvb_acc": 1.0}}
 
 
 @pytest.mark.parametrize("task", list(TOP_SCORE))
@@ -230,8 +250,8 @@ def test_high_resolution_standins_reach_dynamic_resolution_and_anyres(family, ti
                                                                        monkeypatch):
     """In process on a tiny Qwen2-VL and a tiny LLaVA-NeXT: ChartQA's and DocVQA's pages reach the processor at full
     size, so Qwen's dynamic resolution and LLaVA-NeXT's AnyRes give each its own token layout (exactly the processor's
-    own count for a page of that size); on Qwen, MMBench's static scoring and an MVBench subtask report their
-    metrics too."""
+    own count for a page of that size); on Qwen, MMBench's static scoring, an MVBench subtask, MMMU and EgoSchema
+    report their metrics too."""
     from lmms_eval import evaluator
     from PIL import Image
 
@@ -240,7 +260,8 @@ def test_high_resolution_standins_reach_dynamic_resolution_and_anyres(family, ti
     monkeypatch.chdir(tmp_path)
     tasks = ["vtc_standin_mme", "vtc_standin_chartqa", "vtc_standin_docvqa_val"]
     if family == "qwen2_vl":
-        tasks += ["vtc_standin_mmbench_en_dev_static", "vtc_standin_mvbench_moving_direction"]
+        tasks += ["vtc_standin_mmbench_en_dev_static", "vtc_standin_mvbench_moving_direction", "vtc_standin_mmmu_val",
+                  "vtc_standin_egoschema_subset"]
     lm = VtcModel(pretrained=str(tiny_dirs[family]), compressor="random", budget=0.5, max_frames_num=4,
                   max_new_tokens=3, progress=False, device="cpu")
     config, processor = lm.model.config, lm.processor  # lmms-eval drops the model after the run
@@ -252,6 +273,8 @@ def test_high_resolution_standins_reach_dynamic_resolution_and_anyres(family, ti
     if family == "qwen2_vl":
         assert "gpt_eval_score,none" in results["vtc_standin_mmbench_en_dev_static"]
         assert "mvbench_accuracy,none" in results["vtc_standin_mvbench_moving_direction"]
+        for name, metric in (("mmmu_val", "mmmu_acc"), ("egoschema_subset", "score")):
+            assert f"{metric},none" in results[standin.PREFIX + name], name
     tokens = {}
     for stats in lm.sample_stats:
         tokens.setdefault(stats.task, set()).add(stats.visual_tokens_in)
@@ -272,3 +295,21 @@ def test_high_resolution_standins_reach_dynamic_resolution_and_anyres(family, ti
     assert tokens["vtc_standin_mme"] == {square}
     assert tokens["vtc_standin_chartqa"] == {landscape}
     assert tokens["vtc_standin_docvqa_val"] == {portrait}
+
+
+def test_mlvu_covers_its_seven_task_types_and_mmmu_both_question_types(tmp_path):
+    """MLVU's M-Avg counts an absent task type as 0, so 7 documents reach 100; MMMU mixes multiple-choice and open
+    questions, SEED-Bench holds only image questions."""
+    from lmms_eval.tasks.mlvu.utils import mlvu_aggregate_results_dev, mlvu_process_results
+
+    splits, _ = standin._mlvu(7, tmp_path, tmp_path / "hf_home")
+    rows = splits["test"]
+    assert {r["task_type"] for r in rows} == set(standin._MLVU_TYPES)
+    assert all((tmp_path / "hf_home" / standin.MLVU_CACHE / r["video_name"]).is_file() for r in rows)
+    scored = [mlvu_process_results(r, [f"({r['answer']}) {r['candidates']['ABCD'.index(r['answer'])]}"])
+              ["mlvu_percetion_score"] for r in rows]
+    assert mlvu_aggregate_results_dev(scored) == pytest.approx(100.0)
+    mmmu, _ = standin._mmmu(4, tmp_path)
+    assert [r["question_type"] for r in mmmu["validation"]] == ["multiple-choice", "open"] * 2
+    seed, _ = standin._seedbench(3, tmp_path)
+    assert {r["data_type"] for r in seed["test"]} == {"image"}

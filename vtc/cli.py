@@ -541,15 +541,35 @@ def cmd_eval(args) -> int:
         return 1
     import vtc
 
-    budgets = [vtc.parse_budget(b) for b in (args.budget or [str(b) for b in sweep.DEFAULT_BUDGETS])]
+    from .eval.lmms import standin, table as paper_table
+
+    preset = paper_table.PRESETS.get(args.preset) if args.preset else None
+    default_budgets = preset["budgets"] if preset else sweep.DEFAULT_BUDGETS
+    budgets = [vtc.parse_budget(str(b)) for b in (args.budget or [str(b) for b in default_budgets])]
     compressors = args.compressor or vtc.list_compressors("encoder")
     unknown = [c for c in compressors if c not in vtc.list_compressors()]
     if unknown:
         raise ValueError(f"unknown compressor(s) {unknown}; choose from {', '.join(vtc.list_compressors())}")
-    tasks = [t for part in (args.tasks or ",".join(sweep.DEFAULT_TASKS)).split(",") for t in [part.strip()] if t]
+    default_tasks = ",".join(preset["tasks"]) if preset else ",".join(sweep.DEFAULT_TASKS)
+    tasks = [t for part in (args.tasks or default_tasks).split(",") for t in [part.strip()] if t]
+    if args.standin and preset and not args.tasks:  # a preset runs what has stand-ins here and names the rest
+        left_out = [t for t in tasks if t not in standin.STANDIN_TASKS]
+        tasks = [t for t in tasks if t in standin.STANDIN_TASKS]
+        if left_out:
+            print(f"--preset {args.preset} --standin: no stand-in data for {', '.join(left_out)} "
+                  "(they need the hub: run without --standin there); running the others", file=sys.stderr)
+    if args.standin:
+        standin.check_tasks(tasks)  # a task without stand-in data: one message naming it, before anything loads
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     include = [pathlib.Path(p) for p in args.include_path or []]
+    env, task_names = {}, {}
+    if args.standin:
+        written = standin.write_standins(out / "standin", tasks, n_docs=args.standin_docs)
+        include.append(written.include_path)
+        env = written.env
+        task_names = {name: task for task, name in written.tasks.items()}
+        tasks = written.task_names
     if any(t.startswith(lmms_tasks.TAG) for t in tasks):
         include.append(lmms_tasks.write_tasks(args.tasks_dir or out / "tasks", images=args.task_images,
                                               videos=args.task_videos, questions=args.task_questions))
@@ -557,11 +577,20 @@ def cmd_eval(args) -> int:
     try:
         with tqdm(total=runs, desc="vtc eval", unit="run") as bar:
             result = sweep.sweep(args.model, compressors, budgets, tasks, include, args.limit, args.device,
-                                 args.batch_size, out, progress=bar, positions=args.positions)
+                                 args.batch_size, out, progress=bar, positions=args.positions, env=env,
+                                 task_names=task_names)
         (out / "vtc_eval.json").write_text(json.dumps(result, indent=1))
-        sweep.plot(result, out / "vtc_eval.png")
+        rows = paper_table.standard_table(result)
+        (out / "vtc_table.md").write_text(paper_table.to_markdown(rows))
+        (out / "vtc_table.csv").write_text(paper_table.to_csv(rows))
+        plotted = sweep.plot(result, out / "vtc_eval.png")
         print(sweep.table(result))
-        print(f"\nwrote {out / 'vtc_eval.json'}, {out / 'vtc_eval.png'} and per-sample logs in {out / 'samples'}")
+        print("\nthe papers' layout (value ± standard error; n documents per benchmark; avg % = mean over benchmarks "
+              "of value / value with all tokens):\n")
+        print(paper_table.to_markdown(rows))
+        written_files = ["vtc_eval.json", "vtc_table.md", "vtc_table.csv"] + (["vtc_eval.png"] if plotted else [])
+        print(f"wrote {', '.join(str(out / f) for f in written_files)} and lmms-eval's own results and per-sample "
+              f"logs in {out}/<model>__<compressor>_<budget>/")
         sweep.check(result)
     except sweep.EvalFailure as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -609,6 +638,8 @@ def cmd_list(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .eval.lmms.table import PRESETS  # plain data, no lmms-eval import
+
     parser = argparse.ArgumentParser(prog="vtc", description="training-free visual-token compression for VLMs")
     sub = parser.add_subparsers(dest="command")
     run = sub.add_parser(
@@ -661,6 +692,14 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--task-videos", type=int, default=15, help="held-out videos in the offline tasks")
     ev.add_argument("--task-questions", type=int, default=2, help="questions per image / video")
     ev.add_argument("--limit", type=int, help="at most this many documents per task")
+    ev.add_argument("--standin", action="store_true",
+                    help="run the named lmms-eval benchmarks (mme, pope, gqa, ..., videomme, mvbench) on stand-in data "
+                         "in each task's own schema, written into OUT/standin (no hub needed; docs/standin.md)")
+    ev.add_argument("--standin-docs", type=int, default=20, metavar="N",
+                    help="documents per stand-in task (default 20)")
+    ev.add_argument("--preset", choices=sorted(PRESETS),
+                    help="a paper's table: its benchmarks and budgets, unless --tasks / --budget say otherwise ("
+                         + "; ".join(f"{k}: {v['what']}" for k, v in PRESETS.items()).replace("%", "%%") + ")")
     ev.add_argument("--positions", choices=sorted(POSITION_CHOICES),
                     help="position ids of the kept tokens in every compressed run: reindex (renumbered, the LLaVA "
                          "default) or keep (original ids); default: the model family's, printed with the table")

@@ -3,7 +3,8 @@
     python -m vtc.eval.lmms.standin OUT --tasks mme,pope,videomme [--docs 20]
     python -m lmms_eval --model vtc --model_args compressor=none --tasks vtc_standin_mme,vtc_standin_pope \\
         --include_path OUT/tasks
-    # video tasks (Video-MME, MVBench) also need the printed environment (HF_HOME=OUT/hf_home ...)
+    # video tasks (Video-MME, MVBench, EgoSchema, MLVU, LongVideoBench) also need the printed environment
+    # (HF_HOME=OUT/hf_home ...)
 
 For each benchmark, ``write_standins`` writes a small local dataset with exactly the columns, types, split names and
 file layout the task reads, and one override YAML per task that ``include``s lmms-eval's own installed task YAML and
@@ -21,10 +22,11 @@ Two deviations from "only the dataset location changes", both unavoidable:
 * GQA: the task's ``process_docs`` joins the questions with a *second* hub dataset (``lmms-lab-encoder/GQA``,
   ``testdev_balanced_images``) by ``imageId``; the stand-in replaces ``process_docs`` with the same join against the
   local copy of that images dataset (``gqa_join_images``).
-* Video-MME and MVBench find their videos under ``$HF_HOME/<cache_dir>`` (read when their ``utils.py`` is
-  imported), not through ``dataset_path``; the stand-in writes the videos to ``OUT/hf_home`` and returns
-  ``StandinSet.env`` -- ``HF_HOME`` pointing there and ``HF_HUB_CACHE`` pinned to the hub cache in effect when the
-  stand-ins were written, so models still resolve -- to set for the lmms-eval process.
+* The video tasks (Video-MME, MVBench, EgoSchema, MLVU, LongVideoBench) find their videos under
+  ``$HF_HOME/<cache_dir>`` (read when their ``utils.py`` is imported), not through ``dataset_path``; the
+  stand-in writes the videos to ``OUT/hf_home`` and returns ``StandinSet.env`` --
+  ``HF_HOME`` pointing there and ``HF_HUB_CACHE`` pinned to the hub cache in effect when the stand-ins were written,
+  so models still resolve -- to set for the lmms-eval process.
 
 With hub access nothing here is needed: ``--tasks mme`` runs the real task unchanged.
 """
@@ -76,9 +78,22 @@ _MVBENCH_KINDS = {
     "character_order": ("appeared_last_color",), "scene_transition": ("appeared_last_color",),
     "state_change": ("disappeared_color",), "moving_attribute": ("disappeared_color", "appeared_last_color"),
 }
-# the folders Video-MME and MVBench read their videos from, under $HF_HOME (their YAMLs' dataset_kwargs.cache_dir)
+# the folders the video tasks read their videos from, under $HF_HOME (their YAMLs' dataset_kwargs.cache_dir)
 VIDEOMME_CACHE = "videomme"
 MVBENCH_CACHE = "mvbench_video"
+EGOSCHEMA_CACHE = "egoschema"  # + /videos/<video_idx>.mp4
+MLVU_CACHE = "mlvu"  # mlvu_dev: + /<video_name>
+LONGVIDEOBENCH_CACHE = "datasets/longvideobench"  # + /videos/<video_path>
+# MMMU subjects the stand-in's ids use (``validation_<subject>_<n>``; utils.DOMAIN_CAT2SUB_CAT names)
+_MMMU_SUBJECTS = ("Art_Theory", "Design", "Math", "Physics", "Geography", "Computer_Science", "Electronics",
+                  "Psychology")
+# MLVU dev's 7 multiple-choice task types (utils.mlvu_aggregate_results_dev) and the synthetic question kinds closest
+_MLVU_TYPES = {
+    "plotQA": ("appeared_last_color", "disappeared_color"), "needle": ("disappeared_color", "appeared_last_shape"),
+    "ego": ("direction",), "count": ("video_count", "frames_with_shape"),
+    "order": ("appeared_last_shape", "appeared_last_color"), "anomaly_reco": ("appeared_last_shape",),
+    "topic_reasoning": ("appeared_last_color",),
+}
 
 
 @dataclass(frozen=True)
@@ -131,6 +146,15 @@ def _specs() -> dict[str, StandinSpec]:
                     split="test"),
         StandinSpec("mvbench", "mvbench", None, ("mvbench_accuracy",), video=True,
                     subtasks=tuple(f"mvbench_{s}" for s in MVBENCH_SUBTASKS)),
+        StandinSpec("vqav2_val", "vqav2", "vqav2/vqav2_val.yaml", ("exact_match",), split="validation"),
+        StandinSpec("mmmu_val", "mmmu", "mmmu/mmmu_val.yaml", ("mmmu_acc",), split="validation"),
+        StandinSpec("seedbench", "seedbench", "seedbench/seedbench.yaml", ("seed_image", "seed_video", "seed_all"),
+                    split="test"),
+        StandinSpec("egoschema_subset", "egoschema", "egoschema/egoschema_subset.yaml", ("score",), video=True,
+                    split="test"),
+        StandinSpec("mlvu_dev", "mlvu", "mlvu/mlvu_dev.yaml", ("mlvu_percetion_score",), video=True, split="test"),
+        StandinSpec("longvideobench_val_v", "longvideobench", "longvideobench/longvideobench_val_v.yaml",
+                    ("lvb_acc",), video=True, split="validation"),
     ]
     specs += [StandinSpec(f"mvbench_{s}", "mvbench", f"mvbench/mvbench_{s}.yaml", ("mvbench_accuracy",), video=True,
                           split="train") for s in MVBENCH_SUBTASKS]
@@ -148,6 +172,18 @@ NO_STANDIN: dict[str, str] = {
     "docvqa_test": "the test split has no answers (a submission file for the DocVQA server); use docvqa_val",
     "textvqa_test": "the test split has no answers (a submission file for EvalAI); use textvqa_val",
     "textvqa": "a group with the answer-less test split; use textvqa_val",
+    "vqav2_test": "the test(-dev) split has no answers: its only metric is a submission file scored by the EvalAI "
+                  "server; use vqav2_val (the same VQA accuracy, computed locally)",
+    "vqav2": "a group with vqav2_test, scored only by the EvalAI server; use vqav2_val",
+    "mmmu_test": "the test split has no answers (a submission file for the MMMU server); use mmmu_val",
+    "mmmu": "a group with the answer-less mmmu_test; use mmmu_val",
+    "mmmu_val_reasoning": "scored by an OpenAI judge (llm_as_judge_eval; no network here); use mmmu_val",
+    "egoschema": "the full set's answers are not public: its aggregation POSTs the predictions to EgoSchema's "
+                 "validation server (no network here); use egoschema_subset, the 500 questions with public answers",
+    "mlvu_test": "not covered: papers report MLVU's M-Avg on the dev set; the test set (6 options, 9 task types, "
+                 "videos under $HF_HOME/mlvu_test) has no stand-in -- use mlvu_dev",
+    "longvideobench_test_v": "the test split has no answers (a submission file); use longvideobench_val_v",
+    "longvideobench_test_i": "the test split has no answers (a submission file); use longvideobench_val_v",
 }
 
 
@@ -585,9 +621,213 @@ def _mvbench(n: int, root: pathlib.Path, hf_home: pathlib.Path) -> dict[str, tup
     return out
 
 
+def _rich(questions, count: int, kinds=()):
+    """The first question (of ``kinds`` when one fits) whose answer vocabulary has at least ``count`` words, so it
+    can be asked as ``count`` distinct options; ``None`` when none has."""
+    from .tasks import answer_choices
+
+    fitting = [q for q in questions if len(answer_choices(q.answer)) >= count]
+    return next((q for q in fitting if q.kind in kinds), fitting[0] if fitting else None)
+
+
+def _digits(answer: str) -> str:
+    """A count word as the digits real annotators write (``two`` -> ``2``); other answers unchanged."""
+    return str(syn.NUMBER_WORDS.index(answer)) if answer in syn.NUMBER_WORDS else answer
+
+
+def _question(q) -> str:
+    return q.text.replace(" ?", "?").capitalize()
+
+
+def _vqav2(n: int, root: pathlib.Path):
+    """VQAv2 (``validation``): 2 questions per image, the 10 annotator answers (distinct ``answer_id``: the task's
+    leave-one-out accuracy compares the answer dicts) all the true one; counts as digits, as annotators write them."""
+    from datasets import Features, Image, Value
+
+    rows = []
+    for i in range(max(1, (n + 1) // 2)):
+        sample = _image(i, salt=7)
+        for j, q in enumerate(sample.questions[:2]):
+            answer = _digits(q.answer)
+            kind = "yes/no" if answer in ("yes", "no") else "number" if answer.isdigit() else "other"
+            rows.append({"question_type": " ".join(q.text.split()[:3]), "multiple_choice_answer": answer,
+                         "answers": [{"answer": answer, "answer_confidence": "yes", "answer_id": k + 1}
+                                     for k in range(10)],
+                         "image_id": 1_000 + i, "answer_type": kind, "question_id": (1_000 + i) * 1_000 + j,
+                         "question": _question(q), "image": sample.image})
+    features = Features({"question_type": Value("string"), "multiple_choice_answer": Value("string"),
+                         "answers": [{"answer": Value("string"), "answer_confidence": Value("string"),
+                                      "answer_id": Value("int64")}],
+                         "image_id": Value("int64"), "answer_type": Value("string"), "question_id": Value("int64"),
+                         "question": Value("string"), "image": Image()})
+    return {"validation": rows[:n]}, features
+
+
+def _mmmu(n: int, root: pathlib.Path):
+    """MMMU (``validation``): ``<image 1>`` questions, alternately multiple-choice (options as the hub's string
+    ``"['…', …]"``, letter answer) and open (a word or a number), ids ``validation_<subject>_<n>``."""
+    from datasets import Features, Image, Value
+
+    rows = []
+    for i in range(n):
+        sample, rng = _image(i, salt=8), _rng("mmmu", i)
+        subject = _MMMU_SUBJECTS[i % len(_MMMU_SUBJECTS)]
+        q = _rich(sample.questions, 4, ("color_at", "shape_at", "count_color", "count_shape", "count"))
+        row = {"id": f"validation_{subject}_{i + 1}", "question": f"<image 1> {_question(q)}", "explanation": "",
+               "img_type": "['Diagrams']", "topic_difficulty": ("Easy", "Medium", "Hard")[i % 3],
+               "subfield": subject.replace("_", " "), **{f"image_{k}": None for k in range(1, 8)},
+               "image_1": sample.image}
+        if i % 2 == 0:
+            options, at = _options(q.answer, 4, rng)
+            row.update(options=repr(options), answer="ABCD"[at], question_type="multiple-choice")
+        else:
+            row.update(options="[]", answer=_digits(q.answer), question_type="open")
+        rows.append(row)
+    features = Features({"id": Value("string"), "question": Value("string"), "options": Value("string"),
+                         "explanation": Value("string"), **{f"image_{k}": Image() for k in range(1, 8)},
+                         "img_type": Value("string"), "answer": Value("string"), "topic_difficulty": Value("string"),
+                         "question_type": Value("string"), "subfield": Value("string")})
+    return {"validation": rows}, features
+
+
+# SEED-Bench's image dimensions (question_type_id) closest to each synthetic question kind
+_SEED_DIMENSIONS = {"shape_at": 2, "color_at": 3, "count": 5, "count_color": 5, "count_shape": 5}
+
+
+def _seedbench(n: int, root: pathlib.Path):
+    """SEED-Bench (``test``), the image part: ``data_type: image``, ``image`` a list of one image, 4 choices,
+    letter answers (no video questions: ``seed_video`` stays empty)."""
+    from datasets import Features, Image, Sequence, Value
+
+    rows = []
+    for i in range(n):
+        sample, rng = _image(i, salt=9), _rng("seed", i)
+        q = _rich(sample.questions, 4, (list(_SEED_DIMENSIONS)[i % len(_SEED_DIMENSIONS)],))
+        options, at = _options(q.answer, 4, rng)
+        rows.append({"answer": "ABCD"[at], **{f"choice_{c}": o for c, o in zip("abcd", options)},
+                     "data_id": f"vtc/{i:06d}.png", "data_type": "image", "question": _question(q),
+                     "question_id": str(i + 1), "question_type_id": _SEED_DIMENSIONS.get(q.kind, 3),
+                     "image": [sample.image], "segment": []})
+    features = Features({"answer": Value("string"), **{f"choice_{c}": Value("string") for c in "abcd"},
+                         "data_id": Value("string"), "data_type": Value("string"), "question": Value("string"),
+                         "question_id": Value("string"), "question_type_id": Value("int16"),
+                         "image": Sequence(Image()), "segment": Sequence(Value("int64"))})
+    return {"test": rows}, features
+
+
+def _video_with(i: int, salt: int, count: int, kinds=(), tries: int = 50):
+    """The first synthetic clip from ``i`` on with a question askable as ``count`` options (of ``kinds`` when one
+    has); returns (next i, sample, question)."""
+    for k in range(i, i + tries):
+        sample = _video(k, salt=salt)
+        q = _rich(sample.questions, count, kinds)
+        if q is not None and (not kinds or q.kind in kinds or k == i + tries - 1):
+            return k + 1, sample, q
+    raise RuntimeError("no synthetic clip with a multiple-choice question")  # pragma: no cover
+
+
+def _egoschema(n: int, root: pathlib.Path, hf_home: pathlib.Path):
+    """EgoSchema ``Subset`` (``test``): one question per clip, 5 options ``"A. …"``, the answer its index as a
+    string (the task compares ``str(index)``); videos at ``$HF_HOME/egoschema/videos/<video_idx>.mp4``."""
+    import uuid
+
+    from datasets import Features, Sequence, Value
+
+    from .tasks import _write_video
+
+    folder = hf_home / EGOSCHEMA_CACHE / "videos"
+    folder.mkdir(parents=True, exist_ok=True)
+    rows, i = [], 0
+    while len(rows) < n:
+        i, sample, q = _video_with(i, 10, 5)
+        rng = _rng("egoschema", i)
+        video_idx = str(uuid.UUID(bytes=bytes(rng.integers(0, 256, 16, dtype=np.uint8))))
+        _write_video(sample.frames, folder / f"{video_idx}.mp4", sample.fps)
+        options, at = _options(q.answer, 5, rng)
+        rows.append({"question_idx": video_idx, "question": _question(q), "video_idx": video_idx,
+                     "option": [f"{letter}. {o}" for letter, o in zip("ABCDE", options)], "answer": str(at)})
+    features = Features({"question_idx": Value("string"), "question": Value("string"), "video_idx": Value("string"),
+                         "option": Sequence(Value("string")), "answer": Value("string")})
+    return {"test": rows}, features
+
+
+def _mlvu(n: int, root: pathlib.Path, hf_home: pathlib.Path):
+    """MLVU dev (``test``): documents cycle through the 7 task types (M-Avg averages them, an absent one counting
+    0), 4 candidates written into the question as ``(A) …`` lines, letter answers; videos at
+    ``$HF_HOME/mlvu/<video_name>``."""
+    from datasets import Features, Sequence, Value
+
+    from .tasks import _write_video
+
+    folder = hf_home / MLVU_CACHE
+    folder.mkdir(parents=True, exist_ok=True)
+    rows, i = [], 0
+    types = list(_MLVU_TYPES)
+    while len(rows) < n:
+        task_type = types[len(rows) % len(types)]
+        i, sample, q = _video_with(i, 11, 4, _MLVU_TYPES[task_type])
+        rng = _rng("mlvu", i)
+        options, at = _options(q.answer, 4, rng)
+        name = f"vtc_mlvu_{len(rows):04d}.mp4"
+        _write_video(sample.frames, folder / name, sample.fps)
+        lines = "\n".join(f"({letter}) {o}" for letter, o in zip("ABCD", options))
+        rows.append({"video_name": name, "duration": len(sample.frames) / sample.fps,
+                     "question": f"{_question(q)}\n{lines}", "candidates": options, "answer": "ABCD"[at],
+                     "task_type": task_type, "question_id": f"{task_type}_{len(rows)}"})
+    features = Features({"video_name": Value("string"), "duration": Value("float64"), "question": Value("string"),
+                         "candidates": Sequence(Value("string")), "answer": Value("string"),
+                         "task_type": Value("string"), "question_id": Value("string")})
+    return {"test": rows}, features
+
+
+# LongVideoBench question categories (referring-reasoning levels) the stand-in labels its questions with
+_LVB_CATEGORIES = {"appeared_last_color": ("T3O", "L2-Relation"), "appeared_last_shape": ("T3O", "L2-Relation"),
+                   "disappeared_color": ("T2O", "L2-Relation"), "video_count": ("O2E", "L1-Perception"),
+                   "frames_with_shape": ("E2O", "L1-Perception"), "direction": ("S2A", "L1-Perception")}
+
+
+def _longvideobench(n: int, root: pathlib.Path, hf_home: pathlib.Path):
+    """LongVideoBench (``validation``): 4-5 candidates as ``option0..option4`` (``N/A`` padding),
+    ``correct_choice`` an index, ``duration_group`` 15 (the 8-15 s group; the clips are 4 s); videos at
+    ``$HF_HOME/datasets/longvideobench/videos/<video_path>``."""
+    from datasets import Features, Sequence, Value
+
+    from .tasks import _write_video
+
+    folder = hf_home / LONGVIDEOBENCH_CACHE / "videos"
+    folder.mkdir(parents=True, exist_ok=True)
+    rows, i = [], 0
+    while len(rows) < n:
+        count = 5 if len(rows) % 2 else 4
+        i, sample, q = _video_with(i, 12, count)
+        rng = _rng("lvb", i)
+        options, at = _options(q.answer, count, rng)
+        video_id = f"vtc{len(rows):05d}"
+        _write_video(sample.frames, folder / f"{video_id}.mp4", sample.fps)
+        category, level = _LVB_CATEGORIES.get(q.kind, ("T3O", "L2-Relation"))
+        padded = options + ["N/A"] * (5 - len(options))
+        rows.append({"video_id": video_id, "question": _question(q), "question_wo_referring_query": _question(q),
+                     "candidates": options, "correct_choice": at, "position": [0], "topic_category": "SYN-Synthetic",
+                     "question_category": category, "level": level, "id": f"{video_id}_0",
+                     "video_path": f"{video_id}.mp4", "subtitle_path": f"{video_id}_en.json", "duration_group": 15,
+                     "starting_timestamp_for_subtitles": 0.0, "duration": len(sample.frames) / sample.fps,
+                     "view_count": 0, **{f"option{k}": o for k, o in enumerate(padded)}})
+    features = Features({"video_id": Value("string"), "question": Value("string"),
+                         "question_wo_referring_query": Value("string"), "candidates": Sequence(Value("string")),
+                         "correct_choice": Value("int64"), "position": Sequence(Value("int64")),
+                         "topic_category": Value("string"), "question_category": Value("string"),
+                         "level": Value("string"), "id": Value("string"), "video_path": Value("string"),
+                         "subtitle_path": Value("string"), "duration_group": Value("int64"),
+                         "starting_timestamp_for_subtitles": Value("float64"), "duration": Value("float64"),
+                         "view_count": Value("int64"), **{f"option{k}": Value("string") for k in range(5)}})
+    return {"validation": rows}, features
+
+
 _IMAGE_WRITERS = {"mme": _mme, "pope": _pope, "gqa": _gqa, "scienceqa_img": _scienceqa, "textvqa": _textvqa,
-                  "mmbench_en": _mmbench, "chartqa": _chartqa, "docvqa": _docvqa}
-_VIDEO_WRITERS = {"videomme": _videomme, "mvbench": _mvbench}
+                  "mmbench_en": _mmbench, "chartqa": _chartqa, "docvqa": _docvqa, "vqav2": _vqav2, "mmmu": _mmmu,
+                  "seedbench": _seedbench}
+# one dataset each, videos under hf_home (MVBench, one dataset per subtask, is written on its own)
+_VIDEO_WRITERS = {"videomme": _videomme, "egoschema": _egoschema, "mlvu": _mlvu, "longvideobench": _longvideobench}
 
 
 @contextlib.contextmanager
@@ -632,8 +872,8 @@ def _write_dataset(name: str, n: int, data: pathlib.Path, hf_home: pathlib.Path)
     if name in _IMAGE_WRITERS:
         splits, features = _IMAGE_WRITERS[name](n, folder)
         counts = {name: _save(splits, features, folder / "dataset")}
-    elif name == "videomme":
-        splits, features = _videomme(n, folder, hf_home)
+    elif name in _VIDEO_WRITERS:
+        splits, features = _VIDEO_WRITERS[name](n, folder, hf_home)
         counts = {name: _save(splits, features, folder / "dataset")}
     else:
         counts = {f"{name}/{sub}": _save(splits, features, folder / sub)
@@ -726,8 +966,9 @@ def write_standins(out_dir, tasks, n_docs: int = DEFAULT_DOCS, progress=None) ->
 
 def standin_env(root) -> dict[str, str]:
     """The environment the lmms-eval process needs for the video stand-ins written in ``root``: ``HF_HOME`` is where
-    Video-MME's and MVBench's utils look for their videos; ``HF_HUB_CACHE`` keeps the hub cache (models) where it
-    was, since moving ``HF_HOME`` would otherwise move it too."""
+    the video tasks' utils (Video-MME, MVBench, EgoSchema, MLVU, LongVideoBench) look for their videos;
+    ``HF_HUB_CACHE`` keeps the hub cache (models) where it was, since moving ``HF_HOME`` would otherwise move it
+    too."""
     from huggingface_hub import constants
 
     return {"HF_HOME": str(pathlib.Path(root).resolve() / "hf_home"), "HF_HUB_CACHE": str(constants.HF_HUB_CACHE)}

@@ -9,7 +9,9 @@ The model is loaded once; each run wraps it (``vtc.apply``), evaluates every tas
 (``simple_evaluate``), and unwraps it. The uncompressed baseline runs first. Writes ``OUT/vtc_eval.json`` (schema:
 ``RESULT_KEYS`` / ``RUN_KEYS``), ``OUT/vtc_eval.png`` (accuracy with 95 % Wilson intervals against the visual
 tokens the LLM received, lines only between a compressor's budgets, the baseline a point and a dashed line) and
-lmms-eval's own per-sample logs under ``OUT/samples/``, and prints two tables: accuracy and mean visual tokens
+lmms-eval's own result files and per-sample logs under ``OUT/<model>__<compressor>_<budget>/`` (as
+``python -m lmms_eval --output_path OUT --log_samples`` lays them out), ``OUT/vtc_table.md`` / ``.csv`` (the papers'
+layout, ``vtc.eval.lmms.table``), and prints two tables: accuracy and mean visual tokens
 in -> out per task; analytic prefill FLOPs, measured time to first token and peak memory, each relative to the
 baseline.
 
@@ -23,6 +25,8 @@ import contextlib
 import io
 import itertools
 import json
+import math
+import os
 import pathlib
 import statistics
 import sys
@@ -31,28 +35,92 @@ import time
 import vtc
 
 #: top-level keys of vtc_eval.json
-RESULT_KEYS = ("vtc_version", "model", "device", "tasks", "limit", "budgets", "compressors", "positions",
+RESULT_KEYS = ("vtc_version", "model", "device", "tasks", "task_names", "limit", "budgets", "compressors", "positions",
                "flops_formula", "seconds", "runs")
 #: keys of each entry of ``runs`` (the baseline first: compressor "none", budget null)
-RUN_KEYS = ("compressor", "budget", "accuracy", "metrics", "samples", "empty_answers", "visual_tokens_in",
+RUN_KEYS = ("compressor", "budget", "accuracy", "headline", "metrics", "samples", "empty_answers", "visual_tokens_in",
             "visual_tokens_out", "visual_tokens_by_task", "prefill_flops", "prefill_flops_parts", "first_token_seconds", "peak_memory_bytes",
             "peak_memory_source", "relative")
 DEFAULT_TASKS = ("vtc_shapes_image", "vtc_shapes_video", "vtc_shapes_image_mc")
 DEFAULT_BUDGETS = (0.33, 0.11)
-#: the metric that is "accuracy", by the task's output type
-PRIMARY_METRICS = ("exact_match", "acc")
 
 
 class EvalFailure(RuntimeError):
     """A sweep that must not count as a result (message: what failed and the fix)."""
 
 
-def _primary(metrics: dict) -> tuple[str, float]:
-    for name in PRIMARY_METRICS:
-        for key, value in metrics.items():
-            if key.split(",")[0] == name and isinstance(value, (int, float)):
-                return name, float(value)
-    raise EvalFailure(f"no accuracy metric ({' / '.join(PRIMARY_METRICS)}) among {sorted(metrics)}")
+def _primary(task: str, metrics: dict) -> tuple[str, float]:
+    """The task's headline metric (``table.headline``: what papers print), unscaled."""
+    from .table import headline
+
+    found = headline(task, metrics)
+    if found is None:
+        raise EvalFailure(f"task {task!r}: no known metric among {sorted(metrics)} (vtc.eval.lmms.table.HEADLINES "
+                          "lists the metric each benchmark reports, else the first of FALLBACK_METRICS)")
+    return found
+
+
+def run_name(model_name: str, compressor: str, budget) -> str:
+    """The folder name of one run in lmms-eval's layout: the model, the compressor and the budget, so runs at
+    several budgets never share a folder (``llava-hf__llava-1.5-7b-hf__hiprune_64``)."""
+    import re
+
+    from lmms_eval.utils import sanitize_model_name
+
+    base = re.sub(r"[^A-Za-z0-9._-]+", "-", sanitize_model_name(model_name or "vtc-default")).strip("-")
+    return f"{base}__none" if compressor == "none" else f"{base}__{compressor}_{budget}"
+
+
+class Aggregations:
+    """Each task's own aggregation functions (for bootstrap standard errors), built once per sweep from lmms-eval's
+    task objects; ``None`` for a metric whose aggregation cannot be had."""
+
+    def __init__(self, task_manager):
+        self.task_manager, self._cache = task_manager, {}
+
+    def get(self, task: str, metric: str):
+        if task not in self._cache:
+            try:
+                from lmms_eval.evaluator_utils import get_task_list
+                from lmms_eval.tasks import get_task_dict
+
+                outputs = get_task_list(get_task_dict([task], self.task_manager))
+                self._cache[task] = outputs[0].task.aggregation() if outputs else {}
+            except Exception:  # noqa: BLE001 - no aggregation -> no bootstrap SE, the run itself is unaffected
+                self._cache[task] = {}
+        return self._cache[task].get(metric)
+
+
+def _stderr(metrics: dict, metric: str) -> float | None:
+    for key, value in metrics.items():
+        if key.split(",")[0] == f"{metric}_stderr" and isinstance(value, (int, float)) and math.isfinite(value):
+            return float(value)
+    return None
+
+
+def headline_entry(task: str, results: dict, samples: dict, subtasks: list[str], aggregations) -> dict:
+    """``{"metric", "value", "se", "n"}`` of one task (unscaled). A group (POPE's three splits, MVBench's 20
+    subtasks) is the unweighted mean of its subtasks, as the papers average them; its SE combines theirs. The SE is
+    lmms-eval's own where it computes one, else a bootstrap of the task's own aggregation over the per-document
+    results (``table.bootstrap_se``), else None."""
+    from .table import bootstrap_se
+
+    if subtasks:
+        parts = [headline_entry(t, results, samples, [], aggregations) for t in subtasks]
+        values = [p["value"] for p in parts]
+        ses = [p["se"] for p in parts]
+        return {"metric": parts[0]["metric"], "value": statistics.fmean(values),
+                "se": None if None in ses else math.sqrt(sum(se * se for se in ses)) / len(ses),
+                "n": sum(p["n"] for p in parts), "subtasks": {t: p for t, p in zip(subtasks, parts)}}
+    metrics = results.get(task) or {}
+    metric, value = _primary(task, metrics)
+    docs = samples.get(task) or []
+    se = _stderr(metrics, metric)
+    if se is None and aggregations is not None:
+        values = [d[metric] for d in docs if metric in d]
+        if len(values) == len(docs):
+            se = bootstrap_se(values, aggregations.get(task, metric))
+    return {"metric": metric, "value": value, "se": se, "n": len(docs)}
 
 
 def _mean(values):
@@ -66,10 +134,16 @@ def _median(values):
 
 
 def run_one(model, processor, compressor: str, budget, tasks: list[str], task_manager, limit, device: str,
-            batch_size: int, samples_dir: pathlib.Path | None, model_name: str, positions: str | None = None) -> dict:
+            batch_size: int, results_dir: pathlib.Path | None, model_name: str, positions: str | None = None,
+            aggregations: "Aggregations | None" = None) -> dict:
     """Evaluate ``tasks`` once with ``compressor`` at ``budget`` (``"none"``: baseline) and ``positions`` (None: the
-    family's default); returns one run entry."""
+    family's default); returns one run entry. With ``results_dir``, lmms-eval's own files are written there as
+    ``python -m lmms_eval --output_path results_dir --log_samples`` would: ``<run name>/<date>_results.json`` and
+    ``<date>_samples_<task>.jsonl`` (each line with vtc's per-sample counts in ``token_counts``), the run name
+    carrying the model, compressor and budget (``run_name``)."""
     from lmms_eval import evaluator
+    from lmms_eval.loggers import EvaluationTracker
+    from lmms_eval.utils import get_datetime_str
 
     from .model import VtcModel
 
@@ -79,11 +153,17 @@ def run_one(model, processor, compressor: str, budget, tasks: list[str], task_ma
     lm = VtcModel(model=model, processor=processor, pretrained=model_name, compressor=compressor, device=device,
                   batch_size=batch_size, progress=False, **kwargs)
     chatter = io.StringIO()  # lmms-eval's and datasets' per-task progress bars: shown only if the run fails
+    tracker = EvaluationTracker(output_path=str(results_dir)) if results_dir is not None else None
+    # tasks that write submission files (MMBench, TextVQA) put them in ./submissions when run in-process: the run's
+    # own folder is the working directory while it runs (every path the sweep holds is absolute)
+    workdir = None if results_dir is None else results_dir / run_name(model_name, compressor, budget)
     try:
-        with contextlib.redirect_stderr(chatter):
-            out = evaluator.simple_evaluate(model=lm, tasks=list(tasks), task_manager=task_manager, limit=limit,
+        with contextlib.redirect_stderr(chatter), _working_directory(workdir):
+            # model_args only names the run for lmms-eval's tracker (the model object is already built)
+            out = evaluator.simple_evaluate(model=lm, model_args=f"pretrained={run_name(model_name, compressor, budget)}",
+                                            tasks=list(tasks), task_manager=task_manager, limit=limit,
                                             batch_size=batch_size, device=device, log_samples=True,
-                                            verbosity="WARNING")
+                                            verbosity="WARNING", evaluation_tracker=tracker)
     except Exception:
         sys.stderr.write(chatter.getvalue()[-4000:])
         raise
@@ -92,26 +172,34 @@ def run_one(model, processor, compressor: str, budget, tasks: list[str], task_ma
     if not out or "results" not in out:
         raise EvalFailure(f"lmms-eval returned no results for {compressor} @ {budget} (tasks {tasks})")
     stats = list(lm.sample_stats)
-    accuracy, metrics, samples, empty = {}, {}, {}, {}
+    all_samples = out.get("samples") or {}
+    groups = out.get("group_subtasks") or {}
+    accuracy, metrics, samples, empty, headlines = {}, {}, {}, {}, {}
+    leaves_of = {}
     for task in tasks:
-        task_metrics = out["results"].get(task)
-        task_samples = (out.get("samples") or {}).get(task) or []
-        if not task_metrics or not task_samples:
+        subtasks = list(groups.get(task) or [])
+        leaves = leaves_of[task] = subtasks or [task]
+        task_samples = [s for leaf in leaves for s in (all_samples.get(leaf) or [])]
+        if not task_samples or any(not out["results"].get(leaf) for leaf in leaves):
             raise EvalFailure(f"task {task!r} produced no samples with {compressor} @ {budget}; check the task name "
                               "and its data (vtc eval --list-tasks)")
-        name, value = _primary(task_metrics)
-        accuracy[task] = value
+        headlines[task] = headline_entry(task, out["results"], all_samples, subtasks, aggregations)
+        accuracy[task] = headlines[task]["value"]
+        task_metrics = out["results"][task] if not subtasks else out["results"][leaves[0]]
         metrics[task] = {k.split(",")[0]: v for k, v in task_metrics.items()
                          if isinstance(v, (int, float)) and not k.startswith("alias") and "stderr" not in k}
         samples[task] = len(task_samples)
         empty[task] = [s["doc_id"] for s in task_samples
-                       if any(isinstance(r, str) and not r.strip() for r in _flat(s.get("filtered_resps")))]
-        if samples_dir is not None:
-            samples_dir.mkdir(parents=True, exist_ok=True)
-            path = samples_dir / f"{compressor}_{budget}_{task}.jsonl"
-            with open(path, "w") as handle:
-                for sample in task_samples:
-                    handle.write(json.dumps(sample, default=str) + "\n")
+                       # the model's own text (a task's filter may legitimately reduce an answer to "")
+                       if any(isinstance(r, str) and not r.strip() for r in _flat(s.get("resps")))]
+    if tracker is not None:  # lmms-eval's own result files, as its CLI writes them
+        stamp = get_datetime_str()
+        logged = out.pop("samples", None) or {}
+        with contextlib.redirect_stderr(chatter):
+            tracker.save_results_aggregated(results=out, samples=logged, datetime_str=stamp)
+            for task_name in out.get("configs", {}):
+                if task_name in logged:
+                    tracker.save_results_samples(task_name=task_name, samples=logged[task_name])
     generate = [s for s in stats if s.request == "generate_until"]
     flops = [s.prefill_flops for s in stats if s.prefill_flops is not None]
     parts = {}
@@ -122,13 +210,14 @@ def run_one(model, processor, compressor: str, budget, tasks: list[str], task_ma
         "compressor": compressor,
         "budget": None if compressor == "none" else budget,
         "accuracy": accuracy,
+        "headline": headlines,
         "metrics": metrics,
         "samples": samples,
         "empty_answers": {t: ids for t, ids in empty.items() if ids},
         "visual_tokens_in": _mean([s.visual_tokens_in for s in stats]),
         "visual_tokens_out": _mean([s.visual_tokens_out for s in stats]),
-        "visual_tokens_by_task": {t: {"in": _mean([s.visual_tokens_in for s in stats if s.task == t]),
-                                      "out": _mean([s.visual_tokens_out for s in stats if s.task == t])}
+        "visual_tokens_by_task": {t: {"in": _mean([s.visual_tokens_in for s in stats if s.task in leaves_of[t]]),
+                                      "out": _mean([s.visual_tokens_out for s in stats if s.task in leaves_of[t]])}
                                   for t in tasks},
         "prefill_flops": _mean(flops),
         "prefill_flops_parts": parts,
@@ -170,11 +259,51 @@ def _quiet_lmms_eval() -> None:
     logger.add(sys.stderr, level="WARNING")
 
 
+@contextlib.contextmanager
+def _working_directory(path: pathlib.Path | None):
+    if path is None:
+        yield
+        return
+    path.mkdir(parents=True, exist_ok=True)
+    previous = os.getcwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(previous)
+
+
+@contextlib.contextmanager
+def task_environment(env: dict | None):
+    """``env`` set for the duration of the sweep and restored after: only what lmms-eval's own task code reads
+    (Video-MME's and MVBench's utils find their videos under ``$HF_HOME``; see ``standin.StandinSet.env``)."""
+    saved = {key: os.environ.get(key) for key in env or {}}
+    os.environ.update(env or {})
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 def sweep(model_ref: str | None, compressors: list[str], budgets: list, tasks: list[str], include_path,
-          limit, device: str, batch_size: int, out_dir: pathlib.Path, progress=None, positions: str | None = None
-          ) -> dict:
-    """Run the baseline and every compressor x budget; returns the JSON-ready result (also written to out_dir).
-    ``positions``: the position mode of every compressed run (None: the model family's default, recorded)."""
+          limit, device: str, batch_size: int, out_dir: pathlib.Path, progress=None, positions: str | None = None,
+          env: dict | None = None, task_names: dict | None = None) -> dict:
+    """Run the baseline and every compressor x budget; returns the JSON-ready result (lmms-eval's own result files
+    for each run go to ``out_dir/<run name>/``). ``positions``: the position mode of every compressed run (None: the
+    model family's default, recorded); ``env``: what the tasks' own code needs (``task_environment``);
+    ``task_names``: the benchmark each task stands for, recorded (stand-ins: ``vtc_standin_mme`` -> ``mme``)."""
+    include_path = [pathlib.Path(p).resolve() for p in include_path]
+    with task_environment(env):
+        return _sweep(model_ref, compressors, budgets, tasks, include_path, limit, device, batch_size,
+                      pathlib.Path(out_dir).resolve(), progress, positions, task_names)
+
+
+def _sweep(model_ref, compressors, budgets, tasks, include_path, limit, device, batch_size, out_dir, progress,
+           positions, task_names) -> dict:
     from lmms_eval.tasks import TaskManager
 
     from .model import VtcModel
@@ -197,11 +326,12 @@ def sweep(model_ref: str | None, compressors: list[str], budgets: list, tasks: l
     positions = positions or modes[0]
     plan = [("none", None)] + [(c, b) for c in compressors for b in budgets]
     runs = []
+    aggregations = Aggregations(task_manager)
     for compressor, budget in plan:
         if progress:
             progress.set_postfix_str(f"{compressor} @ {budget}" if budget is not None else "baseline")
         runs.append(run_one(model, processor, compressor, budget, tasks, task_manager, limit, device, batch_size,
-                            out_dir / "samples", model_name, positions))
+                            out_dir, model_name, positions, aggregations))
         if progress:
             progress.update(1)
     add_relative(runs)
@@ -212,6 +342,7 @@ def sweep(model_ref: str | None, compressors: list[str], budgets: list, tasks: l
         "model": model_name,
         "device": str(device),
         "tasks": list(tasks),
+        "task_names": {t: (task_names or {}).get(t, t) for t in tasks},
         "limit": limit,
         "budgets": list(budgets),
         "compressors": list(compressors),
@@ -230,7 +361,7 @@ def check(result: dict) -> None:
         lines = "; ".join(f"{c} @ {b} on {t}: docs {ids[:10]}{' ...' if len(ids) > 10 else ''}"
                           for c, b, t, ids in bad)
         raise EvalFailure(f"empty answers: {lines}. The model produced no text (check the chat template, "
-                          "max_new_tokens and the answers in OUT/samples/)")
+                          "max_new_tokens and the answers in OUT/<model>__<compressor>_<budget>/*_samples_*.jsonl)")
 
 
 def _fmt_flops(value) -> str:
@@ -259,10 +390,12 @@ def table(result: dict) -> str:
     visual tokens per request in -> out (per task: an image, a video and a multiple-choice question carry different
     counts, so one mean over all of them matches no workload); then the prefill FLOPs, time to first token and peak
     memory of each run, relative to the baseline."""
+    from .table import column_title
+
     tasks = result["tasks"]
     head = ["compressor", "budget"]
     for t in tasks:
-        short = t.replace("vtc_shapes_", "")
+        short = t.replace("vtc_shapes_", "") if t.startswith("vtc_shapes_") else column_title(t)[0]
         head += [short, f"{short} tok"]
     cost_head = ["compressor", "budget", "prefill FLOPs", "first token", "peak mem"]
     rows, cost_rows = [], []
@@ -283,8 +416,9 @@ def table(result: dict) -> str:
     source = next((r["peak_memory_source"] for r in result["runs"] if r["peak_memory_source"]), None)
     notes = [f"positions: {result['positions']} ({vtc.POSITION_MODES.get(result['positions'], '')}) in every "
              "compressed run (vtc eval --positions to change)",
-             "accuracy: exact match of the first word (generate tasks), argmin loss among the choices (_mc); "
-             "in brackets the change from the baseline",
+             "score: each task's headline metric as lmms-eval reports it (offline tasks: exact match of the first "
+             "word, argmin loss among the choices for _mc; benchmarks: vtc.eval.lmms.table.HEADLINES); in brackets "
+             "the change from the baseline",
              ("<task> tok: visual tokens per request in -> out, averaged per task (an image, a video and a question "
               "carry different counts)"),
              "prefill FLOPs: analytic, per request over all tasks (formula in vtc_eval.json 'flops_formula'); first "
@@ -330,18 +464,21 @@ def segments(result: dict, task: str) -> dict[str, list[tuple[tuple[float, float
     return {name: list(itertools.pairwise(p)) for name, p in points(result, task).items() if name != "none"}
 
 
-def plot(result: dict, path: pathlib.Path) -> None:
+def plot(result: dict, path: pathlib.Path) -> bool:
     """Accuracy against the visual tokens the LLM received, one panel per task: every measured point with its 95 %
     Wilson interval (``wilson``: accuracy taken as a mean of 0/1 outcomes over the task's ``samples``), lines only
     between a compressor's own measured budgets, the baseline as its own point with a dashed horizontal reference,
     and the y axis fixed at [0, 1] so that differences inside the intervals do not look significant. Compressors
-    are drawn a sliver apart on x (1.2 % of the baseline's tokens each) so that equal budgets do not overlap."""
+    are drawn a sliver apart on x (1.2 % of the baseline's tokens each) so that equal budgets do not overlap.
+    Only proportion metrics are drawn (``plotted_tasks``); returns whether a picture was written."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    tasks = result["tasks"]
+    tasks = plotted_tasks(result)
+    if not tasks:
+        return False
     fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 4), squeeze=False)
     base = result["runs"][0]
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
@@ -377,3 +514,13 @@ def plot(result: dict, path: pathlib.Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return True
+
+
+def plotted_tasks(result: dict) -> list[str]:
+    """The tasks whose headline is a proportion (accuracy, F1 as a fraction, ...): the plot's Wilson intervals
+    assume one; scores such as MME's sums are left to the table."""
+    from .table import column_title
+
+    return [t for t in result["tasks"] if column_title(t)[1] == 100.0
+            and all(0.0 <= r["accuracy"][t] <= 1.0 for r in result["runs"])]
