@@ -234,10 +234,13 @@ def _results(out_dir):
 def test_lmms_eval_command_line_writes_results(tasks_dir, tmp_path):
     """``python -m lmms_eval --model vtc ...``: the real entry point, checked through its results files."""
     out = tmp_path / "out"
-    proc = _run([sys.executable, "-m", "lmms_eval", "--model", "vtc", "--model_args", "compressor=fastervlm,budget=32",
+    proc = _run([sys.executable, "-m", "lmms_eval", "--model", "vtc", "--model_args",
+                 "compressor=fastervlm,budget=32,model_name=vtc-default__fastervlm_32",
                  "--tasks", lmms_tasks.TAG, "--include_path", str(tasks_dir), "--limit", "2", "--device", "cpu",
                  "--output_path", str(out), "--log_samples"], tmp_path)
     results, samples = _results(out)
+    # lmms-eval's own layout: --output_path/<model name>/, named by model_name= when there is no pretrained=
+    assert [p.name for p in out.iterdir()] == ["vtc-default__fastervlm_32"], proc.stderr[-3000:]
     assert set(lmms_tasks.TASKS) <= set(results["results"]), proc.stderr[-3000:]
     for task in lmms_tasks.TASKS:
         assert results["n-samples"][task]["effective"] == 2

@@ -12,6 +12,11 @@ checked when the model loads. Prompts go through the processor's chat template; 
 task) is sampled to ``max_frames_num`` frames and given as a video to families with a video input, and as that many
 images sharing ``video_budget`` to LLaVA-1.5 / NeXT (``images_as_video``).
 
+Output folder: lmms-eval names ``--output_path/<folder>/`` after ``pretrained=`` (``llava-hf__llava-1.5-7b-hf``), or,
+without one (the embedded model), after ``model_name=`` -- e.g. ``model_name=vtc-default__hiprune_64`` -- else it
+writes at the top level. Result files are time-stamped, so runs at several budgets never overwrite each other;
+``vtc eval`` names each run's folder ``<model>__<compressor>_<budget>`` itself.
+
 Each response carries its measurements in lmms-eval's per-sample ``token_counts`` (samples JSONL): prompt tokens
 before and after compression, visual tokens in and out, time to first token, generate time and peak memory; the
 model keeps the same records in ``sample_stats``. Loglikelihood requests return lmms-eval's convention, the mean
@@ -98,9 +103,13 @@ class VtcModel(lmms):
     def __init__(self, pretrained: str | None = None, compressor: str = NONE, budget=None, video_budget=None,
                  device: str | None = None, dtype: str = "auto", batch_size: int | str = 1,
                  max_frames_num: int = 8, max_new_tokens: int = 64, device_map: str | None = None,
-                 model=None, processor=None, max_batch_size=None, progress: bool = True, **options) -> None:
+                 model=None, processor=None, max_batch_size=None, progress: bool = True, model_name: str | None = None,
+                 **options) -> None:
         # max_batch_size: passed by lmms-eval's CLI to every model; batches here are fixed (batch_size)
+        # model_name: read by lmms-eval itself (not by vtc) to name the --output_path folder when there is no
+        # pretrained= (the embedded model); recorded here only
         super().__init__()
+        self.model_name = model_name
         from accelerate import Accelerator
 
         # data parallel (accelerate launch --multi_gpu --num_processes N): one replica per process; on a machine
