@@ -158,8 +158,9 @@ def run_steps(steps, python: str, budget_s: float, scratch: pathlib.Path, log) -
         seconds = time.monotonic() - began
         tail = "\n".join(line for line in output.splitlines() if "USDT" not in line)[-4000:]
         log(f"[{name}] {status} in {seconds:.0f} s\n{tail[-1500:]}\n")
-        results.append({"step": name, "status": status, "rc": rc, "seconds": round(seconds, 1), "argv": argv,
-                        "output_tail": tail})
+        shown = [a.replace(str(scratch), "<scratch>").replace(str(ROOT), ".") for a in argv]  # no machine paths
+        results.append({"step": name, "status": status, "rc": rc, "seconds": round(seconds, 1), "argv": shown,
+                        "output_tail": tail.replace(str(scratch), "<scratch>").replace(str(ROOT), ".")})
     return results
 
 
