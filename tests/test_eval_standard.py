@@ -131,3 +131,37 @@ def test_standin_task_without_data_says_so_before_loading(tmp_path, capsys):
     assert rc != 0
     err = capsys.readouterr().err
     assert "mmbench_en_dev" in err and "OpenAI judge" in err and "cannot load" not in err
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_lmms_eval_command_line_runs_every_standin_task(family, standin_models, tmp_path):
+    """The path users take without vtc eval: ``python -m lmms_eval --model vtc`` on every stand-in task (a budget,
+    per-sample counts in the sample lines, each benchmark's own metric in the results, its own output folder)."""
+    import os
+    import subprocess
+    import sys
+
+    from vtc.eval.lmms import standin
+
+    written = standin.write_standins(tmp_path / "standin", STANDIN, n_docs=2)
+    out = tmp_path / "out"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1", **written.env)
+    proc = subprocess.run(
+        [sys.executable, "-m", "lmms_eval", "--model", "vtc", "--model_args",
+         f"pretrained={standin_models[family]},compressor=fastervlm,budget=0.5",
+         *written.lmms_eval_args(), "--device", "cpu", "--output_path", str(out), "--log_samples"],
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=900)
+    # lmms-eval's own --output_path/<model name>/ layout (named after pretrained=), plus the submission files some
+    # tasks write (MMBench, TextVQA) under --output_path/submissions
+    folders = [p for p in out.iterdir() if p.is_dir() and p.name != "submissions"] if out.exists() else []
+    assert len(folders) == 1 and folders[0].name.endswith(family), proc.stderr[-3000:]
+    results = json.loads(next(folders[0].glob("*_results.json")).read_text())["results"]
+    for task in STANDIN:
+        spec = standin.STANDIN_TASKS[task]
+        leaves = [standin.PREFIX + t for t in spec.subtasks] or [spec.standin]
+        for leaf in leaves:
+            assert table.headline(leaf, results[leaf]) is not None, (leaf, results.get(leaf))
+    for path in folders[0].glob("*_samples_*.jsonl"):
+        for line in path.read_text().splitlines():
+            counts = json.loads(line)["token_counts"][0]
+            assert counts["compressor"] == "fastervlm" and counts["visual_tokens_out"] < counts["visual_tokens_in"]
