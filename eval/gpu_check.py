@@ -89,7 +89,8 @@ def ensure_environment(wheels: pathlib.Path, python: str, log) -> dict:
     found = {name: _installed(name) for name in names}
     actions = []
     files = sorted(wheels.glob("*.whl")) if wheels.is_dir() else []
-    for path in wheels_to_install(files, _installed):  # one at a time: a wheel this python cannot take is reported, the others still go in
+    # one at a time: a wheel this python cannot take is reported, the others still go in
+    for path in wheels_to_install(files, _installed):
         done = subprocess.run([python, "-m", "pip", "install", "--no-deps", "--no-index", "-q", str(path)],
                               capture_output=True, text=True)
         actions.append(f"{'installed' if done.returncode == 0 else 'could not install'} {path.name}")
@@ -151,7 +152,8 @@ def run_steps(steps, python: str, budget_s: float, scratch: pathlib.Path, log) -
         began = time.monotonic()
         try:
             proc = subprocess.run([python, *argv], cwd=scratch, capture_output=True, text=True, timeout=limit)
-            status, rc, output = ("ok" if proc.returncode == 0 else "failed"), proc.returncode, proc.stdout + proc.stderr
+            status, rc = ("ok" if proc.returncode == 0 else "failed"), proc.returncode
+            output = proc.stdout + proc.stderr
         except subprocess.TimeoutExpired as error:
             status, rc = "timed out", None
             output = (error.stdout or b"").decode() if isinstance(error.stdout, bytes) else (error.stdout or "")

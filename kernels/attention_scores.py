@@ -44,9 +44,10 @@ def received_attention(
     than the span's average token".
 
     ``method``: ``"fused"`` runs two fused attention kernels per span (:func:`received_attention_fused`, no map
-    formed, ~0.7x the time of ``"chunked"`` on a CPU at N = 2,305); ``"chunked"`` forms the map ``chunk_size`` queries at a
-    time (peak extra memory ``H * chunk_size * span`` floats); ``"auto"`` (default) is fused where this torch has
-    the kernels for the device, else chunked. Both compute in fp32 and agree to float rounding.
+    formed, ~0.7x the time of ``"chunked"`` on a CPU at N = 2,305); ``"chunked"`` forms the map ``chunk_size``
+    queries at a time (peak extra memory ``H * chunk_size * span`` floats); ``"auto"`` (default) is fused where this
+    torch has the kernels for the device, else chunked. Both give the fp32 statistic of the given q and k (to float
+    rounding; the fused route on CUDA half-precision inputs to ~1e-4).
     """
     if method not in ("auto", "fused", "chunked"):
         raise ValueError(f"method must be 'auto', 'fused' or 'chunked', got {method!r}")
@@ -84,8 +85,8 @@ def fused_available(device: torch.device | str) -> bool:
 def _attention_lse(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
     """``logsumexp_j(q_i k_j * scale)`` per query, fp32, from the fused attention kernel SDPA runs: ``[B, H, Sq]``.
 
-    ``q: [B, H, Sq, d]``, ``k: [B, H, Sk, d]`` contiguous, fp32 (or bf16 / fp16 on CUDA). The kernel's output is discarded (the value tensor
-    is ``k`` itself: any tensor of the right shape does).
+    ``q: [B, H, Sq, d]``, ``k: [B, H, Sk, d]`` contiguous, fp32 (or bf16 / fp16 on CUDA). The kernel's output is
+    discarded (the value tensor is ``k`` itself: any tensor of the right shape does).
     """
     if q.device.type == "cpu":
         return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, k, 0.0, False, scale=scale)[1]

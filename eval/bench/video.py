@@ -46,7 +46,8 @@ Reported: the tower's activation peak (a: plain), the peak with capture + select
 extra / a against the 5 % target, the phase holding b's peak (tower, capture or selection); per captured block the
 transient memory of vtc's hook, its largest single allocation (with the op that made it), the largest allocation
 inside the scoring kernel (a padded copy of q or k: the fused kernel forms no map), and what the hook left
-allocated after it returned -- next to one N x N map of the largest span (heads x span^2 x 4 B) and one of the whole video (heads x patches^2 x 4 B). The profiler ranges
+allocated after it returned -- next to one N x N map of the largest span (heads x span^2 x 4 B) and one of the
+whole video (heads x patches^2 x 4 B). The profiler ranges
 that delimit the hook and the kernel are added by this script for the memory pass only (a forward pre-hook before and
 one after vtc's, and a record_function around ``received_attention``); they observe, they change nothing. No
 assertions -- it prints figures (and ``--json`` writes them).

@@ -160,7 +160,8 @@ def run_one(model, processor, compressor: str, budget, tasks: list[str], task_ma
     try:
         with contextlib.redirect_stderr(chatter), _working_directory(workdir):
             # model_args only names the run for lmms-eval's tracker (the model object is already built)
-            out = evaluator.simple_evaluate(model=lm, model_args=f"pretrained={run_name(model_name, compressor, budget)}",
+            name = run_name(model_name, compressor, budget)
+            out = evaluator.simple_evaluate(model=lm, model_args=f"pretrained={name}",
                                             tasks=list(tasks), task_manager=task_manager, limit=limit,
                                             batch_size=batch_size, device=device, log_samples=True,
                                             verbosity="WARNING", evaluation_tracker=tracker)
