@@ -165,3 +165,10 @@ def test_lmms_eval_command_line_runs_every_standin_task(family, standin_models, 
         for line in path.read_text().splitlines():
             counts = json.loads(line)["token_counts"][0]
             assert counts["compressor"] == "fastervlm" and counts["visual_tokens_out"] < counts["visual_tokens_in"]
+
+
+def test_bad_standin_docs_is_refused_before_anything_is_written(tmp_path, capsys):
+    rc = cli.main(["eval", "--standin", "--tasks", "mme", "--standin-docs", "0", "--compressor", "random",
+                   "--budget", "4", "--out", str(tmp_path / "out")])
+    assert rc != 0 and "--standin-docs must be >= 1" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -48,3 +48,14 @@ def test_unknown_step_is_refused(tmp_path):
     proc = subprocess.run([sys.executable, str(SCRIPT), "--device", "cpu", "--no-install", "--steps", "warp",
                            "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0 and "unknown steps ['warp']" in proc.stderr
+
+
+def test_capture_highres_refuses_bad_sizes_before_building_a_model():
+    from vtc.eval.bench import capture_highres
+
+    for argv, message in ((["--workload", "qwen-image", "--size", "100"], "multiple of 28"),
+                          (["--workload", "qwen-video", "--frames", "5"], "must be even")):
+        proc = subprocess.run([sys.executable, "-m", "vtc.eval.bench.capture_highres", *argv],
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2 and message in proc.stderr
+    assert capture_highres.WORKLOADS == ("clip336", "anyres", "clip672", "qwen-image", "qwen-video")

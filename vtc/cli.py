@@ -543,6 +543,8 @@ def cmd_eval(args) -> int:
 
     from .eval.lmms import standin, table as paper_table
 
+    if args.standin_docs < 1:
+        raise ValueError(f"--standin-docs must be >= 1 (documents per stand-in task), got {args.standin_docs}")
     preset = paper_table.PRESETS.get(args.preset) if args.preset else None
     default_budgets = preset["budgets"] if preset else sweep.DEFAULT_BUDGETS
     budgets = [vtc.parse_budget(str(b)) for b in (args.budget or [str(b) for b in default_budgets])]

@@ -223,6 +223,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.repeats < 1 or args.warmup < 0 or args.depth < 1 or args.frames < 2:
         parser.error("--repeats and --depth must be >= 1, --warmup >= 0, --frames >= 2")
+    if args.workload == "qwen-image" and (args.size < 28 or args.size % 28):
+        parser.error(f"--size must be a positive multiple of 28 (patch 14 x merge 2), got {args.size}")
+    if args.workload == "qwen-video" and args.frames % 2:
+        parser.error(f"--frames must be even (Qwen fuses 2 frames per temporal step), got {args.frames}")
 
     wall_start = time.perf_counter()
     dtype = DTYPES[args.dtype]
