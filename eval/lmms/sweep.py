@@ -156,11 +156,11 @@ def run_one(model, processor, compressor: str, budget, tasks: list[str], task_ma
     tracker = EvaluationTracker(output_path=str(results_dir)) if results_dir is not None else None
     # tasks that write submission files (MMBench, TextVQA) put them in ./submissions when run in-process: the run's
     # own folder is the working directory while it runs (every path the sweep holds is absolute)
-    workdir = None if results_dir is None else results_dir / run_name(model_name, compressor, budget)
+    name = run_name(model_name, compressor, budget)
+    workdir = None if results_dir is None else results_dir / name
     try:
         with contextlib.redirect_stderr(chatter), _working_directory(workdir):
             # model_args only names the run for lmms-eval's tracker (the model object is already built)
-            name = run_name(model_name, compressor, budget)
             out = evaluator.simple_evaluate(model=lm, model_args=f"pretrained={name}",
                                             tasks=list(tasks), task_manager=task_manager, limit=limit,
                                             batch_size=batch_size, device=device, log_samples=True,
