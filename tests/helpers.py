@@ -9,12 +9,19 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 import vtc
 from vtc.compressor import VisualTokens
+from vtc.signals import TowerInfo
 from vtc import testing as tiny
 from vtc.integrations.transformers.adapter import adapter_for
 from vtc.testing import QWEN_FAMILIES
 from vtc.video import VideoTokens
 
 QUESTIONS = ["what is the color ?", "how many red circle are there in the image ?"]
+
+# the towers most golden tests describe: CLIP-L/14-336 as LLaVA-1.5 reads it (layer 22, a CLS token) and
+# Qwen2.5-VL-7B's ViT (no CLS, full attention every 8th block)
+CLIP_L = TowerInfo(name="clip", num_layers=24, feature_layer=22, has_cls=True)
+QWEN25 = TowerInfo(name="qwen2_5_vit", num_layers=32, feature_layer=31, has_cls=False,
+                   full_attention_layers=(7, 15, 23, 31))
 
 # (width, height) of the test images per family, from its tiny model (``register_tiny`` in families/<family>.py); Qwen
 # images differ in size so multi-image prompts mix token counts and windows

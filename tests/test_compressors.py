@@ -7,11 +7,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vtc import Signal, SignalKind, TowerInfo, VisualTokens, create_compressor, list_compressors, run_compressor
-
-CLIP_L = TowerInfo(name="clip", num_layers=24, feature_layer=22, has_cls=True)
-QWEN25 = TowerInfo(name="qwen2_5_vit", num_layers=32, feature_layer=31, has_cls=False,
-                   full_attention_layers=(7, 15, 23, 31))
+from vtc import Signal, SignalKind, VisualTokens, create_compressor, list_compressors, run_compressor
+from helpers import CLIP_L, QWEN25
 
 
 def cls_row(attention_maps: torch.Tensor) -> torch.Tensor:

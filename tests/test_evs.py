@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from test_video_cut import hand_built_video, original_mrope, prefill_seen
 
 import vtc
-from vtc import TowerInfo, VisualTokens, create_compressor, run_compressor
+from vtc import VisualTokens, create_compressor, run_compressor
 from vtc import testing as tiny
 from vtc.compressors.evs import (
     EVS,
@@ -22,8 +22,8 @@ from vtc.compressors.evs import (
     spread_indices,
 )
 from vtc.video import VideoTokens, run_video_compressor
+from helpers import CLIP_L
 
-CLIP_L = TowerInfo(name="clip", num_layers=24, feature_layer=22, has_cls=True)
 INF = float("inf")
 
 

@@ -13,7 +13,6 @@ from hypothesis import strategies as st
 from vtc import (
     Signal,
     SignalKind,
-    TowerInfo,
     VisualTokens,
     create_compressor,
     run_compressor,
@@ -31,10 +30,8 @@ from vtc.compressors.fastvid import (
     segment_bounds,
 )
 from vtc.video import VideoTokens, run_video_compressor
+from helpers import CLIP_L, QWEN25
 
-CLIP_L = TowerInfo(name="clip", num_layers=24, feature_layer=22, has_cls=True)
-QWEN25 = TowerInfo(name="qwen2_5_vit", num_layers=32, feature_layer=31, has_cls=False,
-                   full_attention_layers=(7, 15, 23, 31))
 SIGNAL = Signal(SignalKind.RECEIVED_ATTENTION, 31)
 
 

@@ -17,10 +17,8 @@ import vtc.compressors.hiprune  # noqa: F401  (registers "hiprune" until the pac
 from vtc import Signal, SignalKind, TowerInfo, VisualTokens, create_compressor, run_compressor, top_k_sorted
 from vtc.compressors.divprune import divprune_order
 from vtc.compressors.hiprune import default_layers, hiprune_parts, num_anchors
+from helpers import CLIP_L, QWEN25
 
-CLIP_L = TowerInfo(name="clip", num_layers=24, feature_layer=22, has_cls=True)
-QWEN25 = TowerInfo(name="qwen2_5_vit", num_layers=32, feature_layer=31, has_cls=False,
-                   full_attention_layers=(7, 15, 23, 31))
 TINY_CLIP = TowerInfo(name="clip", num_layers=4, feature_layer=2, has_cls=True)
 TINY_QWEN = TowerInfo(name="qwen2_5_vit", num_layers=4, feature_layer=3, has_cls=False, full_attention_layers=(1, 3))
 

@@ -44,10 +44,8 @@ from vtc.compressors.holov import (
 )
 from vtc.layout import CropCanvas, PackedLayout
 from vtc.multiview import MultiViewTokens, select_views
+from helpers import CLIP_L, QWEN25
 
-CLIP_L = TowerInfo(name="clip", num_layers=24, feature_layer=22, has_cls=True)
-QWEN25 = TowerInfo(name="qwen2_5_vit", num_layers=32, feature_layer=31, has_cls=False,
-                   full_attention_layers=(7, 15, 23, 31))
 CLS22 = Signal(SignalKind.CLS_ATTENTION, 22)
 RECEIVED31 = Signal(SignalKind.RECEIVED_ATTENTION, 31)
 

@@ -8,13 +8,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vtc import Signal, SignalKind, TowerInfo, VisualTokens, create_compressor, run_compressor
+from vtc import Signal, SignalKind, VisualTokens, create_compressor, run_compressor
 from vtc.compressors.progressive import Progressive, weighted_maxmin
 from vtc.video import VideoTokens, run_video_compressor
-
-CLIP_L = TowerInfo(name="clip", num_layers=24, feature_layer=22, has_cls=True)
-QWEN25 = TowerInfo(name="qwen2_5_vit", num_layers=32, feature_layer=31, has_cls=False,
-                   full_attention_layers=(7, 15, 23, 31))
+from helpers import CLIP_L, QWEN25
 
 
 def frame(features: torch.Tensor, rows: int | None = None, signals=None) -> VisualTokens:

@@ -11,11 +11,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import vtc
-from vtc import Signal, SignalKind, TowerInfo, VisualTokens, create_compressor, run_compressor
+from vtc import Signal, SignalKind, VisualTokens, create_compressor, run_compressor
 from vtc.compressors.quota import Quota, quota_shape, reduce_grid, similarity_scores, smooth_scores
 from vtc.video import VideoTokens, run_video_compressor
+from helpers import CLIP_L
 
-CLIP_L = TowerInfo(name="clip", num_layers=24, feature_layer=22, has_cls=True)
 D = 8
 
 

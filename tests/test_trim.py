@@ -11,12 +11,9 @@ from hypothesis import strategies as st
 
 import vtc
 import vtc.compressors.trim  # (registers "trim")
-from vtc import TowerInfo, VisualTokens, create_compressor, run_compressor
+from vtc import VisualTokens, create_compressor, run_compressor
 from vtc.compressors.trim import TRIM, TRIMDetails, iqr_outliers, merge_runs
-
-CLIP_L = TowerInfo(name="clip", num_layers=24, feature_layer=22, has_cls=True)
-QWEN25 = TowerInfo(name="qwen2_5_vit", num_layers=32, feature_layer=31, has_cls=False,
-                   full_attention_layers=(7, 15, 23, 31))
+from helpers import CLIP_L, QWEN25
 
 
 def tokens_of(features, query=None, grid=None, prefix=0) -> VisualTokens:

@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vtc import TowerInfo, VisualTokens, create_compressor, run_compressor
+from vtc import VisualTokens, create_compressor, run_compressor
 from vtc.compressors.vidcom2 import (
     VidCom2,
     VidCom2Details,
@@ -20,8 +20,7 @@ from vtc.compressors.vidcom2 import (
     multi_scale_gaussian,
 )
 from vtc.video import VideoTokens, run_video_compressor
-
-CLIP_L = TowerInfo(name="clip", num_layers=24, feature_layer=22, has_cls=True)
+from helpers import CLIP_L
 
 
 def frame(rows_of_features, grid=None) -> VisualTokens:

@@ -19,12 +19,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import vtc.compressors.vispruner  # noqa: F401  (registers "vispruner")
-from vtc import Signal, SignalKind, TowerInfo, VisualTokens, create_compressor, run_compressor
+from vtc import Signal, SignalKind, VisualTokens, create_compressor, run_compressor
 from vtc.compressors.vispruner import VisPrunerDetails, remove_duplicates, split_budget
+from helpers import CLIP_L, QWEN25
 
-CLIP_L = TowerInfo(name="clip", num_layers=24, feature_layer=22, has_cls=True)
-QWEN25 = TowerInfo(name="qwen2_5_vit", num_layers=32, feature_layer=31, has_cls=False,
-                   full_attention_layers=(7, 15, 23, 31))
 
 CLS22 = Signal(SignalKind.CLS_ATTENTION, 22)
 KEYS22 = Signal(SignalKind.KEYS, 22)
