@@ -312,6 +312,51 @@ def test_blocked_rounds_equal_the_cached_similarity():
         assert cached.numel() == target
 
 
+@st.composite
+def listed_case(draw):
+    size = draw(st.integers(2, 90))
+    target = draw(st.integers(1, size - 1))
+    dim = draw(st.sampled_from([1, 2, 3, 8]))
+    per_round = draw(st.sampled_from([1, 3, 8]))
+    neighbours = draw(st.sampled_from([1, 2, 5, 64]))
+    seed = draw(st.integers(0, 2**16))
+    ties = draw(st.booleans())
+    return size, target, dim, per_round, neighbours, seed, ties
+
+
+@settings(max_examples=120, deadline=None)
+@given(case=listed_case())
+def test_neighbour_lists_equal_the_direct_rounds(case):
+    """Large sets read ``m_a`` from per-row nearest-neighbour lists (refreshed when none is in ``B``); on the same
+    cached matrix that is bit for bit the direct rule, ties included (binary vectors tie everywhere), for any list
+    width; in float64 the blocked route (no cached matrix) agrees as well."""
+    size, target, dim, per_round, neighbours, seed, ties = case
+    g = torch.Generator().manual_seed(seed)
+    vectors = torch.randn(size, dim, generator=g)
+    if ties:
+        vectors = (vectors > 0).float() + (vectors.abs() < 0.2).float()  # zero rows too (cosine 0 to everything)
+    unit = torch.nn.functional.normalize(vectors, dim=-1)
+    direct = remove_duplicates(unit, target, per_round, direct_max_tokens=size)
+    listed = remove_duplicates(unit, target, per_round, direct_max_tokens=0, neighbours=neighbours)
+    assert listed[0].tolist() == direct[0].tolist() and listed[1] == direct[1]
+    if not ties:
+        unit64 = torch.nn.functional.normalize(vectors.double(), dim=-1)
+        direct64 = remove_duplicates(unit64, target, per_round, direct_max_tokens=size)
+        blocked64 = remove_duplicates(unit64, target, per_round, gram_max_elements=size, direct_max_tokens=0,
+                                      neighbours=neighbours)
+        assert blocked64[0].tolist() == direct64[0].tolist()
+
+
+def test_large_sets_take_the_listed_route_and_keep_the_rule():
+    """Above ``DIRECT_MAX_TOKENS`` the default route is the listed one; its survivors equal the direct rule's on the
+    same cached matrix (1,500 rows, 180 rounds, lists of 32 refreshed as their rows leave)."""
+    g = torch.Generator().manual_seed(5)
+    unit = torch.nn.functional.normalize(torch.randn(1500, 24, generator=g), dim=-1)
+    default = remove_duplicates(unit, 60)
+    direct = remove_duplicates(unit, 60, direct_max_tokens=1500)
+    assert default[0].tolist() == direct[0].tolist() and default[1] == direct[1] == math.ceil((1500 - 60) / 8)
+
+
 # ---------------------------------------------------------------------------------------------- properties
 @st.composite
 def image_case(draw):

@@ -26,8 +26,14 @@ DEFAULT_DROP_PER_ROUND = 8
 #: What the duplicate search compares: the visual tokens' features (the reference) or the layer's head-mean keys.
 SIMILARITIES = ("features", "keys")
 #: Largest remaining set ``R`` whose whole cosine matrix (``|R| x |R|`` fp32, 64 MiB here) is built once and then
-#: read by every round; above it each round recomputes its ``|A| x |B|`` block in row chunks of this many elements.
+#: read by every round; above it the similarities are computed in row chunks of at most this many elements.
 GRAM_MAX_ELEMENTS = 1 << 24
+#: Nearest neighbours each row remembers (values and positions, descending). A round reads a row's ``m_a`` as the
+#: first remembered neighbour that sits in ``B`` now; a row whose list holds none is recomputed exactly.
+NEIGHBOURS = 32
+#: Remaining sets at most this large run the plain rule (each round's ``|A| x |B|`` block of the cached matrix):
+#: few rounds, and no host synchronisation on a GPU.
+DIRECT_MAX_TOKENS = 1024
 
 _ATTENTION_KINDS = (SignalKind.CLS_ATTENTION, SignalKind.RECEIVED_ATTENTION)
 
@@ -59,14 +65,24 @@ def split_budget(k: int, important_ratio: float) -> tuple[int, int]:
 
 
 def remove_duplicates(unit: torch.Tensor, target: int, drop_per_round: int = DEFAULT_DROP_PER_ROUND,
-                      gram_max_elements: int | None = None) -> tuple[torch.Tensor, int]:
+                      gram_max_elements: int | None = None, neighbours: int | None = None,
+                      direct_max_tokens: int | None = None) -> tuple[torch.Tensor, int]:
     """VisPruner's duplicate removal on the rows of ``unit [R, d]`` (unit-norm, in the order of the list ``R``).
 
     While more than ``target`` rows remain: ``r_s = min(drop_per_round, |R| - target)``; ``A = R[0::2]``,
     ``B = R[1::2]``; ``m_a = max_b cos(a, b)``; the ``min(r_s, |A|)`` members of ``A`` with the largest ``m_a`` are
     dropped (stable descending sort: equal ``m`` drops the earlier member of ``A`` first); the new list is
     ``[kept A in descending-m order] ++ B``. Returns ``(positions into R of the survivors, in final list order;
-    rounds run)``. The number of rounds depends on the sizes only, so the loop never synchronises with a device.
+    rounds run)``.
+
+    Small sets (``|R| <= direct_max_tokens``) read each round's ``|A| x |B|`` block of one cached cosine matrix (the
+    round count depends on sizes only, so that loop never synchronises with a device). Larger ones would make the
+    rounds cost ``O(|R|^3 / 32)`` dot products (the reference recomputes an ``(|R|/2)^2 x d`` product every round:
+    minutes at ``|R|`` ~ 10k), so there a row remembers its ``neighbours`` nearest rows (values, descending) and a
+    round reads ``m_a`` as the first of them that is in ``B`` now: exact, since rows only ever leave the list, so
+    every ``b`` with a larger cosine would be listed before it. A row without a list, or whose list holds no member
+    of ``B``, is (re)computed against the rows still present. Both routes read the same matrix when it is cached
+    (``|R|^2 <= gram_max_elements``), so they keep the same rows.
     """
     size = int(unit.shape[0])
     target = int(target)
@@ -75,6 +91,7 @@ def remove_duplicates(unit: torch.Tensor, target: int, drop_per_round: int = DEF
     if drop_per_round < 1:
         raise ValueError(f"drop_per_round must be >= 1, got {drop_per_round}")
     limit = GRAM_MAX_ELEMENTS if gram_max_elements is None else int(gram_max_elements)
+    direct_max = DIRECT_MAX_TOKENS if direct_max_tokens is None else int(direct_max_tokens)
     device = unit.device
     positions = torch.arange(size, device=device)
     if target == 0:  # nothing diverse is kept (the reference's loop does not run): no comparison needed
@@ -82,6 +99,14 @@ def remove_duplicates(unit: torch.Tensor, target: int, drop_per_round: int = DEF
     if target == size:
         return positions, 0
     gram = unit @ unit.T if size * size <= limit else None
+    if size <= direct_max:
+        return _rounds_direct(unit, gram, positions, target, drop_per_round, limit)
+    return _rounds_listed(unit, gram, positions, target, drop_per_round, limit,
+                          NEIGHBOURS if neighbours is None else int(neighbours))
+
+
+def _rounds_direct(unit, gram, positions, target, drop_per_round, limit):
+    """The rule as stated: each round's ``m_a`` from the ``|A| x |B|`` block (cached matrix or row chunks)."""
     rounds = 0
     while positions.numel() > target:
         remaining = positions.numel()
@@ -94,6 +119,71 @@ def remove_duplicates(unit: torch.Tensor, target: int, drop_per_round: int = DEF
             unit_b = unit.index_select(0, b)
             best = torch.cat([(unit.index_select(0, a[i:i + rows]) @ unit_b.T).max(dim=1).values
                               for i in range(0, a.numel(), rows)])
+        order = torch.sort(best, descending=True, stable=True).indices
+        positions = torch.cat([a[order[drop:]], b])
+        rounds += 1
+    return positions, rounds
+
+
+def _rounds_listed(unit, gram, positions, target, drop_per_round, limit, neighbours):
+    """The same rounds from per-row nearest-neighbour lists (see ``remove_duplicates``).
+
+    A row gets its list the first time it is in ``A`` (rows that never are cost nothing), over the rows present
+    then; the similarities are read from ``gram`` when it is cached, else computed against a compact copy of the
+    present rows, rebuilt whenever a quarter of it has left (so no round copies the whole of ``unit``).
+    """
+    size = int(unit.shape[0])
+    device = unit.device
+    width = max(1, min(int(neighbours), size - 1))
+    sentinel = size  # a list slot that names no row: never in B, never present
+    listed = torch.full((size, width), sentinel, dtype=torch.long, device=device)  # no list yet: all sentinels
+    values = torch.full((size, width), float("-inf"), dtype=unit.dtype, device=device)
+    in_b = torch.zeros(size + 1, dtype=torch.bool, device=device)
+    present = torch.zeros(size + 1, dtype=torch.bool, device=device)
+    columns, compact = positions, None  # the rows the similarities are computed against (a superset of R)
+
+    def refresh(rows: torch.Tensor) -> torch.Tensor:
+        """Recompute ``rows``' lists over the present rows and return their ``m_a`` over ``B``."""
+        nonlocal columns, compact
+        if compact is None or positions.numel() * 4 < columns.numel() * 3:
+            columns = positions
+            compact = None if gram is not None else unit.index_select(0, columns)
+        outside = ~present[columns]  # columns no longer in R
+        not_b = ~in_b[columns]
+        best = []
+        chunk = max(1, limit // max(1, columns.numel()))
+        for i in range(0, rows.numel(), chunk):
+            part = rows[i:i + chunk]
+            if gram is not None:
+                sims = gram.index_select(0, part).index_select(1, columns)
+            else:
+                sims = unit.index_select(0, part) @ compact.T
+            itself = columns.unsqueeze(0) == part.unsqueeze(1)
+            sims = sims.masked_fill(itself | outside.unsqueeze(0), float("-inf"))
+            best.append(sims.masked_fill(not_b.unsqueeze(0), float("-inf")).max(dim=1).values)
+            top = sims.topk(min(width, columns.numel()), dim=1)
+            named = columns[top.indices].masked_fill(top.values == float("-inf"), sentinel)
+            listed[part] = sentinel
+            values[part] = float("-inf")
+            listed[part, :named.shape[1]] = named
+            values[part, :named.shape[1]] = top.values
+        return torch.cat(best)
+
+    rounds = 0
+    while positions.numel() > target:
+        remaining = positions.numel()
+        a, b = positions[0::2], positions[1::2]
+        present.zero_()
+        present[positions] = True
+        in_b.zero_()
+        in_b[b] = True
+        drop = min(drop_per_round, remaining - target, a.numel())
+        hits = in_b[listed.index_select(0, a)]  # [|A|, width]; a row without a list has no hit
+        first = hits.to(torch.uint8).argmax(dim=1, keepdim=True)  # first listed neighbour in B
+        best = values.index_select(0, a).gather(1, first).squeeze(1)
+        missing = (~hits.any(dim=1)).nonzero().squeeze(1)
+        if missing.numel():
+            best[missing] = refresh(a[missing])
         order = torch.sort(best, descending=True, stable=True).indices
         positions = torch.cat([a[order[drop:]], b])
         rounds += 1
