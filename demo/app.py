@@ -188,7 +188,8 @@ def stats_markdown(run: RunResult, baseline: RunResult, expected: str | None) ->
     lines.append(f"visual tokens in → out: {run.visual_in} → {run.visual_out}")
     speed = "" if run.compressor is None or not baseline.prefill_seconds or not run.prefill_seconds else \
         f" ({speed_words(baseline.prefill_seconds, run.prefill_seconds)})"
-    lines.append(f"prefill (time to first token): {_ms(run.prefill_seconds)}{speed}")
+    runs = f", median of {run.timing_runs} runs" if run.timing_runs > 1 else ", one run"
+    lines.append(f"prefill (time to first token{runs}): {_ms(run.prefill_seconds)}{speed}")
     share = "" if run.compressor is None else f" ({100 * run.flops / baseline.flops:.0f} % of all tokens)"
     lines.append(f"prefill FLOPs: {_gflops(run.flops)}{share}")
     if run.options:
@@ -198,7 +199,9 @@ def stats_markdown(run: RunResult, baseline: RunResult, expected: str | None) ->
 
 def table_markdown(result: Result) -> str:
     """All runs side by side (a compact summary under the pictures)."""
-    head = ("| | answer | visual tokens in → out | time to first token | prefill FLOPs |\n"
+    runs = result.baseline.timing_runs
+    timing = f"time to first token (median of {runs})" if runs > 1 else "time to first token (one run)"
+    head = (f"| | answer | visual tokens in → out | {timing} | prefill FLOPs |\n"
             "|---|---|---|---|---|")
     rows = [head]
     for run in result.all_runs:

@@ -18,7 +18,8 @@ that does not load) and everything that must be safe between users (one model in
   longer than ``load_timeout`` fails its waiters with one message. Failed loads are not cached (the next request
   tries again).
 * ``Engine.run`` answers a question with all visual tokens and with one or two compressors, and returns what each
-  kept (drawn on the model's real token geometry), visual tokens in -> out, time to first token and FLOPs. The
+  kept (drawn on the model's real token geometry), visual tokens in -> out, time to first token (a median of
+  ``timing_runs`` runs that take turns between the variants) and FLOPs. The
   question, budgets, compressor names and options (names and types) are checked before a model is loaded; words of
   the question the model does not know are returned as ``Result.notes`` for the status box.
 * Images are read by ``vtc.image_io`` (EXIF orientation, 16-bit / float scaled by their real range, transparency
@@ -37,6 +38,7 @@ import json
 import logging
 import os
 import pathlib
+import statistics
 import tempfile
 import threading
 import time
@@ -150,7 +152,7 @@ class RunResult:
     visual_out: int  # visual tokens the LLM received (AnyRes: kept newlines included)
     kept: int  # visual tokens kept, newlines excluded (== the resolved budget)
     budget_tokens: int  # the resolved budget in tokens (visual_in for all tokens)
-    prefill_seconds: float | None  # time to first token
+    prefill_seconds: float | None  # time to first token: the median of ``timing_runs`` runs (see ``Engine.run``)
     generate_seconds: float
     flops: int  # analytic prefill FLOPs (vtc.flops)
     picture: Image.Image  # the overlay (image) or the frame strip (video)
@@ -159,6 +161,7 @@ class RunResult:
     videos: list = field(default_factory=list)  # vtc.video.VideoRecord records
     positions: str | None = None  # the position mode of the run (``vtc.position_modes``); None for all tokens
     title: str = ""  # what the picture shows: "cls_attention @ 25 % → 49 tokens", "all 196 tokens"
+    timing_runs: int = 1  # runs behind ``prefill_seconds``
 
 
 @dataclass
@@ -605,17 +608,20 @@ class Engine:
     one used when a request names none (default: the first of ``models``). A request may name a model by its label
     (``labels``) or its reference; anything else is refused at once, unless ``allow_any_model`` (serve that only on
     a loopback host: ``check_host``). ``load_timeout``: seconds a model load may take before its waiters get an
-    error (the load itself cannot be stopped; it is cached if it finishes later). ``loader(ref) -> ((model,
-    processor), label)`` is injectable for tests.
+    error (the load itself cannot be stopped; it is cached if it finishes later). ``timing_runs``: runs behind each
+    time to first token a request reports (their median; ``Engine.run``). ``loader(ref) -> ((model, processor),
+    label)`` is injectable for tests.
     """
 
     def __init__(self, default_model: str | None = None, *, models: Sequence[str | None] | None = None,
                  allow_any_model: bool = False, cache_size: int = 2, limits: Limits = Limits(), examples_dir=None,
-                 loader=None, load_timeout: float = 600.0):
+                 loader=None, load_timeout: float = 600.0, timing_runs: int = 3):
         if cache_size < 1:
             raise ValueError(f"cache_size must be >= 1, got {cache_size}")
         if not load_timeout > 0:
             raise ValueError(f"load_timeout must be > 0 seconds, got {load_timeout}")
+        if isinstance(timing_runs, bool) or not isinstance(timing_runs, int) or timing_runs < 1:
+            raise ValueError(f"timing_runs must be an int >= 1, got {timing_runs!r}")
         refs = list(models) if models else [default_model]
         if default_model is not None and _key_of(default_model) not in map(_key_of, refs):
             refs.insert(0, default_model)
@@ -627,6 +633,7 @@ class Engine:
         self.allow_any_model = bool(allow_any_model)
         self.cache_size = cache_size
         self.load_timeout = float(load_timeout)
+        self.timing_runs = timing_runs
         self.limits = limits
         self.loads = 0  # models loaded so far (cache misses)
         self._loader = loader or _load_model
@@ -812,10 +819,29 @@ class Engine:
                 finally:
                     vtc.remove(entry.model)
                 outcomes.append((p, gen, records))
+            firsts = self._time_first_token(entry, media, inputs, parsed, [base[1]] + [g[1] for _, g, _ in outcomes])
+        base = (base[0], firsts[0], base[2])
+        outcomes = [(p, (g[0], first, g[2]), records) for (p, g, records), first in zip(outcomes, firsts[1:])]
         # outside the lock: FLOPs and drawing read the inputs, the records and the model's config only
         result = self._result(entry, media, question, inputs, base, outcomes)
         result.notes = notes
         return result
+
+    def _time_first_token(self, entry, media, inputs, parsed, firsts) -> list[float | None]:
+        """Median time to first token of all tokens and of each compressor over ``timing_runs`` runs: the answer
+        runs above count as the first, then rounds that take turns (all tokens, A, B, all tokens, ...) with one new
+        token each, so that one slow moment of the machine does not decide the ratio the page prints. Runs with the
+        model's lock held."""
+        samples = [[] if first is None else [first] for first in firsts]
+        for _ in range(self.timing_runs - 1):
+            samples[0].append(_generate(entry, inputs, 1)[1])
+            for j, p in enumerate(parsed, start=1):
+                vtc.apply(entry.model, p.compressor, budget=p.budget, **_apply_options(entry, media, p))
+                try:
+                    samples[j].append(_generate(entry, inputs, 1)[1])
+                finally:
+                    vtc.remove(entry.model)
+        return [statistics.median(s) if s and None not in s else None for s in samples]
 
     def _result(self, entry, media, question, inputs, base, outcomes) -> Result:
         visual_in = _visual_tokens(entry, inputs)
@@ -831,7 +857,7 @@ class Engine:
             label="all tokens", compressor=None, budget=None, options={}, answer=base[0], visual_in=visual_in,
             visual_out=visual_in, kept=visual_in, budget_tokens=visual_in, prefill_seconds=base[1],
             generate_seconds=base[2], flops=request_flops(entry.model, inputs)[0].total, picture=picture,
-            frames=base_frames, title=run_title(None, None, visual_in))
+            frames=base_frames, title=run_title(None, None, visual_in), timing_runs=self.timing_runs)
         runs = []
         for p, (answer, first, total), (records, videos, lengths, positions) in outcomes:
             n_in, n_out = lengths[0]
@@ -851,7 +877,7 @@ class Engine:
                 prefill_seconds=first, generate_seconds=total,
                 flops=request_flops(entry.model, inputs, [n for _, n in lengths])[0].total, picture=picture,
                 frames=frames, selections=records, videos=videos, positions=positions,
-                title=run_title(p.compressor, p.budget, kept)))
+                title=run_title(p.compressor, p.budget, kept), timing_runs=self.timing_runs))
         example = self.example_for(media)
         return Result(kind=media.kind, media_name=media.name, question=question,
                       expected=None if example is None else example.answers.get(question),

@@ -90,7 +90,8 @@ def test_main_job_prints_accuracy_tokens_and_time_per_compressor(loaded_once, ca
         assert int(r["pct"]) == round(100 * int(r["k"]) / 10)
     assert "median of 1 warm runs" in out and "'#' kept" not in out  # ASCII grids only with --show-grid
     picture = out_dir / cli.EXAMPLE_PNG
-    assert f"picture: {picture} (904x470; left: all 196 tokens, right: fastervlm: 4 of 196 kept" in out
+    assert (f"picture: {picture} (904x470; left: all 196 tokens on the model's token grid, right: fastervlm: 4 of "
+            "196 kept") in out
     with Image.open(picture) as png:
         assert png.format == "PNG" and png.size == (904, 470)  # two 448-px panels, 8 px apart, 22 px of labels
         png.verify()

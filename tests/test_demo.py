@@ -144,7 +144,7 @@ def test_image_run_keeps_the_budget_and_draws_it(engine, image):
     assert (base.visual_in, base.visual_out, base.kept) == (196, 196, 196)
     assert (run.visual_in, run.visual_out, run.kept, run.budget_tokens) == (196, 49, 49, 49)
     assert run.selections[0].compressor == "cls_attention" and run.selections[0].num_kept == 49
-    assert 0 < run.prefill_seconds <= run.generate_seconds and 0 < base.prefill_seconds
+    assert 0 < run.prefill_seconds and 0 < base.prefill_seconds and run.timing_runs == base.timing_runs == 3
     assert 0 < run.flops < base.flops
     assert run.answer and base.answer
     # the overlay is the input at the same size with the pruned 3/4 dimmed
@@ -165,6 +165,35 @@ def test_compare_mode_runs_two_compressors_on_one_input(engine, image):
     assert a.selections[0].selection.groups is not None  # visionzip merges: its groups are drawn
     assert b.flops < a.flops < result.baseline.flops
     assert np.abs(_brightness(a.picture) - _brightness(b.picture)).mean() > 5
+
+
+def test_time_to_first_token_is_a_median_of_runs_that_take_turns(engine, image, monkeypatch):
+    """The page's time to first token (and its "x faster / slower") is the median of ``timing_runs`` runs per
+    variant, the answer run first, then rounds taking turns: all tokens, A, B, all tokens, ..."""
+    from vtc.demo import engine as engine_module
+    from vtc.demo.app import stats_markdown, table_markdown
+
+    real = engine_module._generate
+    calls, times = [], iter([0.9, 0.4, 0.3, 0.5, 0.2, 0.35, 0.7, 0.6, 0.1, 0.8, 0.25, 0.45])
+
+    def timed(entry, inputs, max_new_tokens):
+        answer, _, total = real(entry, inputs, max_new_tokens)
+        records = vtc.last_selection(entry.model) if vtc.is_applied(entry.model) else []
+        calls.append((records[0].compressor if records else None, max_new_tokens))
+        return answer, next(times), total
+
+    monkeypatch.setattr(engine_module, "_generate", timed)
+    monkeypatch.setattr(engine, "timing_runs", 4)
+    result = engine.run(image, "how many shapes are there ?", [Spec("random", "20"), Spec("fastervlm", "49")])
+    assert calls == [(None, 8), ("random", 8), ("fastervlm", 8)] + [(None, 1), ("random", 1), ("fastervlm", 1)] * 3
+    base, a, b = result.all_runs
+    # all tokens 0.9, 0.5, 0.7, 0.8; random 0.4, 0.2, 0.6, 0.25; fastervlm 0.3, 0.35, 0.1, 0.45 (medians of four)
+    assert base.prefill_seconds == pytest.approx(0.75) and a.prefill_seconds == pytest.approx(0.325)
+    assert b.prefill_seconds == pytest.approx(0.325) and {r.timing_runs for r in result.all_runs} == {4}
+    assert "median of 4 runs): 325.0 ms (2.31× faster)" in stats_markdown(a, base, None)
+    assert "time to first token (median of 4)" in table_markdown(result)
+    with pytest.raises(ValueError, match="timing_runs must be an int >= 1"):
+        Engine(timing_runs=0)  # checked before anything is loaded or written
 
 
 def test_each_run_says_its_position_mode(engine, image):
@@ -406,6 +435,8 @@ def test_vtc_demo_command_line(tmp_path, capsys):
     assert "cannot load model" in capsys.readouterr().err
     assert main(["demo", "--allow-any-model", "--host", "0.0.0.0"]) == 1  # refused before loading anything
     assert "--allow-any-model is only allowed on a loopback host" in capsys.readouterr().err
+    assert main(["demo", "--timing-runs", "0"]) == 1  # refused before loading anything
+    assert "--timing-runs must be an integer >= 1, got 0" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("compressor", vtc.list_compressors("encoder"))

@@ -113,7 +113,10 @@ def test_upload_an_example_compress_and_see_the_kept_tokens(page, server, reques
     assert kept, stats
     assert (int(kept[1]), int(kept[2])) == (49, 196)  # the count shown equals the budget
     assert "visual tokens in → out: 196 → 49" in stats
-    assert re.search(r"prefill \(time to first token\): [\d.]+ ms", stats)
+    # a warm median with its n, and "faster" or "slower" by the measured ratio
+    assert re.search(r"prefill \(time to first token, median of 3 runs\): [\d.]+ ms \([\d.]+× (faster|slower)\)",
+                     stats), stats
+    assert "time to first token (median of 3)" in page.locator("#table").inner_text()
     assert re.search(r"prefill FLOPs: [\d.]+ GFLOPs \(\d+ % of all tokens\)", stats)
     assert "all 196 visual tokens" in page.locator("#stats-all").inner_text()
     assert "cls_attention" in page.locator("#table").inner_text()

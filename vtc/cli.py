@@ -500,10 +500,11 @@ def _write_example(path: pathlib.Path, model, processor, inputs, image, name: st
     else:
         raise ValueError(f"{name} left no selection record on this image")
     path.parent.mkdir(parents=True, exist_ok=True)
-    picture = render.side_by_side([(render.plain(image), f"all {n_visual} tokens"),
+    picture = render.side_by_side([(render.all_tokens(image, boxes), f"all {n_visual} tokens"),
                                    (render.token_overlay(image, boxes, kept, groups), what)])
     picture.save(path)
-    return f"{picture.width}x{picture.height}; left: all {n_visual} tokens, right: {what}, pruned tokens dimmed"
+    return (f"{picture.width}x{picture.height}; left: all {n_visual} tokens on the model's token grid, right: "
+            f"{what}, pruned tokens dimmed")
 
 
 def _positions_line(model, options: dict[str, dict]) -> str:
@@ -611,10 +612,13 @@ def cmd_demo(args) -> int:
     except ImportError as exc:
         print(f"error: vtc demo needs gradio ({exc}); install it with pip install 'vtc[demo]'", file=sys.stderr)
         return 1
+    if args.timing_runs < 1:
+        print(f"error: --timing-runs must be an integer >= 1, got {args.timing_runs}", file=sys.stderr)
+        return 1
     try:
         check_host(args.host, args.allow_any_model, args.share == "yes")
         # every --model is resolved now (a missing folder, an unreachable hub id fail here, not in a request)
-        engine = Engine(models=args.model, allow_any_model=args.allow_any_model)
+        engine = Engine(models=args.model, allow_any_model=args.allow_any_model, timing_runs=args.timing_runs)
         engine.model()  # load the start model now: a bad --model fails here, and the first request is fast
     except DemoError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -724,6 +728,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--port", type=int, default=7860, help="port (default 7860)")
     demo.add_argument("--share", choices=("no", "yes"), default="no",
                       help="also open a public gradio.live link (default no)")
+    demo.add_argument("--timing-runs", type=int, default=3, metavar="N",
+                      help="runs behind each time to first token the page shows, taking turns between all tokens "
+                           "and the compressors; the median is shown (default 3)")
     demo.set_defaults(func=cmd_demo)
     listing = sub.add_parser("list", help="list compressors and supported model families")
     listing.set_defaults(func=cmd_list)
