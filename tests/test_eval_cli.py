@@ -120,6 +120,28 @@ def test_empty_answers_fail_the_run(tmp_path, tasks_dir, capsys, monkeypatch):
     assert "empty answers" in capsys.readouterr().err
 
 
+def test_sweep_warms_up_on_one_document_per_task_before_the_baseline(tmp_path, monkeypatch):
+    """The process's first requests pay one-time costs (20.9 MB of resident growth on the first request vs ~5 MB
+    after, on the embedded model): without a warm-up they land on the baseline alone and every compressor looks
+    lighter. The warm-up answers one document per task, writes nothing and is not among the reported runs."""
+    calls = []
+
+    def fake_run_one(model, processor, compressor, budget, tasks, task_manager, limit, device, batch_size,
+                     results_dir, model_name, positions=None, aggregations=None):
+        calls.append((compressor, budget, limit, results_dir))
+        return _fake_result([budget or 1.0])["runs"][0] | {"compressor": compressor, "budget": budget}
+
+    from vtc.eval.lmms.tasks import write_tasks
+
+    folder = write_tasks(tmp_path / "tasks", images=1, videos=1, questions=1)
+    monkeypatch.setattr(sweep, "run_one", fake_run_one)
+    result = sweep.sweep(None, ["random"], [0.5, 16], list(sweep.DEFAULT_TASKS), [folder], 7, "cpu", 1,
+                         tmp_path / "out")
+    out = (tmp_path / "out").resolve()
+    assert calls == [("none", None, 1, None), ("none", None, 7, out), ("random", 0.5, 7, out), ("random", 16, 7, out)]
+    assert [(r["compressor"], r["budget"]) for r in result["runs"]] == [("none", None), ("random", 0.5), ("random", 16)]
+
+
 def test_check_names_every_run_with_empty_answers():
     result = {"runs": [{"compressor": "none", "budget": None, "empty_answers": {}},
                        {"compressor": "hiprune", "budget": 8, "empty_answers": {"t": [3, 5]}}]}
@@ -158,6 +180,25 @@ def test_wilson_interval_by_hand():
     assert sweep.wilson(1.0, 10) == (pytest.approx(0.7225, abs=5e-4), pytest.approx(1.0, abs=1e-12))
 
 
+def test_wilson_interval_holds_the_observed_accuracy_exactly():
+    """At 0 and 1 the formula's end lands on the accuracy only up to rounding (e.g. 1e-17 above 0): the interval
+    must still hold it, or matplotlib refuses the negative error bar (found on a stand-in MMMU at accuracy 0)."""
+    for n in range(1, 400):
+        for p in (0.0, 1.0, 1 / n, 1 - 1 / n):
+            lo, hi = sweep.wilson(p, n)
+            assert 0.0 <= lo <= p <= hi <= 1.0, (p, n, lo, hi)
+
+
+def test_plot_draws_tasks_at_accuracy_zero_and_one(tmp_path):
+    result = _fake_result([0.5], n=8)
+    for run in result["runs"]:
+        run["accuracy"] = {"vtc_shapes_image": 0.0, "vtc_shapes_video": 1.0}
+    for n in (3, 7, 8, 20, 49, 100, 300):
+        for run in result["runs"]:
+            run["samples"] = {t: n for t in result["tasks"]}
+        assert sweep.plot(result, tmp_path / f"edges{n}.png")
+
+
 def test_table_reports_visual_tokens_per_task_within_120_columns():
     text = sweep.table(_fake_result([0.5, 0.125], compressors=("prumerge_plus", "visionzip")))
     grid = text.split("\n\n")[0].splitlines()  # the accuracy / tokens table
@@ -168,6 +209,33 @@ def test_table_reports_visual_tokens_per_task_within_120_columns():
     assert "per task" in text and "prefill FLOPs" in text
     tables = text.split("\n\npositions:")[0]
     assert max(len(line) for line in tables.splitlines()) <= 120
+
+
+def test_table_with_the_ten_benchmarks_splits_into_grids_within_120_columns():
+    """The llava15-table preset prints ten benchmarks: one grid would be ~230 columns wide and wrap in a terminal;
+    it is split by tasks, each grid keeping the compressor and budget columns, every task exactly once."""
+    from vtc.eval.lmms.table import PRESETS, column_title
+
+    result = _fake_result([192, 128, 64], compressors=("prumerge_plus", "visionzip"))
+    tasks = list(PRESETS["llava15-table"]["tasks"])
+    assert len(tasks) == 10
+    result["tasks"] = tasks
+    for run in result["runs"]:
+        value = run["accuracy"]["vtc_shapes_image"]
+        run["accuracy"] = {t: value * (1500.0 if t == "mme" else 1.0) for t in tasks}
+        run["visual_tokens_by_task"] = {t: {"in": 576, "out": run["budget"] or 576} for t in tasks}
+    sweep.add_relative(result["runs"])
+    text = sweep.table(result)
+    assert max(len(line) for line in text.split("\n\npositions:")[0].splitlines()) <= 120
+    grids = [g for g in text.split("\n\n") if g.startswith("compressor     budget")][:-1]  # the last: costs
+    assert len(grids) >= 3
+    headers = [g.splitlines()[0] for g in grids]
+    titles = [column_title(t)[0] for t in tasks]
+    for title in titles:  # each benchmark's score column in exactly one grid, with its tokens beside it
+        assert sum(f"  {title}  " in h + "  " and f"{title} tok" in h for h in headers) == 1, title
+    for grid in grids:
+        assert [line.split()[0] for line in grid.splitlines()[2:]] == \
+            ["none", *["prumerge_plus"] * 3, *["visionzip"] * 3]
 
 
 def test_plot_lines_join_only_a_compressors_own_budgets(tmp_path):

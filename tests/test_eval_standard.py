@@ -55,6 +55,19 @@ def test_headline_metric_per_benchmark():
     assert table.headline("some_new_task", {"bleu,none": 0.25}) is None
 
 
+def test_bootstrap_se_keeps_a_printing_aggregation_quiet(capsys):
+    """MMMU's aggregation prints its breakdown on every call: the 200 resamples must not flood the terminal (a
+    stand-in llava15-table run printed hundreds of dicts); what the caller prints itself still shows."""
+    def loud_mean(v):
+        print({"Overall": {"num": len(v)}})
+        return sum(v) / len(v)
+
+    print("before")
+    assert table.bootstrap_se([0.0, 1.0, 1.0, 0.0, 1.0], loud_mean) > 0
+    print("after")
+    assert capsys.readouterr().out == "before\nafter\n"
+
+
 def test_bootstrap_se_of_a_mean_matches_the_formula_and_refuses_what_breaks():
     values = [1.0] * 30 + [0.0] * 70
     se = table.bootstrap_se(values, lambda v: sum(v) / len(v), iterations=2000)

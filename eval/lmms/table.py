@@ -12,6 +12,7 @@ Presets (``PRESETS``) are the benchmark lists and budgets of the papers' tables.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import math
@@ -116,11 +117,13 @@ def bootstrap_se(values: list, aggregate, iterations: int = 200, seed: int = 0) 
         return None
     rng = random.Random(seed)
     stats = []
-    for _ in range(iterations):
-        try:
-            stats.append(float(aggregate([values[rng.randrange(len(values))] for _ in values])))
-        except Exception:  # noqa: BLE001 - any task's aggregation: a resample it refuses means "no SE"
-            return None
+    # some tasks' aggregations print their breakdown (MMMU prints a dict per call): not once per resample
+    with contextlib.redirect_stdout(io.StringIO()):
+        for _ in range(iterations):
+            try:
+                stats.append(float(aggregate([values[rng.randrange(len(values))] for _ in values])))
+            except Exception:  # noqa: BLE001 - any task's aggregation: a resample it refuses means "no SE"
+                return None
     return statistics.stdev(stats)
 
 
