@@ -142,6 +142,31 @@ def test_sweep_warms_up_on_one_document_per_task_before_the_baseline(tmp_path, m
     assert [(r["compressor"], r["budget"]) for r in result["runs"]] == [("none", None), ("random", 0.5), ("random", 16)]
 
 
+def test_sweep_checks_every_compressor_before_the_baseline(tiny_dirs, tmp_path, monkeypatch):
+    """A compressor the model refuses (a video method on LLaVA-NeXT's AnyRes views) used to fail after the runs
+    before it (minutes); now it fails before anything runs -- or, when every registered compressor was asked for
+    (``vtc eval`` without ``--compressor``), it is left out with the reason."""
+    from vtc.eval.lmms.tasks import write_tasks
+
+    calls = []
+
+    def fake_run_one(model, processor, compressor, budget, *args, **kwargs):
+        calls.append(compressor)
+        return _fake_result([budget or 1.0])["runs"][0] | {"compressor": compressor, "budget": budget}
+
+    folder = write_tasks(tmp_path / "tasks", images=1, videos=1, questions=1)
+    monkeypatch.setattr(sweep, "run_one", fake_run_one)
+    args = (str(tiny_dirs["llava_next"]), ["random", "dycoke"], [4], ["vtc_shapes_image"], [folder], 1, "cpu", 1,
+            tmp_path / "out")
+    with pytest.raises(sweep.EvalFailure, match=r"refuses dycoke @ 4: .*nothing was run; drop --compressor dycoke"):
+        sweep.sweep(*args)
+    assert calls == []
+    result = sweep.sweep(*args, skip_unsupported=True)
+    assert calls == ["none", "none", "random"]  # warm-up, baseline, random
+    assert result["compressors"] == ["random"] and list(result["skipped_compressors"]) == ["dycoke"]
+    assert result["skipped_compressors"]["dycoke"].startswith("dycoke @ 4: ")
+
+
 def test_check_names_every_run_with_empty_answers():
     result = {"runs": [{"compressor": "none", "budget": None, "empty_answers": {}},
                        {"compressor": "hiprune", "budget": 8, "empty_answers": {"t": [3, 5]}}]}

@@ -163,6 +163,32 @@ def test_every_family_generates_and_scores_through_the_plugin(family, tiny_dirs,
         assert responses(same, task) == responses(base, task)
 
 
+def test_video_methods_run_on_a_family_without_a_video_input(default_model, task_manager):
+    """`vtc eval` asks every registered compressor by default, the video methods included; on LLaVA-1.5 (no video
+    input) the plugin refused them at construction, so the default sweep on the embedded model stopped after five
+    runs. Now a prompt's images are one video there: a video task's 8 frames share the budget, an image task's
+    picture is a one-frame video."""
+    model, processor = default_model
+    lm = VtcModel(model=model, processor=processor, compressor="dycoke", budget=0.25, progress=False)
+    assert lm.options["images_as_video"] is True
+    out = evaluate(lm, ["vtc_shapes_image", "vtc_shapes_video"], task_manager, limit=2)
+    vtc.remove(model)
+    assert len(out["samples"]["vtc_shapes_image"]) == len(out["samples"]["vtc_shapes_video"]) == 2
+    for stats in lm.sample_stats:
+        assert stats.visual_tokens_out == round(0.25 * stats.visual_tokens_in)  # 196 -> 49, 8 x 196 -> 392
+        assert stats.visual_tokens_in == (8 * 196 if stats.videos else 196)
+    with pytest.raises(ValueError, match="images_as_video=True"):  # saying no explicitly is still refused
+        VtcModel(model=model, processor=processor, compressor="dycoke", budget=0.25, images_as_video=False,
+                 progress=False)
+    vtc.remove(model)
+
+
+def test_a_video_method_on_anyres_views_is_refused_at_construction(tiny_dirs):
+    with pytest.raises(ValueError, match="dycoke"):
+        VtcModel(pretrained=str(tiny_dirs["llava_next"]), compressor="dycoke", budget=4, progress=False,
+                 device="cpu")
+
+
 def make(arg_string, default_model):
     model, processor = default_model
     return VtcModel.create_from_arg_string(arg_string, {"model": model, "processor": processor,

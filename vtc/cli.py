@@ -581,7 +581,7 @@ def cmd_eval(args) -> int:
         with tqdm(total=runs, desc="vtc eval", unit="run") as bar:
             result = sweep.sweep(args.model, compressors, budgets, tasks, include, args.limit, args.device,
                                  args.batch_size, out, progress=bar, positions=args.positions, env=env,
-                                 task_names=task_names)
+                                 task_names=task_names, skip_unsupported=not args.compressor)
         (out / "vtc_eval.json").write_text(json.dumps(result, indent=1))
         rows = paper_table.standard_table(result)
         (out / "vtc_table.md").write_text(paper_table.to_markdown(rows))
@@ -591,6 +591,8 @@ def cmd_eval(args) -> int:
         print("\nthe papers' layout (value ± standard error; n documents per benchmark; avg % = mean over benchmarks "
               "of value / value with all tokens):\n")
         print(paper_table.to_markdown(rows))
+        for why in result["skipped_compressors"].values():
+            print(f"left out (every registered compressor was asked for; this model refuses it): {why}")
         written_files = ["vtc_eval.json", "vtc_table.md", "vtc_table.csv"] + (["vtc_eval.png"] if plotted else [])
         print(f"wrote {', '.join(str(out / f) for f in written_files)} and lmms-eval's own results and per-sample "
               f"logs in {out}/<model>__<compressor>_<budget>/")

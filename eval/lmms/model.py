@@ -10,7 +10,9 @@ LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL and Qwen3-VL. ``compressor=none`` is the u
 (``video_budget``, ``positions``, ``allocation``, ``images_as_video``) or a compressor option (``start_layer=16``),
 checked when the model loads. Prompts go through the processor's chat template; a video (a file path from the
 task) is sampled to ``max_frames_num`` frames and given as a video to families with a video input, and as that many
-images sharing ``video_budget`` to LLaVA-1.5 / NeXT (``images_as_video``).
+images sharing ``video_budget`` to LLaVA-1.5 / NeXT (``images_as_video``). A video-only compressor (``fastvid``,
+``dycoke``, ...) on a family without a video input treats every prompt's images as one video
+(``images_as_video=True`` by default there: an image task's picture is a one-frame video).
 
 Output folder: lmms-eval names ``--output_path/<folder>/`` after ``pretrained=`` (``llava-hf__llava-1.5-7b-hf``), or,
 without one (the embedded model), after ``model_name=`` -- e.g. ``model_name=vtc-default__hiprune_64`` -- else it
@@ -169,6 +171,11 @@ class VtcModel(lmms):
         self.options = dict(options)
         if video_budget is not None:
             self.options["video_budget"] = video_budget
+        if self.compressor != NONE and vtc.get_compressor_class(self.compressor).video_only \
+                and not self.native_video:
+            # a video method (it compares frames) on LLaVA-1.5 / NeXT: a video task's frames are one video anyway;
+            # an image is a one-frame video, as in `vtc run` and the demo (refused by families where it cannot be)
+            self.options.setdefault("images_as_video", True)
         self._images_as_video = None
         if self.compressor != NONE:
             self._apply(images_as_video=bool(self.options.get("images_as_video", False)))

@@ -36,8 +36,8 @@ import time
 import vtc
 
 #: top-level keys of vtc_eval.json
-RESULT_KEYS = ("vtc_version", "model", "device", "tasks", "task_names", "limit", "budgets", "compressors", "positions",
-               "flops_formula", "seconds", "runs")
+RESULT_KEYS = ("vtc_version", "model", "device", "tasks", "task_names", "limit", "budgets", "compressors",
+               "skipped_compressors", "positions", "flops_formula", "seconds", "runs")
 #: keys of each entry of ``runs`` (the baseline first: compressor "none", budget null)
 RUN_KEYS = ("compressor", "budget", "accuracy", "headline", "metrics", "samples", "empty_answers", "visual_tokens_in",
             "visual_tokens_out", "visual_tokens_by_task", "prefill_flops", "prefill_flops_parts", "first_token_seconds", "peak_memory_bytes",
@@ -293,19 +293,46 @@ def task_environment(env: dict | None):
 
 def sweep(model_ref: str | None, compressors: list[str], budgets: list, tasks: list[str], include_path,
           limit, device: str, batch_size: int, out_dir: pathlib.Path, progress=None, positions: str | None = None,
-          env: dict | None = None, task_names: dict | None = None) -> dict:
+          env: dict | None = None, task_names: dict | None = None, skip_unsupported: bool = False) -> dict:
     """Run the baseline and every compressor x budget; returns the JSON-ready result (lmms-eval's own result files
     for each run go to ``out_dir/<run name>/``). ``positions``: the position mode of every compressed run (None: the
     model family's default, recorded); ``env``: what the tasks' own code needs (``task_environment``);
-    ``task_names``: the benchmark each task stands for, recorded (stand-ins: ``vtc_standin_mme`` -> ``mme``)."""
+    ``task_names``: the benchmark each task stands for, recorded (stand-ins: ``vtc_standin_mme`` -> ``mme``).
+
+    Every compressor x budget is applied to the loaded model once before anything runs (``check_compressors``): one
+    the model refuses (a video method on LLaVA-NeXT's AnyRes views, a layer it does not have) fails the sweep at
+    once -- or, with ``skip_unsupported`` (``vtc eval`` without ``--compressor``: every registered compressor), is
+    left out and recorded in ``skipped_compressors`` with the reason."""
     include_path = [pathlib.Path(p).resolve() for p in include_path]
     with task_environment(env):
         return _sweep(model_ref, compressors, budgets, tasks, include_path, limit, device, batch_size,
-                      pathlib.Path(out_dir).resolve(), progress, positions, task_names)
+                      pathlib.Path(out_dir).resolve(), progress, positions, task_names, skip_unsupported)
+
+
+def check_compressors(model, processor, model_name: str, compressors: list[str], budgets: list,
+                      positions: str | None, device: str) -> dict[str, str]:
+    """``{compressor: why}`` for each compressor the loaded model refuses at one of ``budgets`` -- wrapped and
+    unwrapped exactly as a run does (``VtcModel``), so a refusal surfaces now instead of after the runs before
+    it."""
+    from .model import VtcModel
+
+    refused = {}
+    for compressor in compressors:
+        for budget in budgets:
+            kwargs = {"budget": budget} if positions is None else {"budget": budget, "positions": positions}
+            try:
+                VtcModel(model=model, processor=processor, pretrained=model_name, compressor=compressor,
+                         device=device, progress=False, **kwargs)
+            except (ValueError, TypeError) as exc:
+                refused[compressor] = f"{compressor} @ {budget}: {exc}"
+                break
+            finally:
+                vtc.remove(model)
+    return refused
 
 
 def _sweep(model_ref, compressors, budgets, tasks, include_path, limit, device, batch_size, out_dir, progress,
-           positions, task_names) -> dict:
+           positions, task_names, skip_unsupported=False) -> dict:
     from lmms_eval.tasks import TaskManager
 
     from .model import VtcModel
@@ -326,6 +353,14 @@ def _sweep(model_ref, compressors, budgets, tasks, include_path, limit, device, 
     if positions is not None and positions not in modes:
         raise EvalFailure(f"--positions {positions} is not available for this model; choose one of {list(modes)}")
     positions = positions or modes[0]
+    refused = check_compressors(model, processor, model_name, compressors, budgets, positions, device)
+    if refused and not skip_unsupported:
+        raise EvalFailure("this model refuses " + "; ".join(refused.values()) + " -- nothing was run; drop "
+                          "--compressor " + " / ".join(refused))
+    compressors = [c for c in compressors if c not in refused]
+    if progress is not None and refused:
+        progress.total = 1 + len(compressors) * len(budgets)
+        progress.refresh()
     plan = [("none", None)] + [(c, b) for c in compressors for b in budgets]
     runs = []
     aggregations = Aggregations(task_manager)
@@ -355,6 +390,7 @@ def _sweep(model_ref, compressors, budgets, tasks, include_path, limit, device, 
         "limit": limit,
         "budgets": list(budgets),
         "compressors": list(compressors),
+        "skipped_compressors": refused,
         "positions": positions,
         "flops_formula": FORMULA,
         "seconds": round(time.perf_counter() - start, 1),
