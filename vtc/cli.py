@@ -515,7 +515,8 @@ def _positions_line(model, options: dict[str, dict]) -> str:
     used = {opts.get("positions") or modes[0] for opts in options.values()} or {modes[0]}
     others = [m for m in modes if m not in used]
     text = (f"{next(iter(used))} ({vtc.POSITION_MODES.get(next(iter(used)), '')})" if len(used) == 1
-            else "per compressor (" + ", ".join(f"{n}: {o.get('positions') or modes[0]}" for n, o in options.items()) + ")")
+            else "per compressor (" + ", ".join(f"{n}: {o.get('positions') or modes[0]}"
+                                                for n, o in options.items()) + ")")
     return text + (f"; also available: {', '.join(others)} (--option positions={others[0]})" if others else "")
 
 
