@@ -123,12 +123,15 @@ def test_empty_answers_fail_the_run(tmp_path, tasks_dir, capsys, monkeypatch):
 def test_sweep_warms_up_on_one_document_per_task_before_the_baseline(tmp_path, monkeypatch):
     """The process's first requests pay one-time costs (20.9 MB of resident growth on the first request vs ~5 MB
     after, on the embedded model): without a warm-up they land on the baseline alone and every compressor looks
-    lighter. The warm-up answers one document per task, writes nothing and is not among the reported runs."""
+    lighter. The warm-up answers one document per task, writes nothing and is not among the reported runs; a task
+    whose aggregation refuses one document (MME) does not stop it."""
     calls = []
 
     def fake_run_one(model, processor, compressor, budget, tasks, task_manager, limit, device, batch_size,
                      results_dir, model_name, positions=None, aggregations=None):
         calls.append((compressor, budget, limit, results_dir))
+        if limit == 1:  # like MME's aggregation on one document (it scores pairs): the warm-up ignores it
+            raise AssertionError("MME only supports pairwise evaluation")
         return _fake_result([budget or 1.0])["runs"][0] | {"compressor": compressor, "budget": budget}
 
     from vtc.eval.lmms.tasks import write_tasks

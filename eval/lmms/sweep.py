@@ -31,6 +31,7 @@ import os
 import pathlib
 import statistics
 import sys
+import tempfile
 import time
 
 import vtc
@@ -331,6 +332,20 @@ def check_compressors(model, processor, model_name: str, compressors: list[str],
     return refused
 
 
+def _warm_up(model, processor, tasks, task_manager, device, batch_size, model_name, positions, aggregations) -> None:
+    """Answer one document of each task with all tokens, untimed and unreported. Only the answering matters: a
+    task whose aggregation cannot take one document (MME scores the two questions of an image as a pair) fails
+    after it, which is ignored here -- a task that really fails does so again, with its message, in the baseline."""
+    # in a throw-away working directory: tasks that write submission files (MMBench, TextVQA) write them there
+    with tempfile.TemporaryDirectory(prefix="vtc-warm-up-") as scratch, _working_directory(pathlib.Path(scratch)), \
+            contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            run_one(model, processor, "none", None, tasks, task_manager, 1, device, batch_size, None, model_name,
+                    positions, aggregations)
+        except Exception:  # noqa: BLE001 - see the docstring
+            pass
+
+
 def _sweep(model_ref, compressors, budgets, tasks, include_path, limit, device, batch_size, out_dir, progress,
            positions, task_names, skip_unsupported=False) -> dict:
     from lmms_eval.tasks import TaskManager
@@ -369,8 +384,7 @@ def _sweep(model_ref, compressors, budgets, tasks, include_path, limit, device, 
     # the baseline alone and make every compressor look lighter and faster than it is
     if progress:
         progress.set_postfix_str("warm-up: 1 document per task, not reported")
-    run_one(model, processor, "none", None, tasks, task_manager, 1, device, batch_size, None, model_name,
-            positions, aggregations)
+    _warm_up(model, processor, tasks, task_manager, device, batch_size, model_name, positions, aggregations)
     for compressor, budget in plan:
         if progress:
             progress.set_postfix_str(f"{compressor} @ {budget}" if budget is not None else "baseline")
