@@ -171,9 +171,19 @@ def test_sweep_checks_every_compressor_before_the_baseline(tiny_dirs, tmp_path, 
 
 
 def test_check_names_every_run_with_empty_answers():
-    result = {"runs": [{"compressor": "none", "budget": None, "empty_answers": {}},
-                       {"compressor": "hiprune", "budget": 8, "empty_answers": {"t": [3, 5]}}]}
-    with pytest.raises(sweep.EvalFailure, match=r"hiprune @ 8 on t: docs \[3, 5\]"):
+    result = {"runs": [{"compressor": "none", "budget": None, "empty_answers": {}, "samples": {"t": 4, "u": 120}},
+                       {"compressor": "hiprune", "budget": 8, "empty_answers": {"t": [3, 5]},
+                        "samples": {"t": 4, "u": 120}}]}
+    with pytest.raises(sweep.EvalFailure, match=r"hiprune @ 8 on t: 2 of 4 docs \[3, 5\]"):  # half: broken
+        sweep.check(result)
+    # one empty answer of 120 (random @ 25 % on the embedded model, doc 87: the model stopped at once): a warning,
+    # the document scored wrong, the run kept
+    result["runs"][1]["empty_answers"] = {"u": [87]}
+    assert sweep.check(result) == ["empty answers (scored wrong): hiprune @ 8 on u: 1 of 120 docs [87]"]
+    result["runs"][1]["empty_answers"] = {"u": list(range(59))}
+    assert len(sweep.check(result)) == 1  # 59 of 120: still a warning
+    result["runs"][1]["empty_answers"] = {"u": list(range(60))}
+    with pytest.raises(sweep.EvalFailure, match="60 of 120 docs"):
         sweep.check(result)
 
 

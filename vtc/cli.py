@@ -597,7 +597,8 @@ def cmd_eval(args) -> int:
         written_files = ["vtc_eval.json", "vtc_table.md", "vtc_table.csv"] + (["vtc_eval.png"] if plotted else [])
         print(f"wrote {', '.join(str(out / f) for f in written_files)} and lmms-eval's own results and per-sample "
               f"logs in {out}/<model>__<compressor>_<budget>/")
-        sweep.check(result)
+        for warning in sweep.check(result):
+            print(f"warning: {warning}", file=sys.stderr)
     except sweep.EvalFailure as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
