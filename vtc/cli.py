@@ -80,7 +80,7 @@ EXAMPLE_PNG = "example.png"
 _MAX_SEARCH_IMAGES = 10_000  # test images searched for the held-out set (a letter is in ~30 % of them)
 NEXT_STEPS = (
     ("vtc demo", "web demo: your own image or video, compressors side by side, the kept tokens drawn"),
-    ("vtc eval", "lmms-eval benchmarks: accuracy, tokens, FLOPs and latency per compressor and budget"),
+    ("vtc eval", "lmms-eval benchmarks per compressor and budget (all of them: ~25 min on 2 CPU cores)"),
     ('vtc.apply(model, "hiprune", budget=64)',
      "in Python, on your own Hugging Face checkpoint (vtc.remove(model) undoes it)"),
 )
