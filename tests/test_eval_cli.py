@@ -147,7 +147,7 @@ def test_sweep_warms_up_on_one_document_per_task_before_the_baseline(tmp_path, m
 
 def test_sweep_checks_every_compressor_before_the_baseline(tiny_dirs, tmp_path, monkeypatch):
     """A compressor the model refuses (a video method on LLaVA-NeXT's AnyRes views) used to fail after the runs
-    before it (minutes); now it fails before anything runs -- or, when every registered compressor was asked for
+    before it (minutes); now it fails before anything runs -- or, when every encoder-side compressor was asked for
     (``vtc eval`` without ``--compressor``), it is left out with the reason."""
     from vtc.eval.lmms.tasks import write_tasks
 

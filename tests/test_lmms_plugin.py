@@ -164,7 +164,7 @@ def test_every_family_generates_and_scores_through_the_plugin(family, tiny_dirs,
 
 
 def test_video_methods_run_on_a_family_without_a_video_input(default_model, task_manager):
-    """`vtc eval` asks every registered compressor by default, the video methods included; on LLaVA-1.5 (no video
+    """`vtc eval` asks every encoder-side compressor by default, the video methods included; on LLaVA-1.5 (no video
     input) the plugin refused them at construction, so the default sweep on the embedded model stopped after nine
     runs. Now a prompt's images are one video there: a video task's 8 frames share the budget, an image task's
     picture is a one-frame video."""

@@ -593,7 +593,7 @@ def cmd_eval(args) -> int:
               "of value / value with all tokens):\n")
         print(paper_table.to_markdown(rows))
         for why in result["skipped_compressors"].values():
-            print(f"left out (every registered compressor was asked for; this model refuses it): {why}")
+            print(f"left out (every encoder-side compressor was asked for; this model refuses it): {why}")
         written_files = ["vtc_eval.json", "vtc_table.md", "vtc_table.csv"] + (["vtc_eval.png"] if plotted else [])
         print(f"wrote {', '.join(str(out / f) for f in written_files)} and lmms-eval's own results and per-sample "
               f"logs in {out}/<model>__<compressor>_<budget>/")
@@ -691,7 +691,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="sweep compressors x budgets x lmms-eval tasks: accuracy, tokens, FLOPs, "
                                      "latency, memory (JSON + plot + table)")
     ev.add_argument("--model", help="local save_pretrained folder or hub id (default: the embedded model)")
-    ev.add_argument("--compressor", action="append", help="repeatable (default: every registered compressor)")
+    ev.add_argument("--compressor", action="append",
+                    help="repeatable (default: every encoder-side compressor, the video methods included; the "
+                         "LLM-side ones only when named)")
     ev.add_argument("--budget", action="append",
                     help="repeatable; int tokens per image or float fraction in (0, 1] (default: 0.33 and 0.11)")
     ev.add_argument("--tasks", help="comma-separated lmms-eval tasks (default: the offline vtc_shapes_image, "

@@ -7,8 +7,8 @@
 
 The model is loaded once and answers one untimed document per task (a warm-up, so the first measured run does not
 pay the process's one-time costs); each run wraps it (``vtc.apply``), evaluates every task in-process with
-lmms-eval (``simple_evaluate``), and unwraps it. The uncompressed baseline runs first. Writes ``OUT/vtc_eval.json`` (schema:
-``RESULT_KEYS`` / ``RUN_KEYS``), ``OUT/vtc_eval.png`` (accuracy with 95 % Wilson intervals against the visual
+lmms-eval (``simple_evaluate``), and unwraps it. The uncompressed baseline runs first. Writes ``OUT/vtc_eval.json``
+(schema: ``RESULT_KEYS`` / ``RUN_KEYS``), ``OUT/vtc_eval.png`` (accuracy with 95 % Wilson intervals against the visual
 tokens the LLM received, lines only between a compressor's budgets, the baseline a point and a dashed line) and
 lmms-eval's own result files and per-sample logs under ``OUT/<model>__<compressor>_<budget>/`` (as
 ``python -m lmms_eval --output_path OUT --log_samples`` lays them out), ``OUT/vtc_table.md`` / ``.csv`` (the papers'
@@ -303,7 +303,7 @@ def sweep(model_ref: str | None, compressors: list[str], budgets: list, tasks: l
 
     Every compressor x budget is applied to the loaded model once before anything runs (``check_compressors``): one
     the model refuses (a video method on LLaVA-NeXT's AnyRes views, a layer it does not have) fails the sweep at
-    once -- or, with ``skip_unsupported`` (``vtc eval`` without ``--compressor``: every registered compressor), is
+    once -- or, with ``skip_unsupported`` (``vtc eval`` without ``--compressor``: every encoder-side compressor), is
     left out and recorded in ``skipped_compressors`` with the reason."""
     include_path = [pathlib.Path(p).resolve() for p in include_path]
     with task_environment(env):
